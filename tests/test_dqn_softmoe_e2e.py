@@ -1,0 +1,152 @@
+"""dqn_softmoe.py end to end on the real ALE with tiny budgets: logging, checkpoint/resume, bad input."""
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+from harness import load_script, only_run_dir, result, run_script, scalars, start_script
+
+m = load_script("dqn_softmoe")
+SCRIPT = "dqn_softmoe"
+TINY = ["--total-timesteps", 400, "--learning-starts", 100, "--buffer-size", 600, "--log-frequency", 50,
+        "--stats-frequency", 100, "--stats-batch-size", 32, "--max-episode-steps", 150, "--num-experts", 4]
+
+
+def test_end_to_end_logs_and_checkpoint(tmp_path):
+    run_script(SCRIPT, *TINY, "--env-id", "ALE/SpaceInvaders-v5", "--checkpoint-every", 200, cwd=tmp_path)
+    run_dir = only_run_dir(tmp_path)
+    tags = scalars(run_dir)
+    for tag in ("charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/epsilon", "losses/td_loss",
+                "losses/q_values", "moe/dispatch_entropy", "moe/combine_entropy", "moe/slot_usage_entropy",
+                "moe/expert_usage_entropy", "moe/expert_usage_max", "dormant/tau0_pct", "dormant/tau0.1_pct",
+                "dormant/conv1_tau0_pct", "dormant/experts_tau0.1_pct"):
+        assert tag in tags, f"{tag} missing from {sorted(tags)}"
+    lengths = [v for _, v in tags["charts/episodic_length"]]
+    assert max(lengths) <= 150  # --max-episode-steps truncates
+    returns = [v for _, v in tags["charts/episodic_return"]]
+    assert max(returns) >= 5  # raw Space Invaders scores (5 to 30 a kill), not clipped rewards
+    assert all(0 <= v <= 100 for _, v in tags["dormant/tau0.1_pct"])
+    assert [s for s, _ in tags["losses/td_loss"]] == [149, 199, 249, 299, 349, 399]
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["global_step"] == 400
+    rewards = checkpoint["replay"]["reward"]
+    assert rewards.max() == 1.0 and rewards.min() >= -1.0  # the memory holds clipped rewards
+    info = result(run_dir)
+    assert info["steps"] == 400 and info["episodes"] == len(returns) and info["env_id"] == "ALE/SpaceInvaders-v5"
+
+
+RESUME = [*TINY, "--total-timesteps", 700, "--checkpoint-every", 100]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    run_script(SCRIPT, *RESUME, cwd=cwd)
+    return torch.load(only_run_dir(cwd) / "checkpoint.pt", weights_only=True)
+
+
+def wait_for(path, proc, timeout=120):
+    start = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - start < timeout
+        time.sleep(0.05)
+
+
+def assert_same_training_state(a, b):
+    assert a["global_step"] == b["global_step"] == 700
+    assert a["episode"] == b["episode"]
+    for key in ("q_network", "target_network"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    for name in a["replay"]:
+        x, y = a["replay"][name], b["replay"][name]
+        assert (torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y), f"replay {name} differs"
+    for p, state in a["optimizer"]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, b["optimizer"]["state"][p][k]), f"optimizer state {p}.{k} differs"
+    assert a["rng"]["numpy"] == b["rng"]["numpy"]
+    assert torch.equal(a["env"]["ale"], b["env"]["ale"])
+
+
+@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_run_resumes_bit_identically(tmp_path, uninterrupted, kill):
+    proc = start_script(SCRIPT, *RESUME, cwd=tmp_path)
+    wait_for(tmp_path / "runs", proc)
+    checkpoint = next((tmp_path / "runs").iterdir()) / "checkpoint.pt"
+    wait_for(checkpoint, proc)
+    proc.send_signal(kill)
+    out, err = proc.communicate(timeout=120)
+    if kill == signal.SIGTERM:
+        assert proc.returncode == 143, err
+        assert "SIGTERM at step" in out and "checkpoint saved" in out
+    interrupted_at = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 100 <= interrupted_at < 700, "the run was not interrupted mid-way"
+    resumed = run_script(SCRIPT, "--resume", checkpoint, cwd=tmp_path)
+    assert f"resumed" in resumed.stdout and f"at step {interrupted_at:,}" in resumed.stdout
+    assert_same_training_state(uninterrupted, torch.load(checkpoint, weights_only=True))
+    steps = [s for s, _ in scalars(checkpoint.parent)["charts/SPS"]]
+    assert steps == sorted(set(steps)), "a resumed run must not log the same step twice"
+
+
+def test_nonfinite_loss_stops_after_saving_a_checkpoint(tmp_path):
+    proc = run_script(SCRIPT, *TINY, "--learning-rate", "1e20", cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "non-finite loss" in proc.stdout and "--learning-rate" in proc.stdout
+    checkpoint = torch.load(only_run_dir(tmp_path) / "checkpoint.pt", weights_only=True)
+    assert 100 < checkpoint["global_step"] <= 400
+
+
+BAD_FLAGS = [
+    (dict(total_timesteps=0), "--total-timesteps"),
+    (dict(num_experts=0), "--num-experts"),
+    (dict(expert_hidden_units=-3), "--expert-hidden-units"),
+    (dict(batch_size=0), "--batch-size"),
+    (dict(learning_rate=-1e-4), "--learning-rate"),
+    (dict(gamma=1.5), "--gamma"),
+    (dict(env_id="NotAGame-v0"), "--env-id"),
+    (dict(env_id="CartPole-v1"), "--env-id"),
+    (dict(buffer_size=10, batch_size=32), "--buffer-size"),
+    (dict(moe_type="baseline", tokenization="perfeat"), "--tokenization"),
+    (dict(moe_type="top1", moe_normalization=True), "--moe-normalization"),
+    (dict(learning_starts=2), "--learning-starts"),
+]
+
+
+@pytest.mark.parametrize("kwargs,flag", BAD_FLAGS)
+def test_bad_flags_stop_with_one_clear_line(kwargs, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        m.check_args(m.Args(**kwargs))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and flag in err[0], err
+
+
+def test_replay_that_does_not_fit_stops_before_allocating(capsys):
+    with pytest.raises(SystemExit):
+        m.place_replay(10**9, torch.device("cpu"), m.ReplayMemory.bytes_per_slot())  # ~7 TB
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --buffer-size 1000000000") and "lower --buffer-size" in err
+
+
+def test_resume_rejects_missing_file_and_changed_network(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        m.parse_args(m.Args, ["--resume", str(tmp_path / "nope.pt")])
+    assert "--resume" in capsys.readouterr().err
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"args": vars(m.Args(num_experts=8))}, path)
+    with pytest.raises(SystemExit):
+        m.parse_args(m.Args, ["--resume", str(path), "--num-experts", "4"], resumable_fields=m.RESUMABLE_FIELDS)
+    assert "--num-experts 4 differs from the checkpoint's 8" in capsys.readouterr().err
+    args = m.parse_args(m.Args, ["--resume", str(path), "--total-timesteps", "99"], m.RESUMABLE_FIELDS)
+    assert args.total_timesteps == 99 and args.num_experts == 8
+
+
+def test_cli_bad_flag_exits_fast_with_one_line(tmp_path):
+    start = time.time()
+    proc = run_script(SCRIPT, "--num-experts", 0, cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --num-experts must be positive, got 0"
+    assert not (tmp_path / "runs").exists()
+    assert time.time() - start < 60
