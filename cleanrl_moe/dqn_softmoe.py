@@ -11,6 +11,7 @@ as implemented in google/dopamine `labs/moes` (defaults = its `dqn.gin`):
 `--moe-type baseline` replaces tokenizer + MoE by flatten -> dense(512 x num_experts) -> ReLU (plain DQN
 for `--num-experts 1`). Deviations from the official code are listed in the README.
 """
+import functools
 import json
 import math
 import os
@@ -44,6 +45,8 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
+    cuda_graphs: bool = True
+    """on CUDA, record the acting forward and the loss/gradient computation as CUDA graphs (same math, far fewer kernel launches)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "cleanrl-moe"
@@ -715,6 +718,42 @@ class Progress:
 # <<< shared block: runtime
 
 
+# >>> shared block: cudagraph
+class CudaGraphed:
+    """Calls `fn(**tensors)` -> tuple of tensors; on CUDA, replays it as one recorded CUDA graph.
+
+    Small networks at batch 32 are bound by kernel launches, not by arithmetic: a graph launches a whole
+    forward and backward at once. The first `warmup` calls run eagerly on a side stream (CUDA needs them
+    before recording), the next one is recorded, and from then on every call copies its inputs into the
+    recorded buffers and replays. `fn` must keep its shapes and never synchronize with the host. The
+    returned tensors are overwritten by the next call."""
+
+    def __init__(self, fn, enabled, warmup=3):
+        self.fn, self.enabled, self.warmup, self.graph = fn, enabled, warmup, None
+
+    def __call__(self, **inputs):
+        if not self.enabled:
+            return self.fn(**inputs)
+        if self.warmup > 0:
+            self.warmup -= 1
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                outputs = self.fn(**inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            return outputs
+        if self.graph is None:
+            self.inputs = {k: v.clone() for k, v in inputs.items()}
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = self.fn(**self.inputs)
+        for k, v in inputs.items():
+            self.inputs[k].copy_(v)
+        self.graph.replay()
+        return self.outputs
+# <<< shared block: cudagraph
+
+
 def linear_schedule(start_e, end_e, duration, t):
     slope = (end_e - start_e) / duration
     return max(slope * t + start_e, end_e)
@@ -735,22 +774,29 @@ def dqn_loss(q_network, target_network, batch):
     return F.mse_loss(q_taken, td_target), q_taken
 
 
-def train_step(step, args, q_network, target_network, optimizer, rb, rng, device):
+def dqn_gradients(q_network, target_network, optimizer, obs, actions, returns, discounts, next_obs):
+    """Loss, mean Q(s, a) and gradients of one minibatch (recorded as a CUDA graph on GPUs)."""
+    optimizer.zero_grad(set_to_none=True)
+    batch = {"obs": obs, "actions": actions, "returns": returns, "discounts": discounts, "next_obs": next_obs}
+    loss, q_taken = dqn_loss(q_network, target_network, batch)
+    loss.backward()
+    return loss.detach(), q_taken.detach().mean()
+
+
+def train_step(step, args, q_network, target_network, optimizer, rb, rng, device, gradients):
     """Dopamine's _train_step at agent step `step`: after the warm-up, one gradient update every
-    train_frequency steps and a hard target copy every target_network_frequency steps.
-    Returns (loss, mean Q) of the update, or None; a non-finite loss is returned without a step."""
+    train_frequency steps and a hard target copy every target_network_frequency steps. `gradients` is
+    `dqn_gradients` bound to the networks (possibly CUDA-graphed). Returns (loss, mean Q) of the update,
+    or None; a non-finite loss is returned before the optimizer step, so the weights stay finite."""
     out = None
     if step > args.learning_starts:
         if step % args.train_frequency == 0:
-            loss, q_taken = dqn_loss(q_network, target_network, rb.sample(args.batch_size, rng, device))
-            if not torch.isfinite(loss):
-                return loss.detach(), q_taken.detach().mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            out = gradients(**rb.sample(args.batch_size, rng, device))
+            if not torch.isfinite(out[0]):
+                return out
             optimizer.step()
-            out = (loss.detach(), q_taken.detach().mean())
         if step % args.target_network_frequency == 0:
-            target_network.load_state_dict(q_network.state_dict())
+            target_network.load_state_dict(q_network.state_dict())  # in place: graphs see the new values
     return out
 
 
@@ -828,7 +874,7 @@ def evaluate(model_path, eval_episodes, run_name, device, epsilon=0.001, capture
 
 
 # flags that may change when resuming; everything else must match the checkpoint
-RESUMABLE_FIELDS = ("total_timesteps", "checkpoint_every", "cuda", "track", "wandb_project_name", "wandb_entity",
+RESUMABLE_FIELDS = ("total_timesteps", "checkpoint_every", "cuda", "cuda_graphs", "track", "wandb_project_name", "wandb_entity",
                     "save_model", "eval_episodes", "log_frequency", "stats_frequency", "capture_video")
 
 
@@ -870,7 +916,8 @@ if __name__ == "__main__":
     num_actions = env.action_space.n
 
     q_network = QNetwork(args, num_actions).to(device)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps,
+                                 fused=device.type == "cuda")
     target_network = QNetwork(args, num_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
     rb = ReplayMemory(args.buffer_size, n_step=1, gamma=args.gamma, device=replay_device)
@@ -911,6 +958,14 @@ if __name__ == "__main__":
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         }
 
+    use_graphs = device.type == "cuda" and args.cuda_graphs
+    gradients = CudaGraphed(functools.partial(dqn_gradients, q_network, target_network, optimizer), use_graphs)
+
+    def greedy_action(obs):
+        with torch.no_grad():
+            return (q_network(obs).argmax(dim=1),)
+
+    act = CudaGraphed(greedy_action, use_graphs)
     stop_requested = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
     progress = Progress(args.total_timesteps, start_step)
@@ -930,8 +985,7 @@ if __name__ == "__main__":
         if rng.random() < epsilon:
             action = int(rng.integers(num_actions))
         else:
-            with torch.no_grad():
-                action = q_network(torch.as_tensor(stack, device=device).unsqueeze(0)).argmax(1).item()
+            action = act(obs=torch.as_tensor(stack, device=device).unsqueeze(0))[0].item()
 
         # TRY NOT TO MODIFY: execute the game and log data.
         next_frame, reward, terminated, truncated, info = env.step(action)
@@ -954,7 +1008,7 @@ if __name__ == "__main__":
             stack = np.concatenate([stack[1:], next_frame[None]])
 
         # ALGO LOGIC: training.
-        out = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, device)
+        out = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, device, gradients)
         if out is not None:
             if not torch.isfinite(out[0]):
                 save_checkpoint(checkpoint_path, make_checkpoint(global_step + 1))

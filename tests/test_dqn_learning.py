@@ -3,6 +3,7 @@
 It drives the script's own `train_step` (update schedule, target sync) and `ReplayMemory` with a tabular
 Q-network, so it fails if the TD target's sign, the discount, the terminal mask, truncation bootstrapping,
 the target sync or the action gather is wrong."""
+import functools
 from types import SimpleNamespace
 
 import numpy as np
@@ -43,6 +44,12 @@ class TabularQ(torch.nn.Module):
         return self.table[frames[:, -1, 0].long()]
 
 
+def step_fn(args, q_network, target_network, optimizer, memory, rng):
+    """The script's train_step with its (eager) gradient function bound, as the training loop does."""
+    gradients = functools.partial(m.dqn_gradients, q_network, target_network, optimizer)
+    return lambda step: m.train_step(step, args, q_network, target_network, optimizer, memory, rng, "cpu", gradients)
+
+
 def fill_memory(next_state, reward, seed=1, max_len=4):
     """Random-policy episodes from random starts, truncated after max_len steps (truncation must bootstrap)."""
     rng = np.random.default_rng(seed)
@@ -67,9 +74,10 @@ def train(next_state, reward, max_len=4, steps=3000, target_network_frequency=50
     optimizer = torch.optim.Adam(q_network.parameters(), lr=0.05)
     args = SimpleNamespace(learning_starts=0, train_frequency=1, target_network_frequency=target_network_frequency,
                            batch_size=128)
-    memory, rng = fill_memory(next_state, reward, max_len=max_len), np.random.default_rng(2)
+    train_step = step_fn(args, q_network, target_network, optimizer, fill_memory(next_state, reward, max_len=max_len),
+                         np.random.default_rng(2))
     for step in range(1, steps + 1):
-        m.train_step(step, args, q_network, target_network, optimizer, memory, rng, "cpu")
+        train_step(step)
     return q_network.table.detach().numpy().astype(np.float64)
 
 
@@ -97,10 +105,10 @@ def test_update_schedule_and_target_sync():
     q_network, target_network = TabularQ(0), TabularQ(1)
     optimizer = torch.optim.Adam(q_network.parameters(), lr=0.01)
     args = SimpleNamespace(learning_starts=10, train_frequency=4, target_network_frequency=8, batch_size=8)
-    memory, rng = fill_memory(next_state, reward), np.random.default_rng(0)
-    updates = [s for s in range(1, 41) if m.train_step(s, args, q_network, target_network, optimizer, memory, rng,
-                                                       "cpu") is not None]
+    train_step = step_fn(args, q_network, target_network, optimizer, fill_memory(next_state, reward),
+                         np.random.default_rng(0))
+    updates = [s for s in range(1, 41) if train_step(s) is not None]
     assert updates == [12, 16, 20, 24, 28, 32, 36, 40]
     torch.testing.assert_close(target_network.table, q_network.table)  # synced at step 40
-    m.train_step(44, args, q_network, target_network, optimizer, memory, rng, "cpu")  # update, no sync
+    train_step(44)  # an update, no sync
     assert not torch.equal(target_network.table, q_network.table)

@@ -11,7 +11,7 @@ BLOCK = re.compile(r"^# >>> shared block: (\S+)\n(.*?)^# <<< shared block: \1$",
 
 # the blocks each script must carry (scripts that do not exist yet are skipped)
 EXPECTED = {
-    "dqn_softmoe": {"env", "encoders", "tokenizer", "softmoe", "top1moe", "replay", "analysis", "runtime"},
+    "dqn_softmoe": {"env", "encoders", "tokenizer", "softmoe", "top1moe", "replay", "analysis", "runtime", "cudagraph"},
     "dqn_redo": {"env", "encoders", "replay", "analysis", "runtime"},
     "rainbow_tokenized": {"env", "encoders", "tokenizer", "softmoe", "top1moe", "replay", "analysis", "runtime",
                           "noisy", "sumtree", "categorical"},
