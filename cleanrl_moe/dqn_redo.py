@@ -1,0 +1,953 @@
+# docs and experiment results can be found at https://github.com/cleanrl-moe/cleanrl-moe/blob/main/docs/dqn_redo.md
+"""DQN with ReDo: recycling dormant neurons.
+
+Sokar, Agarwal, Castro and Evci (2023), "The Dormant Neuron Phenomenon in Deep Reinforcement Learning",
+as implemented in google/dopamine `labs/redo` (defaults = the paper's DQN, Dopamine's `dqn.gin`):
+
+    frames [B,4,84,84] -> Nature CNN (Flax SAME padding) [B,64,11,11] -> flatten [B,7744]
+    -> dense 512 -> ReLU -> linear Q head.
+
+Every `--redo-period` gradient updates, a fresh replay sample scores each hidden neuron (a conv channel or
+a dense unit) by its mean |activation| divided by its layer's mean; neurons with score <= tau are dormant.
+Their incoming weights are redrawn from the initializer (biases zeroed), their outgoing weights zeroed,
+and Adam's moments of exactly those weights zeroed.
+
+Replay ratio: every `--train-frequency` (4) agent steps, `--replay-ratio` x 4 gradient updates (0.25: one,
+the default DQN; 1: four), as the official agent's `num_updates_per_train_step`. The target network is
+copied every 8000 agent steps whatever the replay ratio. Deviations from the official code: docs/dqn_redo.md.
+"""
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+import ale_py
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+gym.register_envs(ale_py)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "cleanrl-moe"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture videos of the agent performances (check out `videos` folder)"""
+    save_model: bool = False
+    """whether to save the final model into `runs/{run_name}` and evaluate it"""
+    eval_episodes: int = 10
+    """number of evaluation episodes run after training when `--save-model` is set"""
+    checkpoint_every: int = 0
+    """save a resumable checkpoint every this many agent steps (0: only on SIGTERM and non-finite loss)"""
+    resume: Optional[str] = None
+    """path of a checkpoint to resume; the run keeps the checkpoint's flags unless given again"""
+    log_frequency: int = 1000
+    """log losses and SPS every this many agent steps"""
+    stats_frequency: int = 50_000
+    """log dormant-neuron statistics (at tau 0 and at --redo-tau) every this many agent steps, ReDo on or off"""
+    stats_batch_size: int = 256
+    """size of the replay sample used for the logged dormant-neuron statistics"""
+
+    # Environment (Dopamine's Atari defaults)
+    env_id: str = "ALE/Breakout-v5"
+    """the id of the ALE environment"""
+    repeat_action_probability: float = 0.25
+    """sticky-action probability of the ALE"""
+    max_episode_steps: int = 27_000
+    """episodes are truncated after this many agent steps (4 frames each)"""
+
+    # Algorithm specific arguments
+    total_timesteps: int = 2_500_000
+    """total agent steps of the experiment (4 frames each: 2.5M steps = 10M frames, the paper's runs)"""
+    learning_rate: float = 6.25e-5
+    """the learning rate of the Adam optimizer"""
+    adam_eps: float = 1.5e-4
+    """the epsilon of the Adam optimizer"""
+    buffer_size: int = 1_000_000
+    """the replay memory capacity, in transitions"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    target_network_frequency: int = 8000
+    """the agent steps between copies of the online network into the target network, whatever the replay ratio"""
+    batch_size: int = 32
+    """the batch size of samples from the replay memory"""
+    start_e: float = 1.0
+    """the starting epsilon for exploration"""
+    end_e: float = 0.01
+    """the ending epsilon for exploration"""
+    exploration_steps: int = 250_000
+    """the agent steps, after `learning_starts`, over which epsilon decays linearly from start-e to end-e"""
+    eval_epsilon: float = 0.001
+    """epsilon of the evaluation policy"""
+    learning_starts: int = 20_000
+    """agent steps of warm-up (random actions, no learning)"""
+    train_frequency: int = 4
+    """agent steps between training steps (Dopamine's update_period)"""
+    replay_ratio: float = 0.25
+    """gradient updates per agent step: each training step makes replay-ratio x train-frequency updates"""
+
+    # ReDo
+    redo: bool = True
+    """recycle dormant neurons (--no-redo: plain DQN; dormancy is logged either way)"""
+    redo_tau: float = 0.025
+    """dormancy threshold: a neuron is recycled when its score <= tau (paper: 0.025 at replay ratio 0.25, else 0.1)"""
+    redo_period: int = 1000
+    """recycle dormant neurons every this many gradient updates"""
+    redo_batch_size: int = 64
+    """size of the fresh uniform replay sample that scores the neurons at each ReDo event"""
+    redo_reset_adam_step: bool = False
+    """ablation, the PyTorch port's behaviour (timoklein/redo): also restart Adam's step count of every parameter
+    at each ReDo event (the official code never does)"""
+
+
+# >>> shared block: env
+def make_env(env_id, seed, repeat_action_probability=0.25, max_episode_steps=27_000, noop_max=0,
+             capture_video=False, run_name=""):
+    """One Atari environment preprocessed as Dopamine does (frame skip 4 with max-pool over the last two
+    frames, 84x84 grey, minimal action set, sticky actions, episodes cut at max_episode_steps agent steps).
+    Observations are single frames [84, 84]; the training loop stacks them. Rewards are raw game scores."""
+    env = gym.make(
+        env_id,
+        frameskip=1,  # AtariPreprocessing skips frames and max-pools
+        repeat_action_probability=repeat_action_probability,
+        full_action_space=False,
+        max_num_frames_per_episode=4 * max_episode_steps,  # the ALE truncates, so its state holds the count
+        render_mode="rgb_array" if capture_video else None,
+    )
+    if capture_video:
+        env = gym.wrappers.RecordVideo(env, f"videos/{run_name}")
+    env = gym.wrappers.AtariPreprocessing(env, noop_max=noop_max, frame_skip=4, screen_size=84)
+    env.action_space.seed(seed)
+    return env
+
+
+def get_env_state(env):
+    """Everything needed to continue the current episode bit-exactly after a restart."""
+    pre = env
+    while not isinstance(pre, gym.wrappers.AtariPreprocessing):
+        pre = pre.env
+    ale_state = env.unwrapped.ale.cloneState(include_rng=True).serialize()
+    return {
+        "ale": torch.frombuffer(bytearray(ale_state), dtype=torch.uint8),
+        "obs_buffer": torch.from_numpy(np.stack(pre.obs_buffer)),
+        "lives": pre.lives,
+        "game_over": pre.game_over,
+        "np_random": env.unwrapped.np_random.bit_generator.state,
+    }
+
+
+def set_env_state(env, state):
+    pre = env
+    while not isinstance(pre, gym.wrappers.AtariPreprocessing):
+        pre = pre.env
+    env.unwrapped.ale.restoreState(ale_py.ALEState(state["ale"].numpy().tobytes()))
+    for buffer, saved in zip(pre.obs_buffer, state["obs_buffer"].numpy()):
+        buffer[...] = saved
+    pre.lives, pre.game_over = state["lives"], state["game_over"]
+    env.unwrapped.np_random.bit_generator.state = state["np_random"]
+
+
+def check_env_id(env_id):
+    """The ALE id, or a one-line error naming --env-id."""
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error:
+        spec = None
+    if spec is None or "ale_py" not in str(spec.entry_point):
+        fail(f"--env-id {env_id!r} is not an Atari environment of ale-py; use an id such as ALE/Breakout-v5")
+# <<< shared block: env
+
+
+# ALGO LOGIC: initialize agent here:
+# >>> shared block: encoders
+def xavier_(layer):
+    """Flax's xavier_uniform kernel and zero bias (Dopamine's init for convs and dense layers)."""
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def lecun_normal_(tensor, fan_in):
+    """Flax's lecun_normal: truncated normal on [-2s, 2s] scaled so that the std is 1/sqrt(fan_in)."""
+    std = 1.0 / math.sqrt(fan_in) / 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
+    return nn.init.trunc_normal_(tensor, 0.0, std, -2 * std, 2 * std)
+
+
+def same_padding(size, kernel, stride):
+    """TF/Flax 'SAME' padding (before, after): output = ceil(size / stride), the extra pixel goes after."""
+    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with Flax 'SAME' padding, which `nn.Conv2d(padding='same')` supports only for stride 1."""
+
+    def forward(self, x):
+        top, bottom = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])
+        left, right = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])
+        return super().forward(F.pad(x, (left, right, top, bottom)))
+
+
+def max_pool_same(x, kernel=3, stride=2):
+    """Flax max_pool with 'SAME' padding: pad with -inf, since the input is a raw conv output."""
+    top, bottom = same_padding(x.shape[-2], kernel, stride)
+    left, right = same_padding(x.shape[-1], kernel, stride)
+    return F.max_pool2d(F.pad(x, (left, right, top, bottom), value=-math.inf), kernel, stride)
+
+
+class NatureEncoder(nn.Module):
+    """Nature DQN torso with SAME padding: [B, 4, 84, 84] in [0, 1] -> [B, 64, 11, 11]."""
+
+    output_shape = (64, 11, 11)
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = xavier_(SameConv2d(4, 32, 8, stride=4))
+        self.conv2 = xavier_(SameConv2d(32, 64, 4, stride=2))
+        self.conv3 = xavier_(SameConv2d(64, 64, 3, stride=1))
+
+    def forward(self, x, record=None):
+        for name in ("conv1", "conv2", "conv3"):
+            x = F.relu(getattr(self, name)(x))
+            if record is not None:
+                record[name] = x
+        return x
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv0 = SameConv2d(channels, channels, 3)
+        self.conv1 = SameConv2d(channels, channels, 3)
+        for conv in (self.conv0, self.conv1):  # Flax's default conv init
+            lecun_normal_(conv.weight, fan_in=channels * 9)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x, record=None, name=""):
+        h = F.relu(x)
+        if record is not None:
+            record[f"{name}.relu0"] = h
+        h = F.relu(self.conv0(h))
+        if record is not None:
+            record[f"{name}.relu1"] = h
+        return x + self.conv1(h)
+
+
+class ImpalaEncoder(nn.Module):
+    """Impala ResNet (Espeholt et al. 2018; Dopamine's ImpalaEncoder): three stacks of conv, 3x3/2 max-pool
+    and two residual blocks, then ReLU: [B, 4, 84, 84] -> [B, 32, 11, 11]."""
+
+    output_shape = (32, 11, 11)
+
+    def __init__(self, stack_channels=(16, 32, 32)):
+        super().__init__()
+        self.convs, self.blocks = nn.ModuleList(), nn.ModuleList()
+        in_channels = 4
+        for channels in stack_channels:
+            self.convs.append(xavier_(SameConv2d(in_channels, channels, 3)))
+            self.blocks.append(nn.ModuleList([ResidualBlock(channels), ResidualBlock(channels)]))
+            in_channels = channels
+
+    def forward(self, x, record=None):
+        for i, (conv, blocks) in enumerate(zip(self.convs, self.blocks)):
+            x = max_pool_same(conv(x))
+            for j, block in enumerate(blocks):
+                x = block(x, record, f"stack{i}.block{j}")
+        x = F.relu(x)
+        if record is not None:
+            record["encoder"] = x
+        return x
+# <<< shared block: encoders
+
+
+class QNetwork(nn.Module):
+    """Dopamine's Nature DQN (the ReDo lab's `ScalableNatureDQNNetwork`): uint8 frame stacks [B, 4, 84, 84]
+    -> Nature CNN with SAME padding [B, 64, 11, 11] -> flatten (NCHW: 7744) -> dense 512 -> ReLU -> Q-values.
+    `args` is unused: the paper's network has no options."""
+
+    def __init__(self, args, num_actions):
+        super().__init__()
+        self.encoder = NatureEncoder()
+        self.hidden = xavier_(nn.Linear(math.prod(self.encoder.output_shape), 512))
+        self.head = xavier_(nn.Linear(512, num_actions))
+
+    def forward(self, x, record=None):
+        """`record`, when a dict, receives the post-ReLU activations [B, neurons, ...] of the hidden layers."""
+        x = self.encoder(x.float() / 255.0, record)
+        x = F.relu(self.hidden(x.flatten(1)))
+        if record is not None:
+            record["hidden"] = x
+        return self.head(x)
+
+    def redo_layers(self):
+        """(name, layer, next layer) for every hidden layer, in forward order; `name` is its `record` key.
+        The Q head has no entry: it is never scored nor recycled."""
+        e = self.encoder
+        return [("conv1", e.conv1, e.conv2), ("conv2", e.conv2, e.conv3), ("conv3", e.conv3, self.hidden),
+                ("hidden", self.hidden, self.head)]
+
+
+# ALGO LOGIC: ReDo. Both functions work for any network whose forward(x, record) records the post-ReLU
+# activations of the layers that its redo_layers() lists as (name, Linear or Conv2d, next Linear or Conv2d).
+def dormant_neurons(network, obs, tau):
+    """Masks and scores {layer name: [neurons]} of the hidden neurons of `network` on the batch `obs`.
+
+    Score = mean |post-ReLU activation| over the batch (and positions, for a conv channel) divided by the
+    layer's mean score; a neuron is tau-dormant when its score <= tau (tau = 0: silent on the whole batch)."""
+    record = {}
+    with torch.no_grad():
+        network(obs, record)
+    scores = {name: neuron_scores(record[name]) for name, _, _ in network.redo_layers()}
+    return {name: score <= tau for name, score in scores.items()}, scores
+
+
+@torch.no_grad()
+def recycle_dormant(network, optimizer, masks, init_=nn.init.xavier_uniform_):
+    """Recycle the neurons marked in `masks` (from `dormant_neurons`) in place; returns their count per layer.
+
+    As the official code, with every mask computed before any change: (1) redraw the incoming weights of
+    every dormant neuron from `init_`, the construction-time initializer applied to a whole new weight
+    tensor (so with its fans), and zero its bias; (2) then zero its outgoing weights, so that a weight between
+    two recycled neurons ends at 0; (3) zero the optimizer's per-entry state (Adam's exp_avg and exp_avg_sq)
+    at exactly the weight entries touched. Adam's step count and the bias moments are left alone."""
+    touched = {}  # weight -> entries that were redrawn or zeroed
+
+    def entries(weight):
+        return touched.setdefault(weight, torch.zeros_like(weight, dtype=torch.bool))
+
+    for name, layer, _ in network.redo_layers():  # (1) incoming weights and biases
+        dead = masks[name]
+        layer.weight[dead] = init_(torch.empty_like(layer.weight))[dead]
+        layer.bias[dead] = 0.0
+        entries(layer.weight)[dead] = True
+    for name, _, next_layer in network.redo_layers():  # (2) outgoing weights, after every redraw
+        dead = masks[name]
+        fan_in = next_layer.weight.shape[1]
+        # a conv channel c feeds the NCHW-flattened inputs c*H*W ... (c+1)*H*W - 1 of a dense layer
+        inputs = dead.repeat_interleave(fan_in // dead.numel())
+        next_layer.weight[:, inputs] = 0.0
+        entries(next_layer.weight)[:, inputs] = True
+    for weight, reset in touched.items():  # (3) optimizer state of the touched entries only
+        for value in optimizer.state.get(weight, {}).values():
+            if torch.is_tensor(value) and value.shape == weight.shape:
+                value[reset] = 0.0
+    return {name: int(dead.sum()) for name, dead in masks.items()}
+
+
+# >>> shared block: replay
+class ReplayMemory:
+    """Circular replay memory that stores every frame once and rebuilds frame stacks at sample time.
+
+    Slot t holds the newest frame of observation t with the action, clipped reward and flags of the
+    transition taken from it. When an episode ends (termination or truncation) its final frame is written
+    to an extra slot that is never sampled, so the next state of every transition lives k slots later.
+    Stacks never reach into an earlier episode: they are padded with the episode's first frame, as
+    `FrameStackObservation(padding_type="reset")` and the training loop do. n-step returns stop at the
+    episode's end; a termination zeroes the bootstrap, a truncation keeps it.
+    Frames live on `device` (the training device when they fit); the small per-slot data stays in numpy."""
+
+    def __init__(self, capacity, frame_shape=(84, 84), stack_size=4, n_step=1, gamma=0.99, device="cpu"):
+        self.capacity, self.stack_size, self.n_step, self.gamma = capacity, stack_size, n_step, gamma
+        self.device = torch.device(device)
+        self.frames = torch.zeros((capacity, *frame_shape), dtype=torch.uint8, device=self.device)
+        self.action = np.zeros(capacity, np.int32)
+        self.reward = np.zeros(capacity, np.float32)
+        self.terminated = np.zeros(capacity, bool)  # the transition from this slot ended in a termination
+        self.episode_end = np.zeros(capacity, bool)  # ... was the last of its episode (terminated or truncated)
+        self.is_transition = np.zeros(capacity, bool)  # False for an episode's final frame
+        self.history = np.zeros(capacity, np.uint8)  # earlier frames of the same episode usable in the stack
+        self.cursor = 0  # number of slots ever written
+        self.episode_step = 0
+
+    @staticmethod
+    def bytes_per_slot(frame_shape=(84, 84)):
+        return int(np.prod(frame_shape)) + 4 + 4 + 1 + 1 + 1 + 1
+
+    def __len__(self):
+        return min(self.cursor, self.capacity)
+
+    def _write(self, frame, action, reward, terminated, episode_end, is_transition):
+        slot = self.cursor % self.capacity
+        self.frames[slot] = torch.as_tensor(frame)
+        self.action[slot], self.reward[slot] = action, reward
+        self.terminated[slot], self.episode_end[slot], self.is_transition[slot] = terminated, episode_end, is_transition
+        self.history[slot] = min(self.episode_step, self.stack_size - 1)
+        self.episode_step += 1
+        self.cursor += 1
+
+    def add(self, frame, action, reward, terminated, truncated, next_frame):
+        """Store the transition (frame, action, reward) taken from the current observation, whose newest
+        frame is `frame`. At an episode's end `next_frame` (the final observation) is stored too."""
+        done = bool(terminated or truncated)
+        self._write(frame, action, reward, bool(terminated), done, True)
+        if done:
+            self._write(next_frame, 0, 0.0, False, False, False)
+            self.episode_step = 0
+
+    def sample_range(self):
+        """Linear indices [lo, hi] that may be sampled: the oldest stack_size - 1 slots may have lost their
+        history to overwriting, and the newest n_step slots lack their n-step future."""
+        return max(0, self.cursor - self.capacity) + self.stack_size - 1, self.cursor - 1 - self.n_step
+
+    def is_valid(self, index):
+        lo, hi = self.sample_range()
+        return (index >= lo) & (index <= hi) & self.is_transition[index % self.capacity]
+
+    def sample_indices(self, batch_size, rng):
+        """Uniform over the valid transitions (rejection sampling; final-frame slots are rare)."""
+        lo, hi = self.sample_range()
+        if hi < lo or not self.is_transition[np.arange(lo, hi + 1) % self.capacity].any():
+            raise RuntimeError("the replay memory holds no complete transition yet")
+        chosen = np.empty(0, np.int64)
+        while len(chosen) < batch_size:
+            candidates = rng.integers(lo, hi + 1, size=2 * batch_size)
+            chosen = np.concatenate([chosen, candidates[self.is_transition[candidates % self.capacity]]])
+        return chosen[:batch_size]
+
+    def stacks(self, index):
+        """Frame stacks [B, stack_size, *frame_shape] of the observations at linear indices `index`."""
+        back = np.arange(self.stack_size - 1, -1, -1)  # oldest frame first
+        back = np.minimum(back[None, :], self.history[index % self.capacity][:, None])
+        slots = torch.from_numpy((index[:, None] - back) % self.capacity)
+        return self.frames[slots.to(self.device)]
+
+    def get(self, index):
+        """The transitions at linear indices `index`, with n-step returns and bootstrap discounts:
+        target = returns + discounts * V(next_obs)."""
+        steps = np.arange(self.n_step)
+        window = (index[:, None] + steps) % self.capacity  # [B, n]
+        ended_before = np.cumsum(self.episode_end[window], axis=1) - self.episode_end[window]
+        in_episode = ended_before == 0  # reward k belongs to the same episode as step 0
+        returns = (self.reward[window] * self.gamma**steps * in_episode).sum(1)
+        length = in_episode.sum(1)
+        terminated = (self.terminated[window] & in_episode).any(1)
+        discounts = np.where(terminated, 0.0, self.gamma**length)
+        return {
+            "obs": self.stacks(index),
+            "actions": torch.from_numpy(self.action[index % self.capacity].astype(np.int64)),
+            "returns": torch.from_numpy(returns.astype(np.float32)),
+            "discounts": torch.from_numpy(discounts.astype(np.float32)),
+            "next_obs": self.stacks(index + length),
+        }
+
+    def sample(self, batch_size, rng, device=None):
+        batch = self.get(self.sample_indices(batch_size, rng))
+        return {k: v.to(device or self.device, non_blocking=True) for k, v in batch.items()}
+
+    def state_dict(self):
+        n = len(self)
+        state = {k: torch.from_numpy(getattr(self, k)[:n].copy()) for k in self._numpy_fields}
+        state.update(frames=self.frames[:n].cpu(), cursor=self.cursor, episode_step=self.episode_step)
+        return state
+
+    def load_state_dict(self, state):
+        n = state["frames"].shape[0]
+        self.frames[:n] = state["frames"].to(self.device)
+        for k in self._numpy_fields:
+            getattr(self, k)[:n] = state[k].numpy()
+        self.cursor, self.episode_step = state["cursor"], state["episode_step"]
+
+    _numpy_fields = ("action", "reward", "terminated", "episode_end", "is_transition", "history")
+# <<< shared block: replay
+
+
+# >>> shared block: analysis
+def neuron_scores(activation):
+    """ReDo's score: mean |activation| over everything but the neuron axis (dim 1: channels, units or
+    (expert, unit) pairs), divided by the layer's mean score (Sokar et al. 2023, mean normalization)."""
+    score = activation.abs().mean(dim=[d for d in range(activation.dim()) if d != 1])
+    return score / (score.mean() + 1e-9)
+
+
+def dormant_statistics(record, taus):
+    """Percentage of tau-dormant neurons (score <= tau) per layer and pooled over all hidden layers."""
+    layers = {k: v for k, v in record.items() if k not in ("dispatch", "combine", "router_probs", "kept")}
+    stats = {}
+    for tau in taus:
+        dormant, total = 0, 0
+        for name, activation in layers.items():
+            mask = neuron_scores(activation) <= tau
+            stats[f"dormant/{name}_tau{tau:g}_pct"] = 100.0 * mask.float().mean().item()
+            dormant, total = dormant + mask.sum().item(), total + mask.numel()
+        stats[f"dormant/tau{tau:g}_pct"] = 100.0 * dormant / total
+    return stats
+
+
+def normalized_entropy(p, dims):
+    """Entropy of the distributions over `dims`, divided by its maximum log(size): 1 = uniform."""
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(dims)
+    return entropy / math.log(math.prod(p.shape[d] for d in dims))
+
+
+def routing_statistics(record):
+    """How the router spreads tokens over slots and experts (logged under moe/)."""
+    stats = {}
+    if "combine" in record:  # Soft MoE, weights [B, m, n, p]
+        dispatch, combine = record["dispatch"], record["combine"]
+        num_tokens, num_experts, slots = combine.shape[1], combine.shape[2], combine.shape[2] * combine.shape[3]
+        if num_tokens > 1:
+            stats["moe/dispatch_entropy"] = normalized_entropy(dispatch, (1,)).mean().item()
+        if slots > 1:
+            stats["moe/combine_entropy"] = normalized_entropy(combine, (2, 3)).mean().item()
+            slot_share = combine.sum(1).flatten(1).mean(0) / num_tokens  # combine mass each slot delivers
+            stats["moe/slot_usage_entropy"] = normalized_entropy(slot_share, (0,)).item()
+        expert_share = combine.sum(dim=(1, 3)).mean(0) / num_tokens
+    elif "router_probs" in record:  # Top-1 MoE, probabilities [B, m, n]
+        probs, kept = record["router_probs"], record["kept"]
+        num_experts = probs.shape[-1]
+        if num_experts > 1:
+            stats["moe/router_entropy"] = normalized_entropy(probs, (2,)).mean().item()
+        expert_share = F.one_hot(probs.argmax(-1), num_experts).float().mean(dim=(0, 1))
+        stats["moe/dropped_token_fraction"] = 1.0 - kept.float().mean().item()
+    else:
+        return stats
+    if num_experts > 1:
+        stats["moe/expert_usage_entropy"] = normalized_entropy(expert_share, (0,)).item()
+        stats["moe/expert_usage_max"] = expert_share.max().item()
+    return stats
+# <<< shared block: analysis
+
+
+# >>> shared block: runtime
+def fail(message):
+    """Stop at start-up with one line that names the flag and the fix."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def available_ram_bytes():
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def place_replay(capacity, device, bytes_per_slot, gpu_reserve=2 << 30, ram_reserve=1 << 30):
+    """The device for the replay frames: the training GPU when they fit there, else host RAM, else an error."""
+    needed = capacity * bytes_per_slot
+    if device.type == "cuda":
+        free_gpu = torch.cuda.mem_get_info(device)[0]
+        if needed + gpu_reserve <= free_gpu:
+            return device
+    free_ram = available_ram_bytes()
+    if needed + ram_reserve <= free_ram:
+        return torch.device("cpu")
+    where = f"{free_ram / 2**30:.1f} GiB of RAM" + (" (and too little GPU memory)" if device.type == "cuda" else "")
+    fail(f"--buffer-size {capacity}: the replay memory needs {needed / 2**30:.1f} GiB but only {where} is "
+         f"free; lower --buffer-size to at most {max(0, free_ram - ram_reserve) // bytes_per_slot}")
+
+
+def save_checkpoint(path, state):
+    """Write, flush, then rename: a crash never leaves a half-written checkpoint behind."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    # mmap: reading the flags of a checkpoint with a large replay memory costs no RAM
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def parse_args(args_class, argv=None, resumable_fields=()):
+    """tyro flags; with --resume, the checkpoint's flags are the defaults and only `resumable_fields` may
+    change (a resumed run keeps its network, memory and environment)."""
+    args = tyro.cli(args_class, args=argv)
+    if args.resume is None:
+        return args
+    if not os.path.isfile(args.resume):
+        fail(f"--resume {args.resume}: no such checkpoint file")
+    saved = load_checkpoint(args.resume)["args"]
+    args = tyro.cli(args_class, args=argv, default=args_class(**saved))
+    for field, value in saved.items():
+        if field not in resumable_fields and field != "resume" and getattr(args, field) != value:
+            flag = "--" + field.replace("_", "-")
+            fail(f"{flag} {getattr(args, field)} differs from the checkpoint's {value}; drop {flag} to resume")
+    return args
+
+
+def format_seconds(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """One status line (step, SPS, recent return, ETA): redrawn in place on a terminal, printed as a new
+    line every `interval` seconds when the output goes to a file. SPS and ETA use the last ~30 seconds,
+    so that a fast warm-up does not hide the speed of learning."""
+
+    def __init__(self, total_steps, start_step, interval=30.0):
+        self.total, self.interval = total_steps, interval
+        self.tty = sys.stdout.isatty()
+        self.last_time = time.time()
+        self.samples = deque([(self.last_time, start_step)], maxlen=64)
+
+    def update(self, step, recent_return, force=False):
+        now = time.time()
+        if not force and now - self.last_time < (0.5 if self.tty else self.interval):
+            return
+        self.last_time = now
+        self.samples.append((now, step))
+        while len(self.samples) > 2 and now - self.samples[1][0] > 30.0:
+            self.samples.popleft()
+        (t0, s0), (t1, s1) = self.samples[0], self.samples[-1]
+        sps = (s1 - s0) / max(t1 - t0, 1e-9)
+        eta = format_seconds((self.total - step) / sps) if sps > 0 else "?"
+        ret = "n/a" if recent_return is None else f"{recent_return:.1f}"
+        line = (f"step {step:,}/{self.total:,} ({100 * step / self.total:.1f}%) | {sps:,.0f} SPS | "
+                f"return {ret} | ETA {eta}")
+        if self.tty:
+            print("\r" + line.ljust(100), end="" if not force else "\n", flush=True)
+        else:
+            print(line, flush=True)
+
+    def print(self, message):
+        print(("\n" if self.tty else "") + message, flush=True)
+
+
+# <<< shared block: runtime
+
+
+def linear_schedule(start_e, end_e, duration, t):
+    slope = (end_e - start_e) / duration
+    return max(slope * t + start_e, end_e)
+
+
+def epsilon_at(args, step):
+    """Dopamine's linearly_decaying_epsilon: start-e through the warm-up, then linear to end-e."""
+    return linear_schedule(args.start_e, args.end_e, args.exploration_steps, max(0, step - args.learning_starts))
+
+
+def dqn_loss(q_network, target_network, batch):
+    """Huber loss (delta 1, Dopamine's huber_loss) between Q(s, a) and the target R + discount * max_a'
+    Q_target(s', a'), where the discount is gamma, or 0 after a termination (from the replay memory)."""
+    with torch.no_grad():
+        target_max = target_network(batch["next_obs"]).max(dim=1).values
+        td_target = batch["returns"] + batch["discounts"] * target_max
+    q_taken = q_network(batch["obs"]).gather(1, batch["actions"].unsqueeze(1)).squeeze(1)
+    return F.smooth_l1_loss(q_taken, td_target, beta=1.0), q_taken
+
+
+def updates_at(args, step):
+    """Numbers (counted from 1 after the warm-up) of the gradient updates made at agent step `step`:
+    replay-ratio x train-frequency updates every train-frequency agent steps after the warm-up."""
+    if step <= args.learning_starts or step % args.train_frequency != 0:
+        return range(0)
+    per_step = round(args.replay_ratio * args.train_frequency)
+    first = (step // args.train_frequency - args.learning_starts // args.train_frequency - 1) * per_step + 1
+    return range(first, first + per_step)
+
+
+def train_step(step, args, q_network, target_network, optimizer, rb, rng, device):
+    """Dopamine's _train_step at agent step `step`, as the ReDo agent runs it: the updates of `updates_at`,
+    each followed by a ReDo event when its number is a multiple of redo-period, and a hard target copy every
+    target-network-frequency agent steps. Returns the (loss, mean Q) of each update and the neurons recycled
+    per layer (None without a ReDo event); after a non-finite loss it returns at once, without a step."""
+    updates, recycled = [], None
+    for update in updates_at(args, step):
+        loss, q_taken = dqn_loss(q_network, target_network, rb.sample(args.batch_size, rng, device))
+        updates.append((loss.detach(), q_taken.detach().mean()))
+        if not torch.isfinite(loss):
+            return updates, recycled
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if args.redo and update % args.redo_period == 0:
+            # the neurons are scored on a fresh uniform sample, with the parameters of this update
+            probe = rb.stacks(rb.sample_indices(args.redo_batch_size, rng)).to(device)
+            masks, _ = dormant_neurons(q_network, probe, args.redo_tau)
+            counts = recycle_dormant(q_network, optimizer, masks)
+            if args.redo_reset_adam_step:  # ablation: restarts the bias correction of the whole network
+                for state in optimizer.state.values():
+                    state["step"].zero_()
+            recycled = counts if recycled is None else {k: recycled[k] + v for k, v in counts.items()}
+    if step > args.learning_starts and step % args.target_network_frequency == 0:
+        target_network.load_state_dict(q_network.state_dict())
+    return updates, recycled
+
+
+def check_args(args):
+    """Every bad flag stops here, before anything large is allocated."""
+    for name in ("total_timesteps", "buffer_size", "batch_size", "train_frequency", "target_network_frequency",
+                 "max_episode_steps", "log_frequency", "stats_frequency", "stats_batch_size", "exploration_steps",
+                 "eval_episodes", "redo_period", "redo_batch_size"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("learning_starts", "checkpoint_every"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("learning_rate", "adam_eps"):
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("gamma", "start_e", "end_e", "eval_epsilon", "repeat_action_probability"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    per_step = args.replay_ratio * args.train_frequency
+    if not (per_step >= 1 - 1e-9 and abs(per_step - round(per_step)) < 1e-9):
+        fail(f"--replay-ratio {args.replay_ratio} x --train-frequency {args.train_frequency} must be a whole number "
+             f"of updates per training step, got {per_step:g}; with --train-frequency 4 use 0.25, 0.5, 0.75, 1, ...")
+    if not args.redo_tau >= 0:
+        fail(f"--redo-tau must be >= 0, got {args.redo_tau}")
+    if args.buffer_size < args.batch_size + 8:
+        fail(f"--buffer-size {args.buffer_size} is too small for --batch-size {args.batch_size}; "
+             f"use at least {args.batch_size + 8}")
+    if args.learning_starts < 8:
+        fail(f"--learning-starts must be at least 8 so that the first update has complete transitions, "
+             f"got {args.learning_starts}")
+    check_env_id(args.env_id)
+    if args.track:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            fail("--track needs wandb: pip install wandb (or drop --track)")
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401
+        except ImportError:
+            fail("--capture-video needs moviepy: pip install moviepy (or drop --capture-video)")
+
+
+def evaluate(model_path, eval_episodes, run_name, device, epsilon=0.001, capture_video=False, seed=0):
+    """Returns of `eval_episodes` episodes of the saved model, epsilon-greedy with `epsilon`."""
+    saved = torch.load(model_path, map_location=device, weights_only=True)
+    args = Args(**saved["args"])
+    env = make_env(args.env_id, seed, args.repeat_action_probability, args.max_episode_steps,
+                   capture_video=capture_video, run_name=f"{run_name}-eval")
+    model = QNetwork(args, env.action_space.n).to(device)
+    model.load_state_dict(saved["model"])
+    model.eval()
+    rng = np.random.default_rng(seed)
+    returns, episode_return = [], 0.0
+    frame, _ = env.reset(seed=seed)
+    stack = np.repeat(frame[None], 4, axis=0)
+    while len(returns) < eval_episodes:
+        if rng.random() < epsilon:
+            action = int(rng.integers(env.action_space.n))
+        else:
+            with torch.no_grad():
+                action = model(torch.as_tensor(stack, device=device).unsqueeze(0)).argmax(1).item()
+        frame, reward, terminated, truncated, _ = env.step(action)
+        episode_return += reward
+        if terminated or truncated:
+            returns.append(episode_return)
+            episode_return = 0.0
+            frame, _ = env.reset()
+            stack = np.repeat(frame[None], 4, axis=0)
+        else:
+            stack = np.concatenate([stack[1:], frame[None]])
+    env.close()
+    return returns
+
+
+# flags that may change when resuming; everything else must match the checkpoint
+RESUMABLE_FIELDS = ("total_timesteps", "checkpoint_every", "cuda", "track", "wandb_project_name", "wandb_entity",
+                    "save_model", "eval_episodes", "log_frequency", "stats_frequency", "capture_video")
+
+
+if __name__ == "__main__":
+    args = parse_args(Args, resumable_fields=RESUMABLE_FIELDS)
+    check_args(args)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    replay_device = place_replay(args.buffer_size, device, ReplayMemory.bytes_per_slot())
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    run_name = checkpoint["run_name"] if checkpoint else (
+        f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_dir = f"runs/{run_name}"
+    os.makedirs(run_dir, exist_ok=True)
+    checkpoint_path = f"{run_dir}/checkpoint.pt"
+    wandb_id = checkpoint["wandb_id"] if checkpoint else None
+    if args.track:
+        import wandb
+
+        wandb_id = wandb_id or wandb.util.generate_id()
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, id=wandb_id, resume="allow", save_code=True)
+    start_step = checkpoint["global_step"] if checkpoint else 0
+    writer = SummaryWriter(run_dir, purge_step=start_step if checkpoint else None)
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    rng = np.random.default_rng(args.seed)  # epsilon-greedy actions, replay and ReDo samples
+
+    # env setup
+    env = make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
+                   capture_video=args.capture_video, run_name=run_name)
+    num_actions = env.action_space.n
+
+    q_network = QNetwork(args, num_actions).to(device)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    target_network = QNetwork(args, num_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    rb = ReplayMemory(args.buffer_size, n_step=1, gamma=args.gamma, device=replay_device)
+    print(f"{run_name}: {sum(p.numel() for p in q_network.parameters()):,} parameters on {device}, "
+          f"replay memory on {replay_device} ({ReplayMemory.bytes_per_slot()} bytes per transition)", flush=True)
+
+    # TRY NOT TO MODIFY: start the game
+    frame, _ = env.reset(seed=args.seed)
+    stack = np.repeat(frame[None], 4, axis=0)
+    episode_return, episode_length, episodes = 0.0, 0, 0
+    recent_returns = deque(maxlen=100)
+    elapsed_before = 0.0
+    if checkpoint:
+        q_network.load_state_dict(checkpoint["q_network"])
+        target_network.load_state_dict(checkpoint["target_network"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        rb.load_state_dict(checkpoint["replay"])
+        set_env_state(env, checkpoint["env"])
+        stack = checkpoint["stack"].numpy().copy()
+        episode_return, episode_length, episodes = checkpoint["episode"]
+        recent_returns.extend(checkpoint["recent_returns"])
+        elapsed_before = checkpoint["elapsed"]
+        rng.bit_generator.state = checkpoint["rng"]["numpy"]
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+        print(f"resumed {run_name} at step {start_step:,} from {args.resume}", flush=True)
+        del checkpoint
+
+    def make_checkpoint(next_step):
+        return {
+            "args": vars(args), "run_name": run_name, "wandb_id": wandb_id, "global_step": next_step,
+            "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
+            "optimizer": optimizer.state_dict(), "replay": rb.state_dict(), "env": get_env_state(env),
+            "stack": torch.from_numpy(stack.copy()), "episode": (episode_return, episode_length, episodes),
+            "recent_returns": list(recent_returns), "elapsed": elapsed_before + time.time() - start_time,
+            "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        }
+
+    stop_requested = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
+    progress = Progress(args.total_timesteps, start_step)
+    start_time = time.time()
+    last_log = (start_time, start_step)
+    loss_sum, q_sum, num_logged = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    for global_step in range(start_step, args.total_timesteps):
+        if stop_requested:  # preemption: save and leave; --resume continues exactly here
+            save_checkpoint(checkpoint_path, make_checkpoint(global_step))
+            progress.print(f"SIGTERM at step {global_step:,}: checkpoint saved to {checkpoint_path}")
+            sys.exit(143)
+        if args.checkpoint_every and global_step > start_step and global_step % args.checkpoint_every == 0:
+            save_checkpoint(checkpoint_path, make_checkpoint(global_step))
+
+        # ALGO LOGIC: put action logic here
+        epsilon = epsilon_at(args, global_step)
+        if rng.random() < epsilon:
+            action = int(rng.integers(num_actions))
+        else:
+            with torch.no_grad():
+                action = q_network(torch.as_tensor(stack, device=device).unsqueeze(0)).argmax(1).item()
+
+        # TRY NOT TO MODIFY: execute the game and log data.
+        next_frame, reward, terminated, truncated, info = env.step(action)
+        episode_return += reward
+        episode_length += 1
+
+        # TRY NOT TO MODIFY: save data to replay memory; the final frame of an episode is kept
+        rb.add(stack[-1], action, np.clip(reward, -1.0, 1.0), terminated, truncated, next_frame)
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        if terminated or truncated:
+            writer.add_scalar("charts/episodic_return", episode_return, global_step)
+            writer.add_scalar("charts/episodic_length", episode_length, global_step)
+            recent_returns.append(episode_return)
+            episode_return, episode_length, episodes = 0.0, 0, episodes + 1
+            next_frame, _ = env.reset()
+            stack = np.repeat(next_frame[None], 4, axis=0)
+        else:
+            # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
+            stack = np.concatenate([stack[1:], next_frame[None]])
+
+        # ALGO LOGIC: training.
+        updates, recycled = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, device)
+        if updates and not torch.isfinite(updates[-1][0]):
+            save_checkpoint(checkpoint_path, make_checkpoint(global_step + 1))
+            progress.print(f"error: non-finite loss {updates[-1][0].item()} at step {global_step:,}; checkpoint "
+                           f"saved to {checkpoint_path}; try a lower --learning-rate")
+            sys.exit(1)
+        for loss, q_mean in updates:
+            loss_sum, q_sum, num_logged = loss_sum + loss, q_sum + q_mean, num_logged + 1
+        if recycled is not None:
+            for name, count in recycled.items():
+                writer.add_scalar(f"redo/{name}_recycled_count", count, global_step)
+            writer.add_scalar("redo/recycled_count", sum(recycled.values()), global_step)
+
+        if (global_step + 1) % args.log_frequency == 0:
+            if num_logged:
+                writer.add_scalar("losses/td_loss", (loss_sum / num_logged).item(), global_step)
+                writer.add_scalar("losses/q_values", (q_sum / num_logged).item(), global_step)
+                loss_sum, q_sum, num_logged = loss_sum * 0, q_sum * 0, 0
+            now = time.time()  # SPS over the last log interval
+            writer.add_scalar("charts/SPS", int((global_step + 1 - last_log[1]) / (now - last_log[0])), global_step)
+            last_log = (now, global_step + 1)
+            writer.add_scalar("charts/epsilon", epsilon, global_step)
+        if (global_step + 1) % args.stats_frequency == 0 and global_step > args.learning_starts:
+            # a fresh uniform sample, drawn from its own generator so that analysis never changes training
+            probe_rng = np.random.default_rng([args.seed, global_step])
+            probe = rb.stacks(rb.sample_indices(args.stats_batch_size, probe_rng)).to(device)
+            with torch.no_grad():
+                record = {}
+                q_network(probe, record)
+            for key, value in dormant_statistics(record, (0.0, args.redo_tau)).items():
+                writer.add_scalar(key, value, global_step)
+        progress.update(global_step + 1, np.mean(recent_returns) if recent_returns else None)
+
+    progress.update(args.total_timesteps, np.mean(recent_returns) if recent_returns else None, force=True)
+    if args.checkpoint_every:
+        save_checkpoint(checkpoint_path, make_checkpoint(args.total_timesteps))
+    wall_time = elapsed_before + time.time() - start_time
+    eval_returns = None
+    if args.save_model:
+        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
+        torch.save({"model": q_network.state_dict(), "args": vars(args)}, model_path)
+        print(f"model saved to {model_path}")
+        eval_returns = evaluate(model_path, args.eval_episodes, run_name, device, epsilon=args.eval_epsilon,
+                                seed=args.seed + 1000)
+        for idx, episodic_return in enumerate(eval_returns):
+            writer.add_scalar("eval/episodic_return", episodic_return, idx)
+        print(f"eval: mean return {np.mean(eval_returns):.1f} over {len(eval_returns)} episodes")
+    with open(f"{run_dir}/result.json", "w") as f:
+        json.dump({
+            "script": args.exp_name, "env_id": args.env_id, "seed": args.seed, "steps": args.total_timesteps,
+            "episodes": episodes, "train_return_last100": float(np.mean(recent_returns)) if recent_returns else None,
+            "eval_returns": eval_returns, "eval_return_mean": float(np.mean(eval_returns)) if eval_returns else None,
+            "wall_time_s": wall_time, "args": vars(args),
+        }, f, indent=1)
+
+    env.close()
+    writer.close()
