@@ -810,7 +810,8 @@ if __name__ == "__main__":
     num_actions = env.action_space.n
 
     q_network = QNetwork(args, num_actions).to(device)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps,
+                                 fused=device.type == "cuda")
     target_network = QNetwork(args, num_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
     rb = ReplayMemory(args.buffer_size, n_step=1, gamma=args.gamma, device=replay_device)
