@@ -947,10 +947,9 @@ def project_distribution(next_probs, returns, discounts, support):
     [support[0], support[-1]] and its mass split between its two neighbours on the evenly spaced `support` [K], in
     proportion to closeness. Returns the projected distribution [B, K]."""
     batch, num_atoms = next_probs.shape
-    v_min, v_max = support[0], support[-1]
-    delta = (v_max - v_min) / (num_atoms - 1)
-    atoms = (returns[:, None] + discounts[:, None] * support[None, :]).clamp(v_min, v_max)
-    position = ((atoms - v_min) / delta).clamp(0, num_atoms - 1)
+    v_min, delta = support[0], (support[-1] - support[0]) / (num_atoms - 1)
+    atoms = returns[:, None] + discounts[:, None] * support[None, :]
+    position = ((atoms - v_min) / delta).clamp(0, num_atoms - 1)  # atoms beyond the support go to its ends
     lower, upper = position.floor(), position.ceil()
     # an atom that lands exactly on a support atom (lower == upper) gives it all its mass
     lower_share = torch.where(upper == lower, 1.0, upper - position)
