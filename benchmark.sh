@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Regression runs of the cleanrl-moe scripts across variants, games and seeds, here or on Slurm.
+#
+#     ./benchmark.sh list                     # the suites (benchmark/suites/*.toml)
+#     ./benchmark.sh smoke                    # run a suite here; re-running skips finished runs, resumes the rest
+#     ./benchmark.sh dqn_redo --slurm --partition gpu --gpus 1 --time 24:00:00   # or as one Slurm array job
+#     ./benchmark.sh status smoke             # runs done, failed, running; ETA
+#     ./benchmark.sh report smoke             # markdown + PNG; exit 1 if a run failed or a result is off its reference
+#     ./benchmark.sh perf                     # steps/s, peak memory, replay bytes per transition of each script
+#
+# `./benchmark.sh COMMAND --help` lists the options; docs/benchmark.md explains the design.
+# Uses the python on PATH (${PYTHON:-python3}); `pip install ".[benchmark]"` adds rliable and matplotlib for reports.
+exec "${PYTHON:-python3}" "$(dirname "$0")/benchmark/bench.py" "$@"

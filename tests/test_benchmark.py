@@ -1,0 +1,472 @@
+"""benchmark.sh: aggregation (IQM, stratified-bootstrap CIs, HNS) against hand values, the regression checks, the
+smoke suite end to end on the real ALE (2 local workers, interrupted and resumed), and perf on the CPU."""
+import csv
+import importlib.util
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# a mutation check may point this at a mutated copy of benchmark/
+BENCH = Path(os.environ.get("CLEANRL_MOE_BENCH", ROOT / "benchmark" / "bench.py"))
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_under_test", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+b = load_bench()
+
+
+def bench(*args, cwd, timeout=300, check=None, env=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
+    env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run([sys.executable, str(BENCH), *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check is not None and proc.returncode != check:
+        raise AssertionError(f"benchmark {' '.join(map(str, args))} exited {proc.returncode}, expected {check}:\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Aggregation against hand values
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("values, expected", [
+    ([1, 2, 3, 4], 2.5),  # n = 4: one value cut at each end
+    ([1, 2, 3, 4, 5, 100], 3.5),  # n = 6: 25% is 1.5 values; rliable (scipy's trim_mean) cuts floor(1.5) = 1
+    ([10, 1, 7, 3, 100, -50, 4, 2], 4.0),  # n = 8, unsorted: middle four of -50,1,2,3,4,7,10,100
+    ([0, 0, 1, 9, 9], 10 / 3),  # n = 5: floor(1.25) = 1 cut at each end
+    ([5, 1, 3], 3.0),  # n = 3: floor(0.75) = 0, the plain mean
+])
+def test_iqm_hand_values(values, expected):
+    assert b.iqm(values) == pytest.approx(expected)
+
+
+RLIABLE = b.bootstrap_backend()
+
+
+@pytest.fixture(params=["numpy", "rliable"])
+def backend(request):
+    """Both bootstraps: rliable's own (when it is usable here) and the numpy one the report falls back to."""
+    if request.param == "rliable" and RLIABLE[0] != "rliable":
+        pytest.skip(f"{RLIABLE[1]}; pip install \".[benchmark]\" (rliable, matplotlib) to test it")
+    return request.param
+
+
+def test_aggregates_pool_runs_for_iqm_and_average_game_means(backend):
+    # equal runs per game (rliable's runs x games matrix)
+    points, _ = b.aggregate_with_ci({"A": [0, 1, 2], "B": [10, 20, 30], "C": [4, 4, 4]}, reps=200, backend=backend)
+    # IQM over the 9 runs pooled: sorted 0,1,2,4,4,4,10,20,30, floor(9/4) = 2 cut at each end -> (2+4+4+4+10)/5
+    # median and mean over the game means 1, 20, 4
+    assert points == pytest.approx([4.8, 4.0, 25 / 3])
+    # unequal runs per game (a failed run): each game still counts once in the median and the mean
+    points, _ = b.aggregate_with_ci({"A": [0, 1], "B": [10, 20, 30, 40]}, reps=200, backend=backend)
+    assert points == pytest.approx([(1 + 10 + 20 + 30) / 4, 12.75, 12.75])
+
+
+@pytest.mark.parametrize("per_game, low, high", [
+    # no spread within a game: a stratified bootstrap (runs resampled within each game) has no spread either;
+    # resampling the 4 runs pooled would mix the games and give a wide interval
+    ({"A": [0, 0], "B": [1, 1]}, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    # A's mean is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4: the mean (and the median of 2 games) over games is
+    # 2.5, 2.75 or 3; the IQM (middle 2 of 4 pooled runs) is 2.5 (A resampled as 0,0) or 3
+    ({"A": [0, 1], "B": [5, 5]}, [2.5, 2.5, 2.5], [3.0, 3.0, 3.0]),
+    # unequal runs: IQM = middle 3 of 5 pooled runs: 10/3 (A as 0,0) or 11/3
+    ({"A": [0, 1], "B": [5, 5, 5]}, [10 / 3, 2.5, 2.5], [11 / 3, 3.0, 3.0]),
+    # one game, runs 0,0,0,4, k fours in a resample (binomial, 4 draws, p 1/4): the mean is k, the IQM (middle 2
+    # of 4) is 0 for k <= 1, 2 for k = 2 and 4 for k >= 3; P(k = 0) = 81/256 and P(k >= 3) = 13/256 both exceed
+    # 2.5%. A percentile interval, not the 'basic' one (2 * point - percentiles: [-4, 0] for the IQM)
+    ({"A": [0, 0, 0, 4]}, [0.0, 0.0, 0.0], [4.0, 3.0, 3.0]),
+])
+def test_stratified_bootstrap_percentile_ci_hand_values(per_game, low, high, backend):
+    _, ci = b.aggregate_with_ci(per_game, reps=2000, backend=backend)
+    assert ci[0] == pytest.approx(low) and ci[1] == pytest.approx(high)
+
+
+def test_bootstrap_is_reproducible_and_leaves_numpy_alone(backend):
+    state = np.random.get_state()[1].copy()
+    per_game = {g: np.random.default_rng(i).random(3) for i, g in enumerate("ABCDE")}
+    first = b.aggregate_with_ci(per_game, reps=500, backend=backend)[1]
+    assert np.array_equal(first, b.aggregate_with_ci(per_game, reps=500, backend=backend)[1])
+    assert not np.array_equal(first, b.aggregate_with_ci(per_game, reps=500, seed=1, backend=backend)[1])
+    assert np.array_equal(state, np.random.get_state()[1])
+
+
+def test_numpy_bootstrap_agrees_with_rliable():
+    """The numpy fallback and rliable resample the same way: on data with spread, their 95% CIs agree to within the
+    Monte Carlo error of 4,000 resamples, for equal and unequal runs per game; the IQM agrees with scipy's."""
+    if RLIABLE[0] != "rliable":
+        pytest.skip(f"{RLIABLE[1]}; pip install \".[benchmark]\" (rliable, matplotlib) to test it")
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    for runs in ([5] * 12, [5, 3, 5, 4, 5, 5, 2, 5, 5, 5, 5, 5]):
+        per_game = {f"g{i}": rng.gamma(1.0 + i / 4, 0.3, size=n) for i, n in enumerate(runs)}
+        pooled = np.concatenate(list(per_game.values()))
+        assert b.iqm(pooled) == pytest.approx(stats.trim_mean(pooled, 0.25))
+        p_np, ci_np = b.aggregate_with_ci(per_game, reps=4000, backend="numpy")
+        p_rl, ci_rl = b.aggregate_with_ci(per_game, reps=4000, backend="rliable")
+        assert p_np == pytest.approx(p_rl)
+        width = ci_rl[1] - ci_rl[0]
+        assert np.all(width > 0.05) and np.all(np.abs(ci_np - ci_rl) < 0.08 * width), (ci_np, ci_rl)
+
+
+# the spec's 26-game table (rainbow_der.md section 7): random and human from Dopamine's normalization_utils.py,
+# van Hasselt et al. 2019 DER scores, and their HNS rounded to 3 decimals
+SPEC_TABLE = """game,random,human,der_vh2019,der_vh2019_hns
+Alien,227.8,7127.7,739.9,0.074
+Amidar,5.8,1719.5,188.6,0.107
+Assault,222.4,742.0,431.2,0.402
+Asterix,210.0,8503.3,470.8,0.031
+BankHeist,14.2,753.1,51.0,0.050
+BattleZone,2360.0,37187.5,10124.6,0.223
+Boxing,0.1,12.1,0.2,0.008
+Breakout,1.7,30.5,1.9,0.007
+ChopperCommand,811.0,7387.8,861.8,0.008
+CrazyClimber,10780.5,35829.4,16185.3,0.216
+DemonAttack,152.1,1971.0,508.0,0.196
+Freeway,0.0,29.6,27.9,0.943
+Frostbite,65.2,4334.7,866.8,0.188
+Gopher,257.6,2412.5,349.5,0.043
+Hero,1027.0,30826.4,6857.0,0.196
+Jamesbond,29.0,302.8,301.6,0.996
+Kangaroo,52.0,3035.0,779.3,0.244
+Krull,1598.0,2665.5,2851.5,1.174
+KungFuMaster,258.5,22736.3,14346.1,0.627
+MsPacman,307.3,6951.6,1204.1,0.135
+Pong,-20.7,14.6,-19.3,0.040
+PrivateEye,24.9,69571.3,97.8,0.001
+Qbert,163.9,13455.0,1152.9,0.074
+RoadRunner,11.5,7845.0,9600.0,1.224
+Seaquest,68.4,42054.7,354.1,0.007
+UpNDown,533.4,11693.2,2877.4,0.210
+"""
+
+
+def test_hns_against_the_spec_table():
+    table = b.human_random_table()
+    rows = list(csv.DictReader(io.StringIO(SPEC_TABLE)))
+    scores = []
+    for row in rows:
+        assert table[row["game"]] == (float(row["random"]), float(row["human"])), row["game"]
+        scores.append(b.hns(float(row["der_vh2019"]), row["game"], table))
+        assert round(scores[-1], 3) == float(row["der_vh2019_hns"]), row["game"]
+    # the published DER aggregates (van Hasselt et al. 2019): mean 0.285, median 0.161
+    assert round(np.mean(scores), 3) == 0.285 and round(np.median(scores), 3) == 0.161
+    assert b.hns(-20.7, "Pong", table) == 0.0 and b.hns(14.6, "Pong", table) == pytest.approx(1.0)
+
+
+def test_games_without_human_scores_are_reported_raw_and_left_out_of_aggregates(tmp_path):
+    table = b.human_random_table()
+    assert len(table) == 55 and "AirRaid" not in table and "Defender" not in table
+    assert b.hns(1000.0, "AirRaid", table) is None
+    games = ["AirRaid", "Alien", "Amidar", "Assault", "Asterix", "BankHeist", "BattleZone", "Boxing", "Breakout",
+             "ChopperCommand", "CrazyClimber"]
+    suite = write_suite(tmp_path, games, seeds=[1, 2])
+    runs = b.plan(b.load_suite(str(suite)), tmp_path / "out")
+    for run in runs:
+        fake_result(run, eval_mean=1000.0 + run.seed)
+    games_stats, per_variant = b.summarize(b.collect(runs), reps=200)
+    entry = per_variant["v"]
+    assert entry["without_human"] == ["AirRaid"] and entry["games"] == 10 and entry["runs"] == 20
+    assert games_stats["v", "AirRaid"]["hns"] is None and games_stats["v", "AirRaid"]["mean"] == 1001.5
+    assert games_stats["v", "AirRaid"]["std"] == pytest.approx(np.std([1001, 1002], ddof=1))
+
+
+def test_score_of_a_run_is_the_evaluation_mean_else_the_training_mean():
+    assert b.run_score({"eval_return_mean": 5.0, "eval_returns": [4, 6], "train_return_last100": 1.0}) == (
+        5.0, "eval, 2 episodes")
+    assert b.run_score({"eval_return_mean": None, "train_return_last100": 1.5}) == (1.5, "train, last 100 episodes")
+    assert b.run_score({"eval_return_mean": None, "train_return_last100": None})[0] is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Suites and references are data a user reads; check they are consistent
+# ----------------------------------------------------------------------------------------------------------------
+def test_suites_are_valid_data():
+    import ale_py
+    import gymnasium as gym
+
+    gym.register_envs(ale_py)
+    suites = sorted(p.stem for p in (ROOT / "benchmark" / "suites").glob("*.toml"))
+    assert {"smoke", "atari100k", "atari100k_26", "dqn_softmoe", "rainbow_tokenized", "dqn_redo"} <= set(suites)
+    known_scripts = {"dqn_softmoe", "dqn_redo", "rainbow_tokenized", "der_single_expert"}
+    for name in suites:
+        suite = b.load_suite(name)
+        runs = b.plan(suite, "/tmp/x")
+        assert len({run.dir for run in runs}) == len(runs) == len(suite["variants"]) * len(suite["games"]) * len(suite["seeds"])
+        for game in suite["games"]:
+            gym.spec(f"ALE/{game}-v5")
+        assert {v["script"] for v in suite["variants"]} <= known_scripts, name
+    smoke = b.load_suite("smoke")
+    for variant in smoke["variants"]:  # the smoke suite runs in CI: its scripts must exist
+        assert (ROOT / "cleanrl_moe" / f"{variant['script']}.py").is_file()
+    assert len(b.load_suite("atari100k_26")["games"]) == 26
+    assert len(b.load_suite("dqn_redo")["games"]) == 17
+
+
+def test_reference_numbers_follow_their_stated_rules():
+    table = b.human_random_table()
+    spec = {row["game"]: float(row["der_vh2019"]) for row in csv.DictReader(io.StringIO(SPEC_TABLE))}
+    rows = b.references("atari100k")
+    assert {row["game"] for row in rows} == set(b.load_suite("atari100k")["games"])
+    for row in rows:  # published DER score, low = half the gain over random
+        random_score = table[row["game"]][0]
+        assert float(row["reference"]) == spec[row["game"]]
+        assert float(row["low"]) == pytest.approx(random_score + (spec[row["game"]] - random_score) / 2, abs=0.01)
+    smoke_rows = b.references("smoke")
+    assert {row["game"] for row in smoke_rows} == set(b.load_suite("smoke")["games"])
+    for suite in ("atari100k", "atari100k_26", "dqn_redo"):
+        variants = {v["name"] for v in b.load_suite(suite)["variants"]}
+        assert all(row["variant"] in variants | {"*"} and row["source"] for row in b.references(suite))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Regression checks: report exits 1 when a result is outside its tolerance or a run failed
+# ----------------------------------------------------------------------------------------------------------------
+def write_suite(tmp_path, games, seeds=(1,), references="none"):
+    path = tmp_path / "suite.toml"
+    path.write_text(f'description = "test"\ngames = {json.dumps(list(games))}\nseeds = {json.dumps(list(seeds))}\n'
+                    f'references = "{references}"\nvariants = [{{ name = "v", script = "dqn_softmoe", flags = "" }}]\n')
+    return path
+
+
+def fake_result(run, eval_mean=None, train_mean=None):
+    run_dir = Path(run.dir) / "runs" / "fake"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "result.json").write_text(json.dumps({
+        "script": run.script, "env_id": f"ALE/{run.game}-v5", "seed": run.seed, "steps": 100, "episodes": 3,
+        "train_return_last100": train_mean, "eval_returns": None if eval_mean is None else [eval_mean] * 2,
+        "eval_return_mean": eval_mean, "wall_time_s": 1.0, "args": {}}))
+    b.write_status(run.dir, state="done", exit_code=0)
+
+
+def test_regression_check_fails_when_a_result_is_outside_its_tolerance(tmp_path):
+    out = tmp_path / "out"
+    runs = b.plan(b.load_suite("smoke"), out)
+    for run in runs:  # smoke bounds: Pong in [-21, 21], Breakout in [0, 864]
+        fake_result(run, eval_mean=-20.0 if run.game == "Pong" else 3.0)
+    bench("report", "smoke", "--out", out, cwd=tmp_path, check=0)
+    assert "| pass | dqn_softmoe | Pong | run_score |" in (out / "report.md").read_text()
+
+    fake_result(runs[0], eval_mean=-22.0)  # outside [-21, 21]
+    proc = bench("report", "smoke", "--out", out, cwd=tmp_path, check=1)
+    text = (out / "report.md").read_text()
+    assert f"| FAIL | dqn_softmoe | Pong | run_score | {runs[0].id}: -22.0 |" in text
+    assert "1 checks outside their tolerance" in proc.stdout
+    fake_result(runs[0], eval_mean=21.0)  # the bound itself is inside
+    bench("report", "smoke", "--out", out, cwd=tmp_path, check=0)
+
+
+def test_failed_runs_are_listed_with_their_log_tail(tmp_path):
+    out = tmp_path / "out"
+    runs = b.plan(b.load_suite("smoke"), out)
+    for run in runs[1:]:
+        fake_result(run, eval_mean=0.0)
+    Path(runs[0].dir).mkdir(parents=True)
+    (Path(runs[0].dir) / "log.txt").write_text("line 1\nTraceback (most recent call last):\nValueError: boom\n")
+    b.write_status(runs[0].dir, state="failed", exit_code=1)
+    proc = bench("report", "smoke", "--out", out, cwd=tmp_path, check=1)
+    text = (out / "report.md").read_text()
+    assert f"### {runs[0].id}: failed (exit code 1)" in text and "ValueError: boom" in text
+    assert f"{runs[0].id}: not finished" in text and "1 runs not finished" in proc.stdout
+    # a run whose process vanished without recording an exit code is not left as "running"
+    b.write_status(runs[0].dir, state="running", exit_code=None, pid=2**22 + 7, host=os.uname().nodename,
+                   script="dqn_softmoe.py")
+    assert b.run_state(runs[0]) == "lost"
+    status = bench("status", "smoke", "--out", out, cwd=tmp_path, check=0)
+    assert f"{len(runs) - 1}/{len(runs)} done, 1 failed" in status.stdout and "ValueError: boom" in status.stdout
+
+
+def check_rows(statistic, check, reference="", low="", high="", slack=""):
+    return {"suite": "s", "variant": "v", "game": "*" if statistic.endswith("hns") else "Pong", "statistic": statistic,
+            "check": check, "reference": reference, "low": low, "high": high, "slack": slack, "source": "test"}
+
+
+def test_mean_score_and_ci_checks():
+    run = b.Run("v", "dqn_softmoe", "Pong", 1, (), "/nonexistent")
+    rows = [{"run": run, "state": "done", "score": 10.0, "source": "eval", "hns": 0.5}]
+    games = {("v", "Pong"): {"mean": 10.0, "n": 1}}
+    per_variant = {"v": {"point": np.array([0.5, 0.4, 0.6]), "ci": np.array([[0.45, 0.3, 0.5], [0.55, 0.5, 0.7]])}}
+
+    def verdict(ref):
+        return b.compare([ref], rows, games, per_variant)[0][2]
+
+    assert verdict(check_rows("mean_score", "range", low="9.5")) == "pass"
+    assert verdict(check_rows("mean_score", "range", low="10.5")) == "FAIL"
+    assert verdict(check_rows("mean_score", "range", high="9")) == "FAIL"
+    assert verdict(check_rows("iqm_hns", "ci", reference="0.55")) == "pass"  # on the CI's edge
+    assert verdict(check_rows("iqm_hns", "ci", reference="0.57")) == "FAIL"
+    assert verdict(check_rows("iqm_hns", "ci", reference="0.57", slack="0.02")) == "pass"
+    assert verdict(check_rows("median_hns", "ci", reference="0.29")) == "FAIL"  # median CI is [0.3, 0.5]
+    assert verdict(check_rows("mean_hns", "range", low="0.61")) == "FAIL"  # point 0.6
+    del per_variant["v"]["point"]
+    per_variant["v"]["skipped"] = "too few games"
+    assert verdict(check_rows("mean_hns", "ci", reference="0.6")) == "skip"
+
+
+def test_report_aggregates_and_plots(tmp_path):
+    games = ["Alien", "Amidar", "Assault", "Asterix", "BankHeist", "BattleZone", "Boxing", "Breakout",
+             "ChopperCommand", "CrazyClimber"]
+    out = tmp_path / "out"
+    suite = write_suite(tmp_path, games, seeds=[1, 2])
+    table = b.human_random_table()
+    runs = b.plan(b.load_suite(str(suite)), out)
+    expected = {}
+    for i, run in enumerate(runs):  # human-normalized scores 0.05 * i, as raw game scores
+        random_score, human_score = table[run.game]
+        fake_result(run, eval_mean=random_score + 0.05 * i * (human_score - random_score))
+        expected.setdefault(run.game, []).append(0.05 * i)
+    pooled = np.sort(np.concatenate(list(expected.values())))  # 20 runs: floor(20/4) = 5 cut at each end
+    game_means = [np.mean(v) for v in expected.values()]
+    # as installed here, then without rliable and matplotlib (a module that fails to import shadows each)
+    blocked = tmp_path / "blocked"
+    for name in ("rliable", "matplotlib"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} blocked by the test')\n")
+    for without in (False, True):
+        extra = {"PYTHONPATH": str(blocked)} if without else {}
+        proc = bench("report", str(suite), "--out", out, "--reps", 500, cwd=tmp_path, check=0, env=extra)
+        text = (out / "report.md").read_text()
+        row = next(line for line in text.splitlines() if line.startswith("| v | 10 | 20 |"))
+        assert f"{pooled[5:15].mean():.3f} [" in row and f"| {np.median(game_means):.3f} [" in row
+        assert f"| {np.mean(game_means):.3f} [" in row
+        if without or RLIABLE[0] != "rliable":
+            assert "numpy implementation of rliable's stratified bootstrap" in text
+        else:
+            assert f"rliable {RLIABLE[1]})" in text
+        if without or b.plotting_unavailable():
+            assert "no plots: matplotlib is not installed" in text and "![" not in text
+        else:
+            assert (out / "aggregate.png").stat().st_size > 1000 and "![aggregates](aggregate.png)" in text
+            assert "![Alien](curves/Alien.png)" not in text  # fake runs have no TensorBoard events: no curves
+        for path in (out / "report.md", out / "aggregate.png"):
+            path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Default number of workers
+# ----------------------------------------------------------------------------------------------------------------
+def test_default_workers_follow_cpus_ram_and_gpu_memory(monkeypatch):
+    GiB = 2**30
+    run = b.Run("v", "s", "Pong", 1, (), "/x", total_steps=10, memory_bytes=7068 * 10**6 + b.RUN_OVERHEAD_BYTES)
+    monkeypatch.setattr(b, "cpu_count", lambda: 16)
+    monkeypatch.setattr(b, "available_ram", lambda: 64 * GiB)
+    monkeypatch.setattr(b, "gpus", lambda: [])
+    slots, why = b.worker_slots([run], uses_cuda=True)
+    assert slots == [None] * 7, why  # RAM: (64 - 1) GiB / 8.58 GiB per run
+    monkeypatch.setattr(b, "available_ram", lambda: 500 * GiB)
+    monkeypatch.setattr(b, "gpus", lambda: [(0, 80 * GiB), (1, 20 * GiB)])
+    slots, why = b.worker_slots([run], uses_cuda=True)
+    # GPU 0 holds 0.9 * 80 / (6.58 + 2) = 8 replay memories, GPU 1 holds 2; the workers alternate between GPUs
+    assert sorted(slots) == [0] * 8 + [1] * 2 and slots[:4] == [0, 1, 0, 1], why
+    assert b.worker_slots([run], uses_cuda=False)[0] == [None] * 16  # --no-cuda runs: CPUs only
+    assert b.worker_slots([run], uses_cuda=True, workers=3)[0] == [0, 1, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end on the real ALE
+# ----------------------------------------------------------------------------------------------------------------
+TINY = ("--total-timesteps 300 --learning-starts 200 --buffer-size 500 --eval-episodes 1 --checkpoint-every 100 "
+        "--max-episode-steps 100")  # episodes end in training: learning curves
+
+
+def wait_for(predicate, proc, timeout=120):
+    start = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - start < timeout
+        time.sleep(0.1)
+
+
+def test_smoke_suite_end_to_end_interrupted_resumed_and_reported(tmp_path):
+    """Every script of the smoke suite on one game and seed (CI's subset), at 300 steps: stopped with a checkpoint,
+    resumed, reported."""
+    out = tmp_path / "smoke"
+    subset = ["--games", "Pong", "--seeds", 1]
+    args = ["smoke", *subset, "--workers", 2, "--out", out, "--flags", TINY]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, str(BENCH), *map(str, args)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: list(out.glob("*/*/*/runs/*/checkpoint.pt")), proc)
+    proc.send_signal(signal.SIGTERM)  # as Ctrl-C: every run saves a checkpoint and stops
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    interrupted = [p.parents[2] for p in out.glob("*/*/*/runs/*/checkpoint.pt")]
+    assert interrupted and all(json.loads((d / "status.json").read_text())["state"] == "interrupted" for d in interrupted)
+
+    proc = bench(*args, cwd=tmp_path, check=0)
+    runs = b.plan(b.load_suite("smoke"), out, games=["Pong"], seeds=[1])
+    assert len(runs) == len(b.load_suite("smoke")["variants"]) >= 3
+    assert f"{len(runs)}/{len(runs)} runs done" in proc.stdout, proc.stdout
+    for run in runs:
+        run_dir = Path(run.dir)
+        log = (run_dir / "log.txt").read_text()
+        assert (f"resumed ALE-{run.game}-v5" in log) == (run_dir in interrupted), log
+        assert list(run_dir.glob("runs/*/events.out.tfevents.*")) and not list(run_dir.glob("runs/*/checkpoint.pt"))
+        result = json.loads(next(run_dir.glob("runs/*/result.json")).read_text())
+        assert result["steps"] == 300 and result["env_id"] == f"ALE/{run.game}-v5" and result["seed"] == run.seed
+        assert len(result["eval_returns"]) == 1
+
+    bench("report", "smoke", *subset, "--out", out, cwd=tmp_path, check=0)
+    text = (out / "report.md").read_text()
+    for run in runs:
+        assert f"| {run.variant} | Pong | 1 |" in text and f"| pass | {run.variant} | Pong | run_score |" in text
+        assert f"| skip | {run.variant} | Breakout | run_score | not in this run of the suite |" in text
+    assert text.count("| pass |") == len(runs) and "eval, 1 episode" in text
+    if not b.plotting_unavailable():
+        assert (out / "curves" / "Pong.png").is_file()
+
+    again = bench(*args, cwd=tmp_path, check=0)  # finished runs are skipped
+    assert f"{len(runs)} of {len(runs)} runs already done: skipped" in again.stdout and "start " not in again.stdout
+
+
+def test_bad_flags_stop_before_any_run_starts(tmp_path):
+    proc = bench("smoke", "--out", tmp_path / "out", "--flags", "--batch-size 0", cwd=tmp_path, check=2)
+    assert "--batch-size must be positive" in proc.stderr and "variant dqn_softmoe" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    proc = bench("smoke", "--games", "Pongg", cwd=tmp_path, check=2)
+    assert "--games Pongg: not in suite smoke" in proc.stderr
+
+
+def test_benchmark_sh_lists_the_suites(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "benchmark.sh"), "list"], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHON=sys.executable))
+    assert proc.returncode == 0 and "smoke" in proc.stdout and "dqn_redo" in proc.stdout, proc.stderr
+
+
+def test_sps_by_phase_keeps_only_intervals_wholly_inside_a_phase():
+    # an event at step g measures steps p+1..g (p: the previous event); updates happen at steps > learning_starts
+    events = [(99, 10), (199, 30), (299, 5), (399, 2), (499, 4), (599, 9)]
+    assert b.sps_by_phase(events, 200) == (20.0, 4.0)  # 299 covers 200..299, 200 without update: left out
+    assert b.sps_by_phase(events, 199) == (20.0, 4.5)  # 299 covers 200..299, all updating: learning
+    assert b.sps_by_phase(events, 198) == (10.0, 4.5)  # 199 covers 100..199, 199 updates: left out
+    assert b.sps_by_phase([(99, 10), (199, 30), (299, 5)], 200) == (20.0, None)
+    assert b.sps_by_phase(events, 1000) == (7.0, None)  # all warm-up: median of 10, 30, 5, 2, 4, 9
+
+
+def test_perf_on_the_cpu_skips_absent_scripts(tmp_path):
+    out = tmp_path / "perf"
+    bench("perf", "--scripts", "dqn_softmoe", "not_a_script", "--steps", 400, "--learning-starts", 200,
+          "--buffer-size", 1000, "--log-frequency", 100, "--cpu", "--threads", 1, "--flags", "--num-experts 2", "--out", out,
+          cwd=tmp_path, check=0)
+    rows = {row["script"]: row for row in json.loads((out / "perf.json").read_text())}
+    assert rows["not_a_script"]["note"] == "not present yet: skipped"
+    dqn = rows["dqn_softmoe"]
+    assert dqn["exit_code"] == 0 and dqn["device"] == "cpu" and dqn["learning_sps"] > 0 and dqn["warmup_sps"] > 0
+    assert dqn["replay_bytes_per_transition"] == {"ReplayMemory": 7068}
+    assert 100 * 2**20 < dqn["peak_rss_bytes"] < 8 * 2**30
+    assert "| dqn_softmoe | cpu |" in (out / "perf.md").read_text()
