@@ -89,6 +89,8 @@ class Args:
     """the learning rate of the Adam optimizer"""
     adam_eps: float = 1.5e-4
     """the epsilon of the Adam optimizer"""
+    max_grad_norm: float = 0.0
+    """clip the gradient to this global L2 norm (0: no clipping, as Dopamine; Kaixhin/Rainbow clips at 10)"""
     buffer_size: int = 1_000_000
     """the replay memory capacity, in transitions"""
     gamma: float = 0.99
@@ -455,6 +457,7 @@ def set_noise(module, enabled):
 # <<< shared block: noisy
 
 
+# >>> shared block: noisyexperts
 class NoisyExperts(nn.Module):
     """n independent expert MLPs d -> h -> d with a ReLU between, applied to every slot: [B, n, p, d] -> [B, n, p, d].
 
@@ -488,6 +491,7 @@ class NoisyExperts(nn.Module):
         if record is not None:  # neurons = (expert, unit) pairs on dim 1
             record["experts"] = hidden.permute(0, 1, 3, 2).flatten(1, 2)
         return torch.einsum("bnph,nhd->bnpd", hidden, self.w2) + self.b2[:, None]
+# <<< shared block: noisyexperts
 
 
 class QNetwork(nn.Module):
@@ -726,6 +730,7 @@ class SumTree:
 # <<< shared block: sumtree
 
 
+# >>> shared block: prioritized
 class PrioritizedReplayMemory(ReplayMemory):
     """ReplayMemory with proportional prioritized sampling (Schaul et al. 2016) as Dopamine's Rainbow does it.
 
@@ -775,6 +780,7 @@ class PrioritizedReplayMemory(ReplayMemory):
         super().load_state_dict(state)
         self.tree.load_state_dict(state["tree"])
         self.synced = self.sample_range()
+# <<< shared block: prioritized
 
 
 # >>> shared block: analysis
@@ -962,6 +968,7 @@ def project_distribution(next_probs, returns, discounts, support):
 # <<< shared block: categorical
 
 
+# >>> shared block: rainbow_update
 def select_action(q_network, stack, epsilon, rng, noise, device):
     """Epsilon-greedy on the noisy network's Q-values, with fresh noise at every call: the agent explores by its
     noise from the first step on, warm-up included (Dopamine; epsilon is 0 by default)."""
@@ -1027,11 +1034,14 @@ def train_step(step, args, q_network, target_network, optimizer, rb, rng, noise,
                 return out
             optimizer.zero_grad(set_to_none=True)
             weighted_loss.backward()
+            if args.max_grad_norm > 0:
+                nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
             optimizer.step()
             rb.update_priorities(index, (loss.detach().cpu().double().numpy() + 1e-10) ** args.priority_exponent)
         if step % args.target_network_frequency == 0:
             target_network.load_state_dict(q_network.state_dict())
     return out
+# <<< shared block: rainbow_update
 
 
 def check_args(args):
@@ -1041,7 +1051,7 @@ def check_args(args):
                  "stats_batch_size", "eval_episodes", "n_step"):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("learning_starts", "checkpoint_every", "noisy_sigma0", "priority_exponent"):
+    for name in ("learning_starts", "checkpoint_every", "noisy_sigma0", "priority_exponent", "max_grad_norm"):
         if not getattr(args, name) >= 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("learning_rate", "adam_eps"):

@@ -9,14 +9,15 @@ from harness import SCRIPTS
 
 BLOCK = re.compile(r"^# >>> shared block: (\S+)\n(.*?)^# <<< shared block: \1$", re.M | re.S)
 
+# the Rainbow machinery that rainbow_tokenized.py and der_single_expert.py share (their tests cover one another's copy)
+RAINBOW = {"env", "encoders", "tokenizer", "softmoe", "top1moe", "replay", "analysis", "runtime", "noisy", "sumtree",
+           "categorical", "noisyexperts", "prioritized", "rainbow_update"}
 # the blocks each script must carry (scripts that do not exist yet are skipped)
 EXPECTED = {
     "dqn_softmoe": {"env", "encoders", "tokenizer", "softmoe", "top1moe", "replay", "analysis", "runtime", "cudagraph"},
     "dqn_redo": {"env", "encoders", "replay", "analysis", "runtime"},
-    "rainbow_tokenized": {"env", "encoders", "tokenizer", "softmoe", "top1moe", "replay", "analysis", "runtime",
-                          "noisy", "sumtree", "categorical"},
-    "der_single_expert": {"env", "encoders", "tokenizer", "softmoe", "replay", "analysis", "runtime", "noisy",
-                          "sumtree", "categorical"},
+    "rainbow_tokenized": RAINBOW,
+    "der_single_expert": RAINBOW,
 }
 ALLOWED_IMPORTS = {"torch", "numpy", "gymnasium", "ale_py", "tyro", "wandb", "moviepy"} | set(sys.stdlib_module_names)
 

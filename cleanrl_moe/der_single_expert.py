@@ -1,0 +1,1423 @@
+# docs and experiment results can be found at https://github.com/cleanrl-moe/cleanrl-moe/blob/main/docs/der_single_expert.md
+"""Data-Efficient Rainbow on Atari 100k whose penultimate layer is ONE scaled expert behind a Soft MoE router.
+
+Sokar, Obando-Ceron, Courville, Larochelle and Castro (2025), "Don't flatten, tokenize! Unlocking the key to
+SoftMoE's efficacy in deep RL": the gain of SoftMoE comes from tokenizing the encoder output, and a single expert
+of 4x the width matches four experts. Agent = Data-Efficient Rainbow (van Hasselt, Hessel and Aslanides 2019) as
+google/dopamine runs it (defaults = `labs/moes/configs/DER.gin`, with 1 expert of 2048 units instead of 4 of 512):
+
+    frames [B,4,84,84] -> Nature CNN (Flax SAME padding) -> [B,64,11,11] -> 121 tokens [B,121,64] (perconv)
+    -> SoftMoE (1 expert 64 -> 2048 -> 64 whose first layer is noisy; 121 slots) -> flatten [B,7744]
+    -> noisy dueling heads -> logits [B,A,51] -> softmax over 51 atoms on [-10, 10] -> Q.
+
+Learning: cross-entropy to the projected 10-step double-Q C51 target, one update per agent step, prioritized replay,
+exploration by noisy nets, a lost life is terminal for learning only. After 100k agent steps the final agent is
+evaluated for 100 episodes (epsilon 0.001, noise off, up to 30 no-op starts) and scored as raw and human-normalized
+score. `--encoder der` is the van Hasselt et al. network instead (two 5x5 stride-5 convs, noisy 256-unit streams);
+with `--n-step 20 --max-grad-norm 10` it is that paper's DER. Deviations from the official code are in the docs.
+"""
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import ale_py
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+gym.register_envs(ale_py)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "cleanrl-moe"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture videos of the agent performances (check out `videos` folder)"""
+    save_model: bool = False
+    """whether to save the final model into `runs/{run_name}`"""
+    eval_episodes: int = 100
+    """evaluation episodes of the final agent (Atari 100k protocol: 100, as Dopamine); 0 skips the evaluation"""
+    eval_epsilon: float = 0.001
+    """epsilon of the evaluation policy, which acts with the noise off"""
+    eval_noop_max: int = 30
+    """every evaluation episode starts with 1 to this many random no-op actions (Atari 100k protocol)"""
+    checkpoint_every: int = 0
+    """save a resumable checkpoint every this many agent steps (0: only on SIGTERM and non-finite loss)"""
+    resume: Optional[str] = None
+    """path of a checkpoint to resume; the run keeps the checkpoint's flags unless given again"""
+    log_frequency: int = 1000
+    """log losses, priorities and SPS every this many agent steps"""
+    stats_frequency: int = 10_000
+    """log router and dormant-neuron statistics every this many agent steps"""
+    stats_batch_size: int = 256
+    """size of the replay sample used for router and dormant-neuron statistics"""
+    dormant_tau: float = 0.1
+    """dormancy threshold logged besides tau = 0 (a neuron is dormant when its score <= tau)"""
+
+    # Environment (Atari 100k: no sticky actions; Dopamine's DER.gin)
+    env_id: str = "ALE/Assault-v5"
+    """the id of the ALE environment"""
+    repeat_action_probability: float = 0.0
+    """sticky-action probability of the ALE (Atari 100k has none)"""
+    max_episode_steps: int = 27_000
+    """episodes are truncated after this many agent steps (4 frames each: 108k frames)"""
+    terminal_on_life_loss: bool = True
+    """a lost life ends the n-step return and the frame stack, for learning only: episodes and returns still end at
+    game over (Dopamine's DER.gin, van Hasselt et al. 2019)"""
+
+    # Algorithm specific arguments (Dopamine's DER.gin)
+    total_timesteps: int = 100_000
+    """total agent steps of the experiment (Atari 100k: 100k steps = 400k frames, warm-up included)"""
+    learning_rate: float = 1e-4
+    """the learning rate of the Adam optimizer"""
+    adam_eps: float = 1.5e-4
+    """the epsilon of the Adam optimizer"""
+    max_grad_norm: float = 0.0
+    """clip the gradient to this global L2 norm (0: no clipping, Dopamine; van Hasselt et al. 2019: 10)"""
+    buffer_size: int = 200_000
+    """the replay memory capacity, in slots (one per transition, one more per episode end or lost life): 200k holds
+    every transition of a 100k-step run, as Dopamine's 1M ("a proxy for unbounded") does, in 1.4 GB instead of 7"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    n_step: int = 10
+    """the number of steps of the bootstrapped return (Dopamine's DER.gin: 10, as SPR; van Hasselt et al.: 20)"""
+    target_network_frequency: int = 2000
+    """the timesteps it takes to copy the online network into the target network"""
+    batch_size: int = 32
+    """the batch size of samples from the replay memory"""
+    learning_starts: int = 1600
+    """agent steps of warm-up (no learning; the noisy network acts from the first step)"""
+    train_frequency: int = 1
+    """one gradient update every this many agent steps"""
+    epsilon_train: float = 0.0
+    """constant epsilon of the training policy (0: noisy nets explore, as current Dopamine)"""
+    n_atoms: int = 51
+    """the number of atoms of the return distribution"""
+    v_min: float = -10.0
+    """the smallest atom of the support"""
+    v_max: float = 10.0
+    """the largest atom of the support"""
+    noisy_sigma0: float = 0.1
+    """noisy layers start with sigma = noisy-sigma0 / sqrt(fan_in) (Dopamine 0.1; the NoisyNet paper's factorized 0.5)"""
+    priority_exponent: float = 0.5
+    """priority = (loss + 1e-10) ** priority-exponent (Dopamine's sqrt; 0 gives uniform replay)"""
+    priority_beta_start: float = 0.5
+    """importance-sampling exponent beta at the first update (Dopamine: fixed 0.5; van Hasselt et al.: 0.4)"""
+    priority_beta_end: float = 0.5
+    """beta at the last step, linear in between (Dopamine: 0.5; van Hasselt et al.: 1.0)"""
+
+    # Network
+    encoder: Literal["nature", "impala", "der"] = "nature"
+    """nature: Nature CNN (SAME padding, 11x11x64 output); impala: Impala ResNet; der: the whole van Hasselt et al.
+    (2019) network (32 and 64 channels, 5x5 stride 5, no padding, 576 features, noisy 256-unit value and advantage
+    streams), which has no MoE: leave the MoE flags at their defaults"""
+    moe_type: Literal["softmoe", "top1", "baseline"] = "softmoe"
+    """the penultimate layer: Soft MoE, Top-1 token-choice MoE, or the (scaled) noisy dense baseline"""
+    tokenization: Literal["perconv", "perfeat", "perpatch", "persample"] = "perconv"
+    """how the encoder output becomes tokens: per position, per channel, per 3x3 patch, one token"""
+    num_experts: int = 1
+    """number of experts (the paper's finding: one scaled expert); for the baseline, the dense layer has
+    expert-hidden-units x num-experts units"""
+    expert_hidden_units: int = 2048
+    """hidden units of each expert (d -> h -> d): 2048 = 512 scaled 4x; --num-experts 4 --expert-hidden-units 512 is
+    Dopamine's SoftMoE-4 DER"""
+    moe_normalization: bool = False
+    """l2-normalize tokens and phi in the Soft MoE router, with a learned scale (off in every official config)"""
+    baseline_aggregation: Literal["flatten", "sum", "mean"] = "flatten"
+    """baseline only: flatten the encoder output (official), or apply the dense layer to every token of
+    --tokenization and sum or average the tokens (the paper's tokenized baseline)"""
+
+
+# >>> shared block: env
+def make_env(env_id, seed, repeat_action_probability=0.25, max_episode_steps=27_000, noop_max=0,
+             capture_video=False, run_name=""):
+    """One Atari environment preprocessed as Dopamine does (frame skip 4 with max-pool over the last two
+    frames, 84x84 grey, minimal action set, sticky actions, episodes cut at max_episode_steps agent steps).
+    Observations are single frames [84, 84]; the training loop stacks them. Rewards are raw game scores."""
+    env = gym.make(
+        env_id,
+        frameskip=1,  # AtariPreprocessing skips frames and max-pools
+        repeat_action_probability=repeat_action_probability,
+        full_action_space=False,
+        max_num_frames_per_episode=4 * max_episode_steps,  # the ALE truncates, so its state holds the count
+        render_mode="rgb_array" if capture_video else None,
+    )
+    if capture_video:
+        env = gym.wrappers.RecordVideo(env, f"videos/{run_name}")
+    env = gym.wrappers.AtariPreprocessing(env, noop_max=noop_max, frame_skip=4, screen_size=84)
+    env.action_space.seed(seed)
+    return env
+
+
+def get_env_state(env):
+    """Everything needed to continue the current episode bit-exactly after a restart."""
+    pre = env
+    while not isinstance(pre, gym.wrappers.AtariPreprocessing):
+        pre = pre.env
+    ale_state = env.unwrapped.ale.cloneState(include_rng=True).serialize()
+    return {
+        "ale": torch.frombuffer(bytearray(ale_state), dtype=torch.uint8),
+        "obs_buffer": torch.from_numpy(np.stack(pre.obs_buffer)),
+        "lives": pre.lives,
+        "game_over": pre.game_over,
+        "np_random": env.unwrapped.np_random.bit_generator.state,
+    }
+
+
+def set_env_state(env, state):
+    pre = env
+    while not isinstance(pre, gym.wrappers.AtariPreprocessing):
+        pre = pre.env
+    env.unwrapped.ale.restoreState(ale_py.ALEState(state["ale"].numpy().tobytes()))
+    for buffer, saved in zip(pre.obs_buffer, state["obs_buffer"].numpy()):
+        buffer[...] = saved
+    pre.lives, pre.game_over = state["lives"], state["game_over"]
+    env.unwrapped.np_random.bit_generator.state = state["np_random"]
+
+
+def check_env_id(env_id):
+    """The ALE id, or a one-line error naming --env-id."""
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error:
+        spec = None
+    if spec is None or "ale_py" not in str(spec.entry_point):
+        fail(f"--env-id {env_id!r} is not an Atari environment of ale-py; use an id such as ALE/Breakout-v5")
+# <<< shared block: env
+
+
+# ALGO LOGIC: initialize agent here:
+# >>> shared block: encoders
+def xavier_(layer):
+    """Flax's xavier_uniform kernel and zero bias (Dopamine's init for convs and dense layers)."""
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def lecun_normal_(tensor, fan_in):
+    """Flax's lecun_normal: truncated normal on [-2s, 2s] scaled so that the std is 1/sqrt(fan_in)."""
+    std = 1.0 / math.sqrt(fan_in) / 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
+    return nn.init.trunc_normal_(tensor, 0.0, std, -2 * std, 2 * std)
+
+
+def same_padding(size, kernel, stride):
+    """TF/Flax 'SAME' padding (before, after): output = ceil(size / stride), the extra pixel goes after."""
+    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with Flax 'SAME' padding, which `nn.Conv2d(padding='same')` supports only for stride 1."""
+
+    def forward(self, x):
+        top, bottom = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])
+        left, right = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])
+        return super().forward(F.pad(x, (left, right, top, bottom)))
+
+
+def max_pool_same(x, kernel=3, stride=2):
+    """Flax max_pool with 'SAME' padding: pad with -inf, since the input is a raw conv output."""
+    top, bottom = same_padding(x.shape[-2], kernel, stride)
+    left, right = same_padding(x.shape[-1], kernel, stride)
+    return F.max_pool2d(F.pad(x, (left, right, top, bottom), value=-math.inf), kernel, stride)
+
+
+class NatureEncoder(nn.Module):
+    """Nature DQN torso with SAME padding: [B, 4, 84, 84] in [0, 1] -> [B, 64, 11, 11]."""
+
+    output_shape = (64, 11, 11)
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = xavier_(SameConv2d(4, 32, 8, stride=4))
+        self.conv2 = xavier_(SameConv2d(32, 64, 4, stride=2))
+        self.conv3 = xavier_(SameConv2d(64, 64, 3, stride=1))
+
+    def forward(self, x, record=None):
+        for name in ("conv1", "conv2", "conv3"):
+            x = F.relu(getattr(self, name)(x))
+            if record is not None:
+                record[name] = x
+        return x
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv0 = SameConv2d(channels, channels, 3)
+        self.conv1 = SameConv2d(channels, channels, 3)
+        for conv in (self.conv0, self.conv1):  # Flax's default conv init
+            lecun_normal_(conv.weight, fan_in=channels * 9)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x, record=None, name=""):
+        h = F.relu(x)
+        if record is not None:
+            record[f"{name}.relu0"] = h
+        h = F.relu(self.conv0(h))
+        if record is not None:
+            record[f"{name}.relu1"] = h
+        return x + self.conv1(h)
+
+
+class ImpalaEncoder(nn.Module):
+    """Impala ResNet (Espeholt et al. 2018; Dopamine's ImpalaEncoder): three stacks of conv, 3x3/2 max-pool
+    and two residual blocks, then ReLU: [B, 4, 84, 84] -> [B, 32, 11, 11]."""
+
+    output_shape = (32, 11, 11)
+
+    def __init__(self, stack_channels=(16, 32, 32)):
+        super().__init__()
+        self.convs, self.blocks = nn.ModuleList(), nn.ModuleList()
+        in_channels = 4
+        for channels in stack_channels:
+            self.convs.append(xavier_(SameConv2d(in_channels, channels, 3)))
+            self.blocks.append(nn.ModuleList([ResidualBlock(channels), ResidualBlock(channels)]))
+            in_channels = channels
+
+    def forward(self, x, record=None):
+        for i, (conv, blocks) in enumerate(zip(self.convs, self.blocks)):
+            x = max_pool_same(conv(x))
+            for j, block in enumerate(blocks):
+                x = block(x, record, f"stack{i}.block{j}")
+        x = F.relu(x)
+        if record is not None:
+            record["encoder"] = x
+        return x
+# <<< shared block: encoders
+
+
+# >>> shared block: tokenizer
+class Tokenizer(nn.Module):
+    """Turns the encoder output [B, C, H, W] into tokens [B, m, d] ("Don't flatten, tokenize!").
+
+    perconv: one token per position, [B, H*W, C] in row-major (h, w) order (the papers' default);
+    perfeat: one token per channel, [B, C, H*W]; persample: a single token [B, 1, C*H*W];
+    perpatch: a 3x3/3 VALID conv embedding with C outputs, [B, 9, C] on 11x11 (drops the last 2 rows/cols)."""
+
+    def __init__(self, kind, channels, height, width, patch_size=3):
+        super().__init__()
+        self.kind = kind
+        if kind == "perconv":
+            self.num_tokens, self.token_dim = height * width, channels
+        elif kind == "perfeat":
+            self.num_tokens, self.token_dim = channels, height * width
+        elif kind == "persample":
+            self.num_tokens, self.token_dim = 1, channels * height * width
+        elif kind == "perpatch":
+            self.embedding = nn.Conv2d(channels, channels, patch_size, stride=patch_size)
+            lecun_normal_(self.embedding.weight, fan_in=channels * patch_size**2)  # Flax's default conv init
+            nn.init.zeros_(self.embedding.bias)
+            self.num_tokens, self.token_dim = (height // patch_size) * (width // patch_size), channels
+        else:
+            raise ValueError(f"unknown tokenization {kind!r}")
+
+    def forward(self, fmap):
+        if self.kind == "perconv":
+            return fmap.flatten(2).transpose(1, 2)
+        if self.kind == "perfeat":
+            return fmap.flatten(2)
+        if self.kind == "persample":
+            return fmap.flatten(1).unsqueeze(1)
+        return self.embedding(fmap).flatten(2).transpose(1, 2)
+# <<< shared block: tokenizer
+
+
+# >>> shared block: softmoe
+class SoftMoE(nn.Module):
+    """Soft MoE (Puigcerver et al. 2024) as in Dopamine: tokens [B, m, d] -> [B, m, d].
+
+    Per sample, logits L = X phi with phi of shape (d, n, p) and p = ceil(m / n) slots per expert.
+    Each slot's input is a mix of the sample's tokens (dispatch: softmax over tokens); each output token
+    is a mix of all n*p slot outputs (combine: softmax over slots). Samples never mix."""
+
+    def __init__(self, num_tokens, dim, num_experts, experts, normalize=False, capacity_factor=1.0):
+        super().__init__()
+        self.slots_per_expert = math.ceil(num_tokens * capacity_factor / num_experts)
+        self.phi = nn.Parameter(torch.empty(dim, num_experts, self.slots_per_expert))
+        lecun_normal_(self.phi, fan_in=num_experts * dim)  # Flax's fan-in of a 3-D (d, n, p) kernel
+        self.scale = nn.Parameter(torch.ones(1)) if normalize else None
+        self.experts = experts
+
+    def forward(self, x, record=None):
+        x_logits, phi = x, self.phi
+        if self.scale is not None:  # only the logits see normalized values; the slots mix the raw tokens
+            x_logits = x / (x.norm(dim=-1, keepdim=True) + 1e-6)
+            phi = self.scale * phi / (phi.norm(dim=0, keepdim=True) + 1e-6)
+        logits = torch.einsum("bmd,dnp->bmnp", x_logits, phi)
+        dispatch = logits.softmax(dim=1)
+        combine = logits.flatten(2).softmax(dim=2).view_as(logits)
+        slots = torch.einsum("bmnp,bmd->bnpd", dispatch, x)
+        outputs = self.experts(slots, record)
+        if record is not None:
+            record["dispatch"], record["combine"] = dispatch, combine
+        return torch.einsum("bmnp,bnpd->bmd", combine, outputs)
+# <<< shared block: softmoe
+
+
+# >>> shared block: top1moe
+class Top1MoE(nn.Module):
+    """Top-1 token-choice MoE as in Dopamine: tokens [B, m, d] -> [B, m, d].
+
+    A bias-free linear router gives each token a softmax over experts; the token goes to its argmax expert
+    and its output is scaled by that probability. Each expert takes at most ceil(m / n) tokens per sample,
+    first come (token order) first served; the other tokens are dropped and output zeros."""
+
+    def __init__(self, num_tokens, dim, num_experts, experts, capacity_factor=1.0):
+        super().__init__()
+        self.num_experts = num_experts
+        self.capacity = math.ceil(num_tokens * capacity_factor / num_experts)
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        lecun_normal_(self.router.weight, fan_in=dim)  # Flax's default Dense init
+        self.experts = experts
+
+    def forward(self, x, record=None):
+        batch, num_tokens, dim = x.shape
+        probs = self.router(x).softmax(dim=-1)
+        gate, expert = probs.max(dim=-1)
+        assigned = F.one_hot(expert, self.num_experts)
+        position = (assigned.cumsum(dim=1) * assigned).sum(-1) - 1  # rank of the token in its expert's queue
+        kept = position < self.capacity
+        num_slots = self.num_experts * self.capacity
+        slot = torch.where(kept, expert * self.capacity + position, num_slots)  # dropped tokens -> spare slot
+        slots = x.new_zeros(batch, num_slots + 1, dim).scatter(1, slot.unsqueeze(-1).expand(-1, -1, dim), x)
+        slots = slots[:, :num_slots].view(batch, self.num_experts, self.capacity, dim)
+        outputs = self.experts(slots, record).reshape(batch, num_slots, dim)
+        outputs = outputs.gather(1, slot.clamp(max=num_slots - 1).unsqueeze(-1).expand(-1, -1, dim))
+        if record is not None:
+            record["router_probs"], record["kept"] = probs, kept
+        return outputs * (gate * kept).unsqueeze(-1)
+# <<< shared block: top1moe
+
+
+# >>> shared block: noisy
+def factorized_noise(shape, generator):
+    """f(e) = sign(e) sqrt(|e|) of standard normal e (Fortunato et al. 2018, eqs. 10-11), on the generator's device."""
+    e = torch.randn(shape, generator=generator, device=generator.device)
+    return e.sign() * e.abs().sqrt()
+
+
+class NoisyLinear(nn.Module):
+    """Linear layer with factorized Gaussian noise (Fortunato et al. 2018) and Dopamine's init: mu ~ U(+-1/sqrt(fan_in))
+    and sigma = sigma0 / sqrt(fan_in), for the weights and for the biases.
+
+    y = (mu_w + sigma_w * f(e_out) f(e_in)^T) x + mu_b + sigma_b * f(e_out). `sample_noise` draws e (one sample for the
+    whole batch), which stays until the next draw. The noise is off (y = mu_w x + mu_b) in eval mode and when
+    `noise_enabled` is False (`set_noise`)."""
+
+    def __init__(self, in_features, out_features, sigma0=0.1):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight_mu = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
+        self.weight_sigma = nn.Parameter(torch.full((out_features, in_features), sigma0 * bound))
+        self.bias_mu = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
+        self.bias_sigma = nn.Parameter(torch.full((out_features,), sigma0 * bound))
+        self.register_buffer("eps_in", torch.zeros(in_features), persistent=False)
+        self.register_buffer("eps_out", torch.zeros(out_features), persistent=False)
+        self.noise_enabled = True
+
+    def sample_noise(self, generator):
+        self.eps_in.copy_(factorized_noise(self.eps_in.shape, generator))
+        self.eps_out.copy_(factorized_noise(self.eps_out.shape, generator))
+
+    def forward(self, x):
+        if not (self.training and self.noise_enabled):
+            return F.linear(x, self.weight_mu, self.bias_mu)
+        weight = self.weight_mu + self.weight_sigma * torch.outer(self.eps_out, self.eps_in)
+        return F.linear(x, weight, self.bias_mu + self.bias_sigma * self.eps_out)
+
+
+def resample_noise(module, generator):
+    """A fresh noise sample for every noisy layer of `module`, in module order (so that the generator's seed fixes all)."""
+    for layer in module.modules():
+        if hasattr(layer, "sample_noise"):
+            layer.sample_noise(generator)
+
+
+def set_noise(module, enabled):
+    """Switch the noise of every noisy layer of `module` on or off (eval mode switches it off in any case)."""
+    for layer in module.modules():
+        if hasattr(layer, "noise_enabled"):
+            layer.noise_enabled = enabled
+# <<< shared block: noisy
+
+
+# >>> shared block: noisyexperts
+class NoisyExperts(nn.Module):
+    """n independent expert MLPs d -> h -> d with a ReLU between, applied to every slot: [B, n, p, d] -> [B, n, p, d].
+
+    As Dopamine's Rainbow ExpertModel, the first layer is noisy (NoisyLinear's init and factorized noise, drawn
+    independently for each expert) and the second is a plain linear layer (xavier-uniform per expert, zero bias)."""
+
+    def __init__(self, num_experts, dim, hidden, sigma0=0.1):
+        super().__init__()
+        bound = 1.0 / math.sqrt(dim)
+        self.w1_mu = nn.Parameter(torch.empty(num_experts, dim, hidden).uniform_(-bound, bound))
+        self.w1_sigma = nn.Parameter(torch.full((num_experts, dim, hidden), sigma0 * bound))
+        self.b1_mu = nn.Parameter(torch.empty(num_experts, hidden).uniform_(-bound, bound))
+        self.b1_sigma = nn.Parameter(torch.full((num_experts, hidden), sigma0 * bound))
+        xavier = math.sqrt(6.0 / (hidden + dim))  # of each expert's own [h, d] kernel
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim).uniform_(-xavier, xavier))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
+        self.register_buffer("eps_in", torch.zeros(num_experts, dim), persistent=False)
+        self.register_buffer("eps_out", torch.zeros(num_experts, hidden), persistent=False)
+        self.noise_enabled = True
+
+    def sample_noise(self, generator):
+        self.eps_in.copy_(factorized_noise(self.eps_in.shape, generator))
+        self.eps_out.copy_(factorized_noise(self.eps_out.shape, generator))
+
+    def forward(self, slots, record=None):
+        w1, b1 = self.w1_mu, self.b1_mu
+        if self.training and self.noise_enabled:
+            w1 = w1 + self.w1_sigma * self.eps_in[:, :, None] * self.eps_out[:, None, :]
+            b1 = b1 + self.b1_sigma * self.eps_out
+        hidden = F.relu(torch.einsum("bnpd,ndh->bnph", slots, w1) + b1[:, None])
+        if record is not None:  # neurons = (expert, unit) pairs on dim 1
+            record["experts"] = hidden.permute(0, 1, 3, 2).flatten(1, 2)
+        return torch.einsum("bnph,nhd->bnpd", hidden, self.w2) + self.b2[:, None]
+# <<< shared block: noisyexperts
+
+
+class DerEncoder(nn.Module):
+    """The data-efficient torso of van Hasselt et al. (2019): [B, 4, 84, 84] in [0, 1] -> [B, 64, 3, 3] by two 5x5
+    convolutions of stride 5 without padding (84 -> 16 -> 3). Xavier-uniform kernels and zero biases, as the other
+    encoders here (the paper's PyTorch reference uses PyTorch's default init)."""
+
+    output_shape = (64, 3, 3)
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = xavier_(nn.Conv2d(4, 32, 5, stride=5))
+        self.conv2 = xavier_(nn.Conv2d(32, 64, 5, stride=5))
+
+    def forward(self, x, record=None):
+        for name in ("conv1", "conv2"):
+            x = F.relu(getattr(self, name)(x))
+            if record is not None:
+                record[name] = x
+        return x
+
+
+class QNetwork(nn.Module):
+    """Return distributions of uint8 frame stacks [B, 4, 84, 84]: `forward` returns (log_probs, q_values), where
+    log_probs [B, num_actions, n_atoms] are the log-probabilities of the atoms `support` [n_atoms] for each action
+    and q_values [B, num_actions] = sum over atoms of support * probability.
+
+    Default: Nature CNN -> tokens -> Soft MoE with one 2048-unit expert -> flatten -> noisy dueling heads (Dopamine's
+    FullRainbowMoENetwork). `--encoder der`: DerEncoder -> flatten 576 -> a noisy 256-unit hidden layer for each of
+    the value and advantage streams (van Hasselt et al. 2019)."""
+
+    def __init__(self, args, num_actions):
+        super().__init__()
+        self.num_actions, self.num_atoms = num_actions, args.n_atoms
+        self.register_buffer("support", torch.linspace(args.v_min, args.v_max, args.n_atoms), persistent=False)
+        sigma0 = args.noisy_sigma0
+        if args.encoder == "der":
+            self.encoder = DerEncoder()
+            features = math.prod(self.encoder.output_shape)
+            self.value_hidden = NoisyLinear(features, 256, sigma0)
+            self.advantage_hidden = NoisyLinear(features, 256, sigma0)
+            self.advantage = NoisyLinear(256, num_actions * args.n_atoms, sigma0)
+            self.value = NoisyLinear(256, args.n_atoms, sigma0)
+            return
+        self.encoder = ImpalaEncoder() if args.encoder == "impala" else NatureEncoder()
+        channels, height, width = self.encoder.output_shape
+        if args.moe_type == "baseline":
+            units = args.expert_hidden_units * args.num_experts
+            self.aggregation = args.baseline_aggregation
+            if self.aggregation == "flatten":
+                self.hidden = NoisyLinear(channels * height * width, units, sigma0)
+            else:  # the same noisy dense layer on every token
+                self.tokenizer = Tokenizer(args.tokenization, channels, height, width)
+                self.hidden = NoisyLinear(self.tokenizer.token_dim, units, sigma0)
+            features = units
+        else:
+            self.tokenizer = Tokenizer(args.tokenization, channels, height, width)
+            num_tokens, dim = self.tokenizer.num_tokens, self.tokenizer.token_dim
+            experts = NoisyExperts(args.num_experts, dim, args.expert_hidden_units, sigma0)
+            if args.moe_type == "softmoe":
+                self.moe = SoftMoE(num_tokens, dim, args.num_experts, experts, normalize=args.moe_normalization)
+            else:
+                self.moe = Top1MoE(num_tokens, dim, args.num_experts, experts)
+            features = num_tokens * dim  # the heads read the flattened MoE output directly
+        self.advantage = NoisyLinear(features, num_actions * args.n_atoms, sigma0)
+        self.value = NoisyLinear(features, args.n_atoms, sigma0)
+
+    def forward(self, x, record=None):
+        """`record`, when a dict, receives post-ReLU activations [B, neurons, ...] and routing weights."""
+        x = self.encoder(x.float() / 255.0, record)
+        if hasattr(self, "value_hidden"):  # van Hasselt et al.: a hidden layer per stream
+            x = x.flatten(1)
+            value_hidden, advantage_hidden = F.relu(self.value_hidden(x)), F.relu(self.advantage_hidden(x))
+            if record is not None:
+                record["value_hidden"], record["advantage_hidden"] = value_hidden, advantage_hidden
+            advantage = self.advantage(advantage_hidden).view(-1, self.num_actions, self.num_atoms)
+            value = self.value(value_hidden).view(-1, 1, self.num_atoms)
+        else:
+            if hasattr(self, "moe"):
+                x = self.moe(self.tokenizer(x), record).flatten(1)
+            elif hasattr(self, "tokenizer"):
+                hidden = F.relu(self.hidden(self.tokenizer(x)))  # [B, m, units]
+                if record is not None:
+                    record["hidden"] = hidden.transpose(1, 2)
+                x = hidden.sum(1) if self.aggregation == "sum" else hidden.mean(1)
+            else:
+                x = F.relu(self.hidden(x.flatten(1)))
+                if record is not None:
+                    record["hidden"] = x
+            advantage = self.advantage(x).view(-1, self.num_actions, self.num_atoms)
+            value = self.value(x).view(-1, 1, self.num_atoms)
+        logits = value + advantage - advantage.mean(dim=1, keepdim=True)  # dueling, per atom
+        log_probs = logits.log_softmax(dim=-1)
+        return log_probs, (log_probs.exp() * self.support).sum(-1)
+
+
+# >>> shared block: replay
+class ReplayMemory:
+    """Circular replay memory that stores every frame once and rebuilds frame stacks at sample time.
+
+    Slot t holds the newest frame of observation t with the action, clipped reward and flags of the
+    transition taken from it. When an episode ends (termination or truncation) its final frame is written
+    to an extra slot that is never sampled, so the next state of every transition lives k slots later.
+    Stacks never reach into an earlier episode: they are padded with the episode's first frame, as
+    `FrameStackObservation(padding_type="reset")` and the training loop do. n-step returns stop at the
+    episode's end; a termination zeroes the bootstrap, a truncation keeps it.
+    Frames live on `device` (the training device when they fit); the small per-slot data stays in numpy."""
+
+    def __init__(self, capacity, frame_shape=(84, 84), stack_size=4, n_step=1, gamma=0.99, device="cpu"):
+        self.capacity, self.stack_size, self.n_step, self.gamma = capacity, stack_size, n_step, gamma
+        self.device = torch.device(device)
+        self.frames = torch.zeros((capacity, *frame_shape), dtype=torch.uint8, device=self.device)
+        self.action = np.zeros(capacity, np.int32)
+        self.reward = np.zeros(capacity, np.float32)
+        self.terminated = np.zeros(capacity, bool)  # the transition from this slot ended in a termination
+        self.episode_end = np.zeros(capacity, bool)  # ... was the last of its episode (terminated or truncated)
+        self.is_transition = np.zeros(capacity, bool)  # False for an episode's final frame
+        self.history = np.zeros(capacity, np.uint8)  # earlier frames of the same episode usable in the stack
+        self.cursor = 0  # number of slots ever written
+        self.episode_step = 0
+
+    @staticmethod
+    def bytes_per_slot(frame_shape=(84, 84)):
+        return int(np.prod(frame_shape)) + 4 + 4 + 1 + 1 + 1 + 1
+
+    def __len__(self):
+        return min(self.cursor, self.capacity)
+
+    def _write(self, frame, action, reward, terminated, episode_end, is_transition):
+        slot = self.cursor % self.capacity
+        self.frames[slot] = torch.as_tensor(frame)
+        self.action[slot], self.reward[slot] = action, reward
+        self.terminated[slot], self.episode_end[slot], self.is_transition[slot] = terminated, episode_end, is_transition
+        self.history[slot] = min(self.episode_step, self.stack_size - 1)
+        self.episode_step += 1
+        self.cursor += 1
+
+    def add(self, frame, action, reward, terminated, truncated, next_frame):
+        """Store the transition (frame, action, reward) taken from the current observation, whose newest
+        frame is `frame`. At an episode's end `next_frame` (the final observation) is stored too."""
+        done = bool(terminated or truncated)
+        self._write(frame, action, reward, bool(terminated), done, True)
+        if done:
+            self._write(next_frame, 0, 0.0, False, False, False)
+            self.episode_step = 0
+
+    def sample_range(self):
+        """Linear indices [lo, hi] that may be sampled: the oldest stack_size - 1 slots may have lost their
+        history to overwriting, and the newest n_step slots lack their n-step future."""
+        return max(0, self.cursor - self.capacity) + self.stack_size - 1, self.cursor - 1 - self.n_step
+
+    def is_valid(self, index):
+        lo, hi = self.sample_range()
+        return (index >= lo) & (index <= hi) & self.is_transition[index % self.capacity]
+
+    def sample_indices(self, batch_size, rng):
+        """Uniform over the valid transitions (rejection sampling; final-frame slots are rare)."""
+        lo, hi = self.sample_range()
+        if hi < lo or not self.is_transition[np.arange(lo, hi + 1) % self.capacity].any():
+            raise RuntimeError("the replay memory holds no complete transition yet")
+        chosen = np.empty(0, np.int64)
+        while len(chosen) < batch_size:
+            candidates = rng.integers(lo, hi + 1, size=2 * batch_size)
+            chosen = np.concatenate([chosen, candidates[self.is_transition[candidates % self.capacity]]])
+        return chosen[:batch_size]
+
+    def stacks(self, index):
+        """Frame stacks [B, stack_size, *frame_shape] of the observations at linear indices `index`."""
+        back = np.arange(self.stack_size - 1, -1, -1)  # oldest frame first
+        back = np.minimum(back[None, :], self.history[index % self.capacity][:, None])
+        slots = torch.from_numpy((index[:, None] - back) % self.capacity)
+        return self.frames[slots.to(self.device)]
+
+    def get(self, index):
+        """The transitions at linear indices `index`, with n-step returns and bootstrap discounts:
+        target = returns + discounts * V(next_obs)."""
+        steps = np.arange(self.n_step)
+        window = (index[:, None] + steps) % self.capacity  # [B, n]
+        ended_before = np.cumsum(self.episode_end[window], axis=1) - self.episode_end[window]
+        in_episode = ended_before == 0  # reward k belongs to the same episode as step 0
+        returns = (self.reward[window] * self.gamma**steps * in_episode).sum(1)
+        length = in_episode.sum(1)
+        terminated = (self.terminated[window] & in_episode).any(1)
+        discounts = np.where(terminated, 0.0, self.gamma**length)
+        return {
+            "obs": self.stacks(index),
+            "actions": torch.from_numpy(self.action[index % self.capacity].astype(np.int64)),
+            "returns": torch.from_numpy(returns.astype(np.float32)),
+            "discounts": torch.from_numpy(discounts.astype(np.float32)),
+            "next_obs": self.stacks(index + length),
+        }
+
+    def sample(self, batch_size, rng, device=None):
+        batch = self.get(self.sample_indices(batch_size, rng))
+        return {k: v.to(device or self.device, non_blocking=True) for k, v in batch.items()}
+
+    def state_dict(self):
+        n = len(self)
+        state = {k: torch.from_numpy(getattr(self, k)[:n].copy()) for k in self._numpy_fields}
+        state.update(frames=self.frames[:n].cpu(), cursor=self.cursor, episode_step=self.episode_step)
+        return state
+
+    def load_state_dict(self, state):
+        n = state["frames"].shape[0]
+        self.frames[:n] = state["frames"].to(self.device)
+        for k in self._numpy_fields:
+            getattr(self, k)[:n] = state[k].numpy()
+        self.cursor, self.episode_step = state["cursor"], state["episode_step"]
+
+    _numpy_fields = ("action", "reward", "terminated", "episode_end", "is_transition", "history")
+# <<< shared block: replay
+
+
+# >>> shared block: sumtree
+class SumTree:
+    """Priorities of `capacity` items in a binary tree of partial sums (float64 numpy): batched updates and
+    proportional sampling in O(log N), vectorized over the batch (the only loop runs over the tree's levels).
+
+    Item i is leaf `size + i` (size = capacity rounded up to a power of two), node k holds the sum of its children
+    2k and 2k + 1, node 1 the total. `max_priority` is the largest priority ever set, starting at 1 (Dopamine's
+    max_recorded_priority, which new transitions receive)."""
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.depth = max(1, math.ceil(math.log2(capacity)))
+        self.size = 1 << self.depth
+        self.nodes = np.zeros(2 * self.size)
+        self.max_priority = 1.0
+
+    @staticmethod
+    def nbytes(capacity):
+        return 2 * (1 << max(1, math.ceil(math.log2(capacity)))) * 8
+
+    def total(self):
+        return self.nodes[1]
+
+    def get(self, index):
+        return self.nodes[self.size + np.asarray(index)]
+
+    def set(self, index, priority):
+        """Set the priorities of items `index` (of a repeated item, the last one counts), then recompute their
+        ancestors level by level from their children (no accumulated rounding error)."""
+        index, priority = np.broadcast_arrays(np.asarray(index, np.int64), np.asarray(priority, np.float64))
+        if index.size == 0:
+            return
+        if not (np.isfinite(priority).all() and (priority >= 0).all()):
+            raise ValueError(f"priorities must be finite and >= 0, got {priority}")
+        last = len(index) - 1 - np.unique(index[::-1], return_index=True)[1]
+        self.nodes[self.size + index[last]] = priority[last]
+        self.max_priority = max(self.max_priority, float(priority.max()))
+        node = np.unique((self.size + index) // 2)
+        for _ in range(self.depth):
+            self.nodes[node] = self.nodes[2 * node] + self.nodes[2 * node + 1]
+            node = np.unique(node // 2)
+
+    def sample(self, batch_size, rng):
+        """Items drawn independently with probability priority / total (as Dopamine), and those probabilities."""
+        if not self.total() > 0:
+            raise RuntimeError("cannot sample: every priority is zero")
+        target = rng.uniform(0.0, self.total(), size=batch_size)
+        node = np.ones(batch_size, np.int64)
+        for _ in range(self.depth):
+            left = 2 * node
+            # never step into an empty subtree, even when rounding puts the target at the edge
+            go_right = (target >= self.nodes[left]) & (self.nodes[left + 1] > 0)
+            target = np.where(go_right, target - self.nodes[left], target)
+            node = left + go_right
+        return node - self.size, self.nodes[node] / self.total()
+
+    def state_dict(self):
+        return {"nodes": torch.from_numpy(self.nodes.copy()), "max_priority": self.max_priority}
+
+    def load_state_dict(self, state):
+        self.nodes[:] = state["nodes"].numpy()
+        self.max_priority = state["max_priority"]
+# <<< shared block: sumtree
+
+
+# >>> shared block: prioritized
+class PrioritizedReplayMemory(ReplayMemory):
+    """ReplayMemory with proportional prioritized sampling (Schaul et al. 2016) as Dopamine's Rainbow does it.
+
+    A transition is drawn with probability priority / (sum of priorities). It enters with the largest priority seen
+    so far; after each update of it, priority = (loss + 1e-10) ** priority_exponent. Exactly the transitions that the
+    memory can sample (`is_valid`) have a non-zero priority: a transition receives one when its n-step future is
+    complete and loses it when its frame stack starts to be overwritten. Leaf i of the tree is slot i."""
+
+    def __init__(self, capacity, frame_shape=(84, 84), stack_size=4, n_step=1, gamma=0.99, device="cpu"):
+        super().__init__(capacity, frame_shape, stack_size, n_step, gamma, device)
+        self.tree = SumTree(capacity)
+        self.synced = self.sample_range()  # the linear indices whose priorities the tree holds
+
+    @staticmethod
+    def bytes_per_slot(frame_shape=(84, 84), capacity=1_000_000):
+        return ReplayMemory.bytes_per_slot(frame_shape) + math.ceil(SumTree.nbytes(capacity) / capacity)
+
+    def add(self, frame, action, reward, terminated, truncated, next_frame):
+        super().add(frame, action, reward, terminated, truncated, next_frame)
+        (old_lo, old_hi), (lo, hi) = self.synced, self.sample_range()
+        leaving = np.arange(old_lo, min(lo, old_hi + 1))
+        entering = np.arange(max(old_hi + 1, lo), hi + 1)
+        entering = entering[self.is_transition[entering % self.capacity]]
+        self.tree.set(leaving % self.capacity, 0.0)
+        self.tree.set(entering % self.capacity, self.tree.max_priority)
+        self.synced = (lo, hi)
+
+    def sample_prioritized(self, batch_size, rng):
+        """Linear indices drawn with probability priority / total, and those probabilities."""
+        if not self.tree.total() > 0:
+            raise RuntimeError("the replay memory holds no complete transition yet")
+        slot, probability = self.tree.sample(batch_size, rng)
+        lo = self.synced[0]
+        return lo + (slot - lo) % self.capacity, probability
+
+    def update_priorities(self, index, priority):
+        valid = self.is_valid(index)  # always true right after sampling; kept as the invariant's guard
+        self.tree.set(index[valid] % self.capacity, np.asarray(priority)[valid])
+
+    def num_prioritized(self):
+        return int(np.count_nonzero(self.tree.nodes[self.tree.size:]))
+
+    def state_dict(self):
+        return {**super().state_dict(), "tree": self.tree.state_dict()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.tree.load_state_dict(state["tree"])
+        self.synced = self.sample_range()
+# <<< shared block: prioritized
+
+
+# >>> shared block: analysis
+def neuron_scores(activation):
+    """ReDo's score: mean |activation| over everything but the neuron axis (dim 1: channels, units or
+    (expert, unit) pairs), divided by the layer's mean score (Sokar et al. 2023, mean normalization)."""
+    score = activation.abs().mean(dim=[d for d in range(activation.dim()) if d != 1])
+    return score / (score.mean() + 1e-9)
+
+
+def dormant_statistics(record, taus):
+    """Percentage of tau-dormant neurons (score <= tau) per layer and pooled over all hidden layers."""
+    layers = {k: v for k, v in record.items() if k not in ("dispatch", "combine", "router_probs", "kept")}
+    stats = {}
+    for tau in taus:
+        dormant, total = 0, 0
+        for name, activation in layers.items():
+            mask = neuron_scores(activation) <= tau
+            stats[f"dormant/{name}_tau{tau:g}_pct"] = 100.0 * mask.float().mean().item()
+            dormant, total = dormant + mask.sum().item(), total + mask.numel()
+        stats[f"dormant/tau{tau:g}_pct"] = 100.0 * dormant / total
+    return stats
+
+
+def normalized_entropy(p, dims):
+    """Entropy of the distributions over `dims`, divided by its maximum log(size): 1 = uniform."""
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(dims)
+    return entropy / math.log(math.prod(p.shape[d] for d in dims))
+
+
+def routing_statistics(record):
+    """How the router spreads tokens over slots and experts (logged under moe/)."""
+    stats = {}
+    if "combine" in record:  # Soft MoE, weights [B, m, n, p]
+        dispatch, combine = record["dispatch"], record["combine"]
+        num_tokens, num_experts, slots = combine.shape[1], combine.shape[2], combine.shape[2] * combine.shape[3]
+        if num_tokens > 1:
+            stats["moe/dispatch_entropy"] = normalized_entropy(dispatch, (1,)).mean().item()
+        if slots > 1:
+            stats["moe/combine_entropy"] = normalized_entropy(combine, (2, 3)).mean().item()
+            slot_share = combine.sum(1).flatten(1).mean(0) / num_tokens  # combine mass each slot delivers
+            stats["moe/slot_usage_entropy"] = normalized_entropy(slot_share, (0,)).item()
+        expert_share = combine.sum(dim=(1, 3)).mean(0) / num_tokens
+    elif "router_probs" in record:  # Top-1 MoE, probabilities [B, m, n]
+        probs, kept = record["router_probs"], record["kept"]
+        num_experts = probs.shape[-1]
+        if num_experts > 1:
+            stats["moe/router_entropy"] = normalized_entropy(probs, (2,)).mean().item()
+        expert_share = F.one_hot(probs.argmax(-1), num_experts).float().mean(dim=(0, 1))
+        stats["moe/dropped_token_fraction"] = 1.0 - kept.float().mean().item()
+    else:
+        return stats
+    if num_experts > 1:
+        stats["moe/expert_usage_entropy"] = normalized_entropy(expert_share, (0,)).item()
+        stats["moe/expert_usage_max"] = expert_share.max().item()
+    return stats
+# <<< shared block: analysis
+
+
+# >>> shared block: runtime
+def fail(message):
+    """Stop at start-up with one line that names the flag and the fix."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def available_ram_bytes():
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def place_replay(capacity, device, bytes_per_slot, gpu_reserve=2 << 30, ram_reserve=1 << 30):
+    """The device for the replay frames: the training GPU when they fit there, else host RAM, else an error."""
+    needed = capacity * bytes_per_slot
+    if device.type == "cuda":
+        free_gpu = torch.cuda.mem_get_info(device)[0]
+        if needed + gpu_reserve <= free_gpu:
+            return device
+    free_ram = available_ram_bytes()
+    if needed + ram_reserve <= free_ram:
+        return torch.device("cpu")
+    where = f"{free_ram / 2**30:.1f} GiB of RAM" + (" (and too little GPU memory)" if device.type == "cuda" else "")
+    fail(f"--buffer-size {capacity}: the replay memory needs {needed / 2**30:.1f} GiB but only {where} is "
+         f"free; lower --buffer-size to at most {max(0, free_ram - ram_reserve) // bytes_per_slot}")
+
+
+def save_checkpoint(path, state):
+    """Write, flush, then rename: a crash never leaves a half-written checkpoint behind."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    # mmap: reading the flags of a checkpoint with a large replay memory costs no RAM
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def parse_args(args_class, argv=None, resumable_fields=()):
+    """tyro flags; with --resume, the checkpoint's flags are the defaults and only `resumable_fields` may
+    change (a resumed run keeps its network, memory and environment)."""
+    args = tyro.cli(args_class, args=argv)
+    if args.resume is None:
+        return args
+    if not os.path.isfile(args.resume):
+        fail(f"--resume {args.resume}: no such checkpoint file")
+    saved = load_checkpoint(args.resume)["args"]
+    args = tyro.cli(args_class, args=argv, default=args_class(**saved))
+    for field, value in saved.items():
+        if field not in resumable_fields and field != "resume" and getattr(args, field) != value:
+            flag = "--" + field.replace("_", "-")
+            fail(f"{flag} {getattr(args, field)} differs from the checkpoint's {value}; drop {flag} to resume")
+    return args
+
+
+def format_seconds(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """One status line (step, SPS, recent return, ETA): redrawn in place on a terminal, printed as a new
+    line every `interval` seconds when the output goes to a file. SPS and ETA use the last ~30 seconds,
+    so that a fast warm-up does not hide the speed of learning."""
+
+    def __init__(self, total_steps, start_step, interval=30.0):
+        self.total, self.interval = total_steps, interval
+        self.tty = sys.stdout.isatty()
+        self.last_time = time.time()
+        self.samples = deque([(self.last_time, start_step)], maxlen=64)
+
+    def update(self, step, recent_return, force=False):
+        now = time.time()
+        if not force and now - self.last_time < (0.5 if self.tty else self.interval):
+            return
+        self.last_time = now
+        self.samples.append((now, step))
+        while len(self.samples) > 2 and now - self.samples[1][0] > 30.0:
+            self.samples.popleft()
+        (t0, s0), (t1, s1) = self.samples[0], self.samples[-1]
+        sps = (s1 - s0) / max(t1 - t0, 1e-9)
+        eta = format_seconds((self.total - step) / sps) if sps > 0 else "?"
+        ret = "n/a" if recent_return is None else f"{recent_return:.1f}"
+        line = (f"step {step:,}/{self.total:,} ({100 * step / self.total:.1f}%) | {sps:,.0f} SPS | "
+                f"return {ret} | ETA {eta}")
+        if self.tty:
+            print("\r" + line.ljust(100), end="" if not force else "\n", flush=True)
+        else:
+            print(line, flush=True)
+
+    def print(self, message):
+        print(("\n" if self.tty else "") + message, flush=True)
+
+
+# <<< shared block: runtime
+
+
+# >>> shared block: categorical
+def project_distribution(next_probs, returns, discounts, support):
+    """The C51 projection (Bellemare et al. 2017, Algorithm 1), vectorized over the batch.
+
+    The distribution `next_probs` [B, K] sits on the atoms returns + discounts * support (`returns`, `discounts`: [B];
+    the discount is gamma^k after k steps and 0 after a termination). Each shifted atom is clipped to
+    [support[0], support[-1]] and its mass split between its two neighbours on the evenly spaced `support` [K], in
+    proportion to closeness. Returns the projected distribution [B, K]."""
+    batch, num_atoms = next_probs.shape
+    v_min, delta = support[0], (support[-1] - support[0]) / (num_atoms - 1)
+    atoms = returns[:, None] + discounts[:, None] * support[None, :]
+    position = ((atoms - v_min) / delta).clamp(0, num_atoms - 1)  # atoms beyond the support go to its ends
+    lower, upper = position.floor(), position.ceil()
+    # an atom that lands exactly on a support atom (lower == upper) gives it all its mass
+    lower_share = torch.where(upper == lower, 1.0, upper - position)
+    upper_share = position - lower
+    offset = (torch.arange(batch, device=next_probs.device) * num_atoms)[:, None]
+    target = torch.zeros(batch * num_atoms, dtype=next_probs.dtype, device=next_probs.device)
+    target.index_add_(0, (offset + lower.long()).flatten(), (next_probs * lower_share).flatten())
+    target.index_add_(0, (offset + upper.long()).flatten(), (next_probs * upper_share).flatten())
+    return target.view(batch, num_atoms)
+# <<< shared block: categorical
+
+
+# >>> shared block: rainbow_update
+def select_action(q_network, stack, epsilon, rng, noise, device):
+    """Epsilon-greedy on the noisy network's Q-values, with fresh noise at every call: the agent explores by its
+    noise from the first step on, warm-up included (Dopamine; epsilon is 0 by default)."""
+    if rng.random() < epsilon:
+        return int(rng.integers(q_network.num_actions))
+    resample_noise(q_network, noise)
+    with torch.no_grad():
+        return q_network(torch.as_tensor(stack, device=device).unsqueeze(0))[1].argmax(1).item()
+
+
+def categorical_target(q_network, target_network, batch, noise):
+    """The double-Q C51 target: the next action is the online network's argmax (fresh noise), its return
+    distribution comes from the target network (its own fresh noise), shifted by the n-step return and discount
+    and projected onto the support."""
+    with torch.no_grad():
+        resample_noise(q_network, noise)
+        next_actions = q_network(batch["next_obs"])[1].argmax(1)
+        resample_noise(target_network, noise)
+        next_log_probs = target_network(batch["next_obs"])[0]
+        next_probs = next_log_probs[torch.arange(len(next_actions), device=next_actions.device), next_actions].exp()
+        return project_distribution(next_probs, batch["returns"], batch["discounts"], target_network.support)
+
+
+def categorical_loss(q_network, target_network, batch, noise):
+    """Per-sample cross-entropy between the projected target and the online distribution of the action taken
+    (fresh noise), and Q(s, a)."""
+    target = categorical_target(q_network, target_network, batch, noise)
+    resample_noise(q_network, noise)
+    log_probs, q_values = q_network(batch["obs"])
+    rows = torch.arange(len(batch["actions"]), device=log_probs.device)
+    loss = -(target * log_probs[rows, batch["actions"]]).sum(1)
+    return loss, q_values[rows, batch["actions"]]
+
+
+def importance_weights(probabilities, beta):
+    """(N p)^-beta normalized by the batch's largest weight (Schaul et al. 2016); beta = 0.5 is Dopamine's 1/sqrt(p)."""
+    return (probabilities / probabilities.min()) ** -beta
+
+
+def beta_at(args, step):
+    """The importance-sampling exponent: linear from priority-beta-start at the warm-up's end to priority-beta-end
+    at the last step."""
+    fraction = (step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts)
+    return args.priority_beta_start + min(1.0, max(0.0, fraction)) * (args.priority_beta_end - args.priority_beta_start)
+
+
+def train_step(step, args, q_network, target_network, optimizer, rb, rng, noise, device):
+    """Dopamine's _train_step at agent step `step`: after the warm-up, one update every train_frequency steps on a
+    prioritized batch, whose priorities are then set from its losses; a hard target copy every
+    target_network_frequency steps. Returns (weighted loss, mean Q, mean importance weight) of the update, or None;
+    a non-finite loss is returned without a step."""
+    out = None
+    if step > args.learning_starts:
+        if step % args.train_frequency == 0:
+            index, probabilities = rb.sample_prioritized(args.batch_size, rng)
+            batch = {k: v.to(device, non_blocking=True) for k, v in rb.get(index).items()}
+            weights = torch.as_tensor(importance_weights(probabilities, beta_at(args, step)), dtype=torch.float32,
+                                      device=device)
+            loss, q_taken = categorical_loss(q_network, target_network, batch, noise)
+            weighted_loss = (weights * loss).mean()
+            out = (weighted_loss.detach(), q_taken.detach().mean(), weights.mean())
+            if not torch.isfinite(weighted_loss):
+                return out
+            optimizer.zero_grad(set_to_none=True)
+            weighted_loss.backward()
+            if args.max_grad_norm > 0:
+                nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
+            optimizer.step()
+            rb.update_priorities(index, (loss.detach().cpu().double().numpy() + 1e-10) ** args.priority_exponent)
+        if step % args.target_network_frequency == 0:
+            target_network.load_state_dict(q_network.state_dict())
+    return out
+# <<< shared block: rainbow_update
+
+
+def check_args(args):
+    """Every bad flag stops here, before anything large is allocated."""
+    for name in ("total_timesteps", "buffer_size", "batch_size", "train_frequency", "target_network_frequency",
+                 "num_experts", "expert_hidden_units", "max_episode_steps", "log_frequency", "stats_frequency",
+                 "stats_batch_size", "n_step"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("learning_starts", "checkpoint_every", "noisy_sigma0", "priority_exponent", "eval_episodes",
+                 "eval_noop_max", "max_grad_norm"):
+        if not getattr(args, name) >= 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("learning_rate", "adam_eps"):
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("gamma", "epsilon_train", "eval_epsilon", "repeat_action_probability", "priority_beta_start",
+                 "priority_beta_end"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.dormant_tau < 0:
+        fail(f"--dormant-tau must be >= 0, got {args.dormant_tau}")
+    if args.n_atoms < 2:
+        fail(f"--n-atoms must be at least 2, got {args.n_atoms}")
+    if not args.v_min < args.v_max:
+        fail(f"--v-min {args.v_min} must be smaller than --v-max {args.v_max}")
+    if args.buffer_size < args.batch_size + args.n_step + 8:
+        fail(f"--buffer-size {args.buffer_size} is too small for --batch-size {args.batch_size} and --n-step "
+             f"{args.n_step}; use at least {args.batch_size + args.n_step + 8}")
+    if args.learning_starts < args.n_step + 8:
+        fail(f"--learning-starts must be at least {args.n_step + 8} (--n-step + 8) so that the first update has "
+             f"complete transitions, got {args.learning_starts}")
+    if args.encoder == "der":
+        defaults = Args()
+        for name in ("moe_type", "tokenization", "num_experts", "expert_hidden_units", "moe_normalization",
+                     "baseline_aggregation"):
+            if getattr(args, name) != getattr(defaults, name):
+                flag = "--" + name.replace("_", "-")
+                fail(f"{flag} does not apply to --encoder der (the van Hasselt et al. network has no MoE and its own "
+                     f"256-unit streams); drop {flag} or use --encoder nature|impala")
+    elif args.moe_type == "baseline":
+        if args.baseline_aggregation == "flatten" and args.tokenization != "perconv":
+            fail(f"--tokenization {args.tokenization} needs tokens: use --baseline-aggregation sum|mean or an MoE")
+    elif args.baseline_aggregation != "flatten":
+        fail(f"--baseline-aggregation {args.baseline_aggregation} applies to --moe-type baseline only")
+    if args.moe_normalization and args.moe_type != "softmoe":
+        fail("--moe-normalization applies to the Soft MoE router only; use --moe-type softmoe")
+    check_env_id(args.env_id)
+    if args.track:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            fail("--track needs wandb: pip install wandb (or drop --track)")
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401
+        except ImportError:
+            fail("--capture-video needs moviepy: pip install moviepy (or drop --capture-video)")
+
+
+# (random, human) scores of the 26 Atari 100k games, from Dopamine's labs/atari_100k/normalization_utils.py
+ATARI_100K_SCORES = {
+    "Alien": (227.8, 7127.7), "Amidar": (5.8, 1719.5), "Assault": (222.4, 742.0), "Asterix": (210.0, 8503.3),
+    "BankHeist": (14.2, 753.1), "BattleZone": (2360.0, 37187.5), "Boxing": (0.1, 12.1), "Breakout": (1.7, 30.5),
+    "ChopperCommand": (811.0, 7387.8), "CrazyClimber": (10780.5, 35829.4), "DemonAttack": (152.1, 1971.0),
+    "Freeway": (0.0, 29.6), "Frostbite": (65.2, 4334.7), "Gopher": (257.6, 2412.5), "Hero": (1027.0, 30826.4),
+    "Jamesbond": (29.0, 302.8), "Kangaroo": (52.0, 3035.0), "Krull": (1598.0, 2665.5),
+    "KungFuMaster": (258.5, 22736.3), "MsPacman": (307.3, 6951.6), "Pong": (-20.7, 14.6), "PrivateEye": (24.9, 69571.3),
+    "Qbert": (163.9, 13455.0), "RoadRunner": (11.5, 7845.0), "Seaquest": (68.4, 42054.7), "UpNDown": (533.4, 11693.2),
+}
+
+
+def game_name(env_id):
+    """"ALE/MsPacman-v5" -> "MsPacman"."""
+    return env_id.split("/")[-1].split("-v")[0].replace("NoFrameskip", "")
+
+
+def human_normalized_score(env_id, score):
+    """(score - random) / (human - random), or None for a game outside the Atari 100k table."""
+    if game_name(env_id) not in ATARI_100K_SCORES:
+        return None
+    random_score, human_score = ATARI_100K_SCORES[game_name(env_id)]
+    return (score - random_score) / (human_score - random_score)
+
+
+def evaluate(q_network, args, num_episodes, device, seed, capture_video=False, run_name="", parallel=100):
+    """The Atari 100k protocol: raw scores of `num_episodes` episodes of the network's noise-free greedy policy,
+    epsilon-greedy with --eval-epsilon. Up to `parallel` episodes run side by side (one batched forward pass per
+    step); episode i runs in its own environment seeded seed + i and starts with 1 to --eval-noop-max random
+    no-ops. A lost life restarts the frame stack, as in training; an episode ends at game over or at the cap."""
+    was_training = q_network.training
+    q_network.eval()  # every noisy layer, the experts' included, uses its mean weights
+    rng = np.random.default_rng(seed)
+    scores = []
+    for first in range(0, num_episodes, parallel):
+        episodes = range(first, min(num_episodes, first + parallel))
+        envs = {i: make_env(args.env_id, seed + i, args.repeat_action_probability, args.max_episode_steps,
+                            noop_max=args.eval_noop_max, capture_video=capture_video and i == 0,
+                            run_name=f"{run_name}-eval") for i in episodes}
+        stacks, lives, returns = {}, {}, {i: 0.0 for i in episodes}
+        for i, env in envs.items():
+            frame, info = env.reset(seed=seed + i)
+            stacks[i], lives[i] = np.repeat(frame[None], 4, axis=0), info["lives"]
+        while envs:
+            active = list(envs)
+            with torch.no_grad():
+                greedy = q_network(torch.as_tensor(np.stack([stacks[i] for i in active]), device=device))[1].argmax(1)
+            for i, action in zip(active, greedy.tolist()):
+                if rng.random() < args.eval_epsilon:
+                    action = int(rng.integers(q_network.num_actions))
+                frame, reward, terminated, truncated, info = envs[i].step(action)
+                returns[i] += reward
+                if terminated or truncated:
+                    envs.pop(i).close()
+                elif args.terminal_on_life_loss and info["lives"] < lives[i]:
+                    stacks[i] = np.repeat(frame[None], 4, axis=0)
+                else:
+                    stacks[i] = np.concatenate([stacks[i][1:], frame[None]])
+                lives[i] = info["lives"]
+        scores.extend(returns[i] for i in episodes)
+    q_network.train(was_training)
+    return scores
+
+
+# flags that may change when resuming; everything else must match the checkpoint
+RESUMABLE_FIELDS = ("total_timesteps", "checkpoint_every", "cuda", "track", "wandb_project_name", "wandb_entity",
+                    "save_model", "eval_episodes", "eval_epsilon", "eval_noop_max", "log_frequency", "stats_frequency",
+                    "capture_video")
+
+
+if __name__ == "__main__":
+    args = parse_args(Args, resumable_fields=RESUMABLE_FIELDS)
+    check_args(args)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    bytes_per_transition = PrioritizedReplayMemory.bytes_per_slot(capacity=args.buffer_size)
+    replay_device = place_replay(args.buffer_size, device, bytes_per_transition)
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    run_name = checkpoint["run_name"] if checkpoint else (
+        f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_dir = f"runs/{run_name}"
+    os.makedirs(run_dir, exist_ok=True)
+    checkpoint_path = f"{run_dir}/checkpoint.pt"
+    wandb_id = checkpoint["wandb_id"] if checkpoint else None
+    if args.track:
+        import wandb
+
+        wandb_id = wandb_id or wandb.util.generate_id()
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, id=wandb_id, resume="allow", save_code=True)
+    start_step = checkpoint["global_step"] if checkpoint else 0
+    writer = SummaryWriter(run_dir, purge_step=start_step if checkpoint else None)
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    rng = np.random.default_rng(args.seed)  # epsilon-greedy actions and replay sampling
+    noise = torch.Generator(device=device)  # the noisy layers' noise
+    noise.manual_seed(args.seed)
+
+    # env setup
+    env = make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
+                   capture_video=args.capture_video, run_name=run_name)
+    num_actions = env.action_space.n
+
+    q_network = QNetwork(args, num_actions).to(device)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    target_network = QNetwork(args, num_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    rb = PrioritizedReplayMemory(args.buffer_size, n_step=args.n_step, gamma=args.gamma, device=replay_device)
+    print(f"{run_name}: {sum(p.numel() for p in q_network.parameters()):,} parameters on {device}, replay memory on "
+          f"{replay_device} ({bytes_per_transition} bytes per transition with priorities)", flush=True)
+
+    # TRY NOT TO MODIFY: start the game
+    frame, info = env.reset(seed=args.seed)
+    stack = np.repeat(frame[None], 4, axis=0)
+    lives = info["lives"]
+    episode_return, episode_length, episodes = 0.0, 0, 0
+    recent_returns = deque(maxlen=100)
+    elapsed_before = 0.0
+    if checkpoint:
+        q_network.load_state_dict(checkpoint["q_network"])
+        target_network.load_state_dict(checkpoint["target_network"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        rb.load_state_dict(checkpoint["replay"])
+        set_env_state(env, checkpoint["env"])
+        stack = checkpoint["stack"].numpy().copy()
+        episode_return, episode_length, episodes, lives = checkpoint["episode"]
+        recent_returns.extend(checkpoint["recent_returns"])
+        elapsed_before = checkpoint["elapsed"]
+        rng.bit_generator.state = checkpoint["rng"]["numpy"]
+        noise.set_state(checkpoint["rng"]["noise"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+        print(f"resumed {run_name} at step {start_step:,} from {args.resume}", flush=True)
+        del checkpoint
+
+    def make_checkpoint(next_step):
+        return {
+            "args": vars(args), "run_name": run_name, "wandb_id": wandb_id, "global_step": next_step,
+            "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
+            "optimizer": optimizer.state_dict(), "replay": rb.state_dict(), "env": get_env_state(env),
+            "stack": torch.from_numpy(stack.copy()), "episode": (episode_return, episode_length, episodes, lives),
+            "recent_returns": list(recent_returns), "elapsed": elapsed_before + time.time() - start_time,
+            "rng": {"numpy": rng.bit_generator.state, "noise": noise.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        }
+
+    stop_requested = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
+    progress = Progress(args.total_timesteps, start_step)
+    start_time = time.time()
+    last_log = (start_time, start_step)
+    loss_sum, q_sum, weight_sum = (torch.zeros((), device=device) for _ in range(3))
+    num_logged = 0
+    for global_step in range(start_step, args.total_timesteps):
+        if stop_requested:  # preemption: save and leave; --resume continues exactly here
+            save_checkpoint(checkpoint_path, make_checkpoint(global_step))
+            progress.print(f"SIGTERM at step {global_step:,}: checkpoint saved to {checkpoint_path}")
+            sys.exit(143)
+        if args.checkpoint_every and global_step > start_step and global_step % args.checkpoint_every == 0:
+            save_checkpoint(checkpoint_path, make_checkpoint(global_step))
+
+        # ALGO LOGIC: put action logic here
+        action = select_action(q_network, stack, args.epsilon_train, rng, noise, device)
+
+        # TRY NOT TO MODIFY: execute the game and log data.
+        next_frame, reward, terminated, truncated, info = env.step(action)
+        episode_return += reward
+        episode_length += 1
+        # a lost life ends the n-step return and the frame stack for learning; the game goes on
+        life_lost = args.terminal_on_life_loss and info["lives"] < lives
+        lives = info["lives"]
+
+        # TRY NOT TO MODIFY: save data to replay memory; the final frame of an episode (or life) is kept
+        rb.add(stack[-1], action, np.clip(reward, -1.0, 1.0), terminated or life_lost, truncated, next_frame)
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        if terminated or truncated:
+            writer.add_scalar("charts/episodic_return", episode_return, global_step)
+            writer.add_scalar("charts/episodic_length", episode_length, global_step)
+            recent_returns.append(episode_return)
+            episode_return, episode_length, episodes = 0.0, 0, episodes + 1
+            next_frame, info = env.reset()
+            stack = np.repeat(next_frame[None], 4, axis=0)
+            lives = info["lives"]
+        elif life_lost:  # the replay memory starts a new stack here, so the agent does too (Dopamine)
+            stack = np.repeat(next_frame[None], 4, axis=0)
+        else:
+            # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
+            stack = np.concatenate([stack[1:], next_frame[None]])
+
+        # ALGO LOGIC: training.
+        out = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, noise, device)
+        if out is not None:
+            if not torch.isfinite(out[0]):
+                save_checkpoint(checkpoint_path, make_checkpoint(global_step + 1))
+                progress.print(f"error: non-finite loss {out[0].item()} at step {global_step:,}; checkpoint saved "
+                               f"to {checkpoint_path}; try a lower --learning-rate")
+                sys.exit(1)
+            loss_sum, q_sum, weight_sum = loss_sum + out[0], q_sum + out[1], weight_sum + out[2]
+            num_logged += 1
+
+        if (global_step + 1) % args.log_frequency == 0:
+            if num_logged:
+                writer.add_scalar("losses/td_loss", (loss_sum / num_logged).item(), global_step)
+                writer.add_scalar("losses/q_values", (q_sum / num_logged).item(), global_step)
+                writer.add_scalar("replay/is_weight_mean", (weight_sum / num_logged).item(), global_step)
+                loss_sum, q_sum, weight_sum, num_logged = loss_sum * 0, q_sum * 0, weight_sum * 0, 0
+            if rb.tree.total() > 0:
+                writer.add_scalar("replay/max_priority", rb.tree.max_priority, global_step)
+                writer.add_scalar("replay/mean_priority", rb.tree.total() / rb.num_prioritized(), global_step)
+            now = time.time()  # SPS over the last log interval
+            writer.add_scalar("charts/SPS", int((global_step + 1 - last_log[1]) / (now - last_log[0])), global_step)
+            last_log = (now, global_step + 1)
+            writer.add_scalar("charts/beta", beta_at(args, global_step), global_step)
+        if (global_step + 1) % args.stats_frequency == 0 and global_step > args.learning_starts:
+            # a fresh uniform sample, drawn from its own generator, through the noise-free network: the analysis
+            # never changes the training run
+            probe = rb.sample(args.stats_batch_size, np.random.default_rng([args.seed, global_step]), device)
+            set_noise(q_network, False)
+            with torch.no_grad():
+                record = {}
+                q_network(probe["obs"], record)
+            set_noise(q_network, True)
+            for key, value in {**dormant_statistics(record, (0.0, args.dormant_tau)),
+                               **routing_statistics(record)}.items():
+                writer.add_scalar(key, value, global_step)
+        progress.update(global_step + 1, np.mean(recent_returns) if recent_returns else None)
+
+    progress.update(args.total_timesteps, np.mean(recent_returns) if recent_returns else None, force=True)
+    if args.checkpoint_every:
+        save_checkpoint(checkpoint_path, make_checkpoint(args.total_timesteps))
+    wall_time = elapsed_before + time.time() - start_time
+    if args.save_model:
+        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
+        torch.save({"model": q_network.state_dict(), "args": vars(args)}, model_path)
+        print(f"model saved to {model_path}")
+    eval_returns, score, hns = None, None, None
+    if args.eval_episodes:  # the Atari 100k score: the final agent, not the best one seen
+        eval_start = time.time()
+        eval_returns = evaluate(q_network, args, args.eval_episodes, device, seed=args.seed + 1000,
+                                capture_video=args.capture_video, run_name=run_name)
+        score = float(np.mean(eval_returns))
+        hns = human_normalized_score(args.env_id, score)
+        for idx, episodic_return in enumerate(eval_returns):
+            writer.add_scalar("eval/episodic_return", episodic_return, idx)
+        writer.add_scalar("eval/score", score, args.total_timesteps)
+        if hns is not None:
+            writer.add_scalar("eval/human_normalized_score", hns, args.total_timesteps)
+        print(f"eval: score {score:.1f} (mean of {len(eval_returns)} episodes), human-normalized "
+              f"{'n/a' if hns is None else f'{hns:.3f}'}, {time.time() - eval_start:.0f} s")
+    with open(f"{run_dir}/result.json", "w") as f:
+        json.dump({
+            "script": args.exp_name, "env_id": args.env_id, "game": game_name(args.env_id), "seed": args.seed,
+            "steps": args.total_timesteps, "episodes": episodes,
+            "train_return_last100": float(np.mean(recent_returns)) if recent_returns else None,
+            "eval_returns": eval_returns, "eval_return_mean": score, "score": score, "hns": hns,
+            "wall_time_s": wall_time, "args": vars(args),
+        }, f, indent=1)
+
+    env.close()
+    writer.close()

@@ -1,0 +1,123 @@
+"""der_single_expert.py end to end on the real ALE with tiny budgets: the JSON result of the Atari 100k protocol,
+life loss terminal for learning only, a resumed run, bad flags."""
+import json
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+from harness import load_script, only_run_dir, result, run_script, scalars, start_script
+
+m = load_script("der_single_expert")
+SCRIPT = "der_single_expert"
+# the van Hasselt et al. network (cheap on a CPU); Assault loses a life every 40-170 agent steps under a fixed
+# action, so that every 250-step episode holds lost lives
+TINY = ["--encoder", "der", "--env-id", "ALE/Assault-v5", "--total-timesteps", 800, "--learning-starts", 100,
+        "--max-episode-steps", 250, "--buffer-size", 2008, "--batch-size", 8, "--log-frequency", 50, "--stats-frequency", 250,
+        "--stats-batch-size", 16, "--eval-episodes", 2]
+
+
+def episode_ends(run_dir):
+    """(terminations, episode ends) of the transitions in the checkpoint's replay memory, and the episode count."""
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    replay = checkpoint["replay"]
+    n = replay["cursor"]
+    assert n < 2008, "the memory must hold the whole run for this count"
+    transition = replay["is_transition"][:n].numpy()
+    terminated = replay["terminated"][:n].numpy() & transition
+    ends = replay["episode_end"][:n].numpy() & transition
+    return int(terminated.sum()), int(ends.sum()), checkpoint["episode"][2]
+
+
+def test_end_to_end_writes_the_atari_100k_result_and_ends_learning_episodes_at_a_lost_life(tmp_path):
+    proc = run_script(SCRIPT, *TINY, "--checkpoint-every", 800, "--save-model", cwd=tmp_path)
+    assert "eval: score" in proc.stdout and "human-normalized" in proc.stdout
+    run_dir = only_run_dir(tmp_path)
+    info = result(run_dir)
+    assert set(info) >= {"script", "env_id", "game", "seed", "steps", "episodes", "eval_returns", "score", "hns",
+                         "wall_time_s", "args"}
+    assert (info["script"], info["game"], info["seed"], info["steps"]) == ("der_single_expert", "Assault", 1, 800)
+    assert len(info["eval_returns"]) == 2 and info["score"] == pytest.approx(np.mean(info["eval_returns"]))
+    assert info["hns"] == pytest.approx((info["score"] - 222.4) / (742.0 - 222.4))
+    assert info["args"]["n_step"] == 10 and info["args"]["encoder"] == "der" and info["wall_time_s"] > 0
+    assert (run_dir / "der_single_expert.cleanrl_model").exists()
+    tags = scalars(run_dir)
+    for tag in ("charts/episodic_return", "charts/SPS", "losses/td_loss", "losses/q_values", "replay/max_priority",
+                "dormant/tau0_pct", "dormant/value_hidden_tau0.1_pct", "eval/episodic_return", "eval/score",
+                "eval/human_normalized_score"):
+        assert tag in tags, f"{tag} missing from {sorted(tags)}"
+    assert [s for s, _ in tags["losses/td_loss"]] == list(range(149, 800, 50))  # an update every step after 100
+
+    # a lost life ends the n-step return in the replay memory, but the episode (and its return) goes on to game over
+    terminations, ends, episodes = episode_ends(run_dir)
+    assert episodes == len(tags["charts/episodic_return"]) == info["episodes"] >= 3
+    assert ends > episodes and terminations >= ends - episodes  # every extra end is a lost life, and terminal
+    assert max(v for _, v in tags["charts/episodic_length"]) > 100  # longer than one life
+    (tmp_path / "no_life_loss").mkdir()
+    run_script(SCRIPT, *TINY, "--checkpoint-every", 800, "--eval-episodes", 0, "--no-terminal-on-life-loss",
+               cwd=tmp_path / "no_life_loss")
+    terminations, ends, episodes = episode_ends(only_run_dir(tmp_path / "no_life_loss"))
+    assert ends == episodes >= 3  # only game overs and the time limit end a learning episode
+    assert result(only_run_dir(tmp_path / "no_life_loss"))["score"] is None
+
+
+RESUME = [*TINY, "--total-timesteps", 600, "--checkpoint-every", 100, "--eval-episodes", 0]
+
+
+def test_sigterm_then_resume_is_bit_identical(tmp_path):
+    (tmp_path / "uninterrupted").mkdir()
+    run_script(SCRIPT, *RESUME, cwd=tmp_path / "uninterrupted")
+    uninterrupted = torch.load(only_run_dir(tmp_path / "uninterrupted") / "checkpoint.pt", weights_only=True)
+    cwd = tmp_path / "interrupted"
+    cwd.mkdir()
+    proc = start_script(SCRIPT, *RESUME, cwd=cwd)
+    start = time.time()
+    while not list(cwd.glob("runs/*/checkpoint.pt")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - start < 120
+        time.sleep(0.05)
+    checkpoint = next(cwd.glob("runs/*/checkpoint.pt"))
+    while torch.load(checkpoint, weights_only=True)["global_step"] < 200:
+        assert proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    interrupted_at = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 200 <= interrupted_at < 600
+    resumed = run_script(SCRIPT, "--resume", checkpoint, cwd=cwd)
+    assert f"at step {interrupted_at:,}" in resumed.stdout
+    final = torch.load(checkpoint, weights_only=True)
+    assert final["global_step"] == uninterrupted["global_step"] == 600
+    assert final["episode"] == uninterrupted["episode"]  # return, length, episodes and lives
+    assert np.array_equal(final["stack"], uninterrupted["stack"])
+    for key in ("q_network", "target_network"):
+        for name, tensor in uninterrupted[key].items():
+            assert torch.equal(tensor, final[key][name]), f"{key}.{name} differs"
+    for key in ("terminated", "reward", "action", "frames"):
+        assert torch.equal(uninterrupted["replay"][key], final["replay"][key]), key
+    assert torch.equal(uninterrupted["replay"]["tree"]["nodes"], final["replay"]["tree"]["nodes"])
+
+
+@pytest.mark.parametrize("kwargs,flag", [
+    (dict(eval_episodes=-1), "--eval-episodes"),
+    (dict(eval_noop_max=-1), "--eval-noop-max"),
+    (dict(max_grad_norm=-1.0), "--max-grad-norm"),
+    (dict(eval_epsilon=1.5), "--eval-epsilon"),
+    (dict(n_step=0), "--n-step"),
+    (dict(learning_starts=15, n_step=10), "--learning-starts"),
+])
+def test_bad_flags_stop_with_one_clear_line(kwargs, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        m.check_args(m.Args(**kwargs))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and flag in err[0], err
+
+
+def test_cli_bad_flag_exits_fast_with_one_line(tmp_path):
+    proc = run_script(SCRIPT, "--encoder", "der", "--num-experts", 4, cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: --num-experts does not apply to --encoder der")
+    assert not (tmp_path / "runs").exists()
