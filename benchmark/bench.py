@@ -241,8 +241,12 @@ def is_alive(status, queue):
         return True
     try:
         with open(f"/proc/{status['pid']}/cmdline", "rb") as f:
-            return status.get("script", "") in f.read().decode(errors="replace")
-    except (OSError, KeyError):
+            cmdline = f.read().decode(errors="replace")
+        if not cmdline:  # a process being exec'd (just started) or a zombie
+            with open(f"/proc/{status['pid']}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return status.get("script", "") in cmdline
+    except (OSError, KeyError, IndexError):
         return False
 
 
@@ -264,10 +268,10 @@ def states_of(runs):
     return {run: run_state(run, queue) for run in runs}
 
 
-def log_tail(run, lines=20):
+def log_tail(run, lines=20, max_bytes=64 * 1024):
     try:
         with open(Path(run.dir) / "log.txt", "rb") as f:
-            f.seek(max(0, os.path.getsize(f.name) - 64 * 1024))
+            f.seek(max(0, os.path.getsize(f.name) - max_bytes))
             text = f.read().decode(errors="replace").replace("\r", "\n")
     except OSError:
         return "(no log)"
@@ -279,7 +283,7 @@ def steps_done(run, state):
     if state == "done":
         return run.total_steps
     match = None
-    for match in STEP_RE.finditer(log_tail(run, 5)):
+    for match in STEP_RE.finditer(log_tail(run, 5, max_bytes=4096)):  # read often, for every run: keep it short
         pass
     return int(match.group(1).replace(",", "")) if match else 0
 
@@ -1039,7 +1043,7 @@ def sps_by_phase(sps_events, learning_starts):
 def perf(opts):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out = Path(opts.out)
+    out = Path(opts.out).resolve()  # the runs' working directories are below it
     config = ["--env-id", opts.env_id, "--seed", "1", "--total-timesteps", str(opts.steps),
               "--learning-starts", str(opts.learning_starts), "--buffer-size", str(opts.buffer_size),
               "--log-frequency", str(opts.log_frequency),
@@ -1085,7 +1089,7 @@ def perf(opts):
           f"GPU: {', '.join(used_gpus) or 'none used'}. Torch threads: "
           f"{opts.threads or 'its default (one per CPU)'}; one script at a time.",
           f"Configuration: each script's default network, `{shlex.join(config)}`. SPS: median `charts/SPS` of the log "
-          "intervals wholly in the warm-up (random actions, no updates) and wholly in the learning phase. Peak RSS: "
+          "intervals wholly in the warm-up (no updates) and wholly in the learning phase. Peak RSS: "
           "the process's maximum resident set; peak GPU memory: PyTorch's allocator (allocated / reserved), without "
           "the CUDA context. Replay bytes per transition: the replay class's `bytes_per_slot()`.", "",
           "| script | device | warm-up SPS | learning SPS | peak host RSS | peak GPU memory | replay bytes / transition | wall time | note |",
@@ -1097,7 +1101,7 @@ def perf(opts):
         replay = ", ".join(f"{v:,} ({k})" for k, v in row.get("replay_bytes_per_transition", {}).items())
         wall = f"{row['wall_time_s']:.0f} s" if row.get("wall_time_s") else ""
         md.append(f"| {row['script']} | {row.get('device', '')} | {fmt(row.get('warmup_sps'), 0)} | "
-                  f"{fmt(row.get('learning_sps'), 0)} | {rss} | {gpu} | {replay} | {wall} | {row.get('note', '')} |")
+                  f"{fmt(row.get('learning_sps'), 0)} | {rss} | {gpu} | {replay} | {wall} | {row.get('note', '').replace('|', '/')} |")
     text = "\n".join(md) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "perf.md").write_text(text)

@@ -21,8 +21,8 @@ fi
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
     command -v apt-get >/dev/null || { echo "slurm: not installed and no apt-get to install it" >&2; exit 1; }
     export DEBIAN_FRONTEND=noninteractive
-    timeout 300 apt-get update -qq >/dev/null || true
-    timeout 600 apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null \
+    timeout 90 apt-get update -qq >/dev/null || true
+    timeout 180 apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null \
         || { echo "slurm: apt-get install slurm-wlm munge failed" >&2; exit 1; }
 fi
 if [ -e "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then

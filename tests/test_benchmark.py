@@ -291,6 +291,23 @@ def test_failed_runs_are_listed_with_their_log_tail(tmp_path):
     assert f"{len(runs) - 1}/{len(runs)} done, 1 failed" in status.stdout and "ValueError: boom" in status.stdout
 
 
+def test_a_run_is_alive_while_its_process_runs_its_script():
+    status = {"host": os.uname().nodename, "script": "sleep"}
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        assert b.is_alive({**status, "pid": proc.pid}, None)  # also while being exec'd (empty cmdline)
+        while not Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+            time.sleep(0.01)
+        assert not b.is_alive({**status, "pid": proc.pid, "script": "dqn_softmoe.py"}, None)  # a reused pid
+        proc.kill()
+        time.sleep(0.3)
+        assert not b.is_alive({**status, "pid": proc.pid}, None)  # a zombie: empty cmdline, state Z
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not b.is_alive({**status, "pid": proc.pid}, None)  # gone
+
+
 def check_rows(statistic, check, reference="", low="", high="", slack=""):
     return {"suite": "s", "variant": "v", "game": "*" if statistic.endswith("hns") else "Pong", "statistic": statistic,
             "check": check, "reference": reference, "low": low, "high": high, "slack": slack, "source": "test"}
@@ -434,6 +451,18 @@ def test_smoke_suite_end_to_end_interrupted_resumed_and_reported(tmp_path):
     assert f"{len(runs)} of {len(runs)} runs already done: skipped" in again.stdout and "start " not in again.stdout
 
 
+def test_slurm_dry_run_prints_the_array_job(tmp_path):
+    """Without a Slurm: the sbatch script that --slurm would submit (tests/test_benchmark_slurm.py submits it)."""
+    proc = bench("smoke", "--variants", "dqn_softmoe", "--games", "Pong", "--slurm", "--dry-run", "--partition", "gpu",
+                 "--time", "2:00:00", "--gpus", 1, "--max-parallel", 1, "--sbatch-args=--qos=low",
+                 "--out", tmp_path / "out", cwd=tmp_path, check=0)
+    for line in ("#SBATCH --array=0-1%1", "#SBATCH --partition=gpu", "#SBATCH --time=2:00:00", "#SBATCH --gres=gpu:1",
+                 "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300", "#SBATCH --cpus-per-task=2", "#SBATCH --mem=3G",
+                 'task ', '"$SLURM_ARRAY_TASK_ID"', "sbatch --parsable --qos=low"):
+        assert line in proc.stdout, (line, proc.stdout)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_flags_stop_before_any_run_starts(tmp_path):
     proc = bench("smoke", "--out", tmp_path / "out", "--flags", "--batch-size 0", cwd=tmp_path, check=2)
     assert "--batch-size must be positive" in proc.stderr and "variant dqn_softmoe" in proc.stderr
@@ -461,8 +490,8 @@ def test_sps_by_phase_keeps_only_intervals_wholly_inside_a_phase():
 def test_perf_on_the_cpu_skips_absent_scripts(tmp_path):
     out = tmp_path / "perf"
     bench("perf", "--scripts", "dqn_softmoe", "not_a_script", "--steps", 400, "--learning-starts", 200,
-          "--buffer-size", 1000, "--log-frequency", 100, "--cpu", "--threads", 1, "--flags", "--num-experts 2", "--out", out,
-          cwd=tmp_path, check=0)
+          "--buffer-size", 1000, "--log-frequency", 100, "--cpu", "--threads", 1, "--flags", "--num-experts 2",
+          "--out", "perf", cwd=tmp_path, check=0)  # --out relative to the working directory
     rows = {row["script"]: row for row in json.loads((out / "perf.json").read_text())}
     assert rows["not_a_script"]["note"] == "not present yet: skipped"
     dqn = rows["dqn_softmoe"]
