@@ -236,7 +236,13 @@ def slurm_queue():
 
 def is_alive(status, queue):
     if status.get("slurm_job"):
-        return queue is None or status["slurm_job"] in queue  # without squeue we cannot tell: assume it lives
+        if queue is None or status["slurm_job"] in queue:  # without squeue we cannot tell: assume it lives
+            return True
+        for _ in range(3):  # a task being requeued can leave squeue's list for a moment: ask again before giving up
+            time.sleep(1.0)
+            if status["slurm_job"] in (slurm_queue() or set()):
+                return True
+        return False
     if status.get("host") != socket.gethostname():
         return True
     try:

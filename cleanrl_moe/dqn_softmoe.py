@@ -45,8 +45,9 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
-    cuda_graphs: bool = True
-    """on CUDA, record the acting forward and the loss/gradient computation as CUDA graphs (same math, far fewer kernel launches)"""
+    cuda_graphs: bool = False
+    """on CUDA, record the acting forward and the loss/gradient computation as CUDA graphs (same math, far fewer
+    kernel launches); opt-in until tests/test_cuda.py has passed on a GPU"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "cleanrl-moe"

@@ -31,14 +31,17 @@ def episode_ends(run_dir):
 
 
 def test_end_to_end_writes_the_atari_100k_result_and_ends_learning_episodes_at_a_lost_life(tmp_path):
-    proc = run_script(SCRIPT, *TINY, "--checkpoint-every", 800, "--save-model", cwd=tmp_path)
+    # a random evaluation policy, so that the episodes' scores differ and their mean differs from their best
+    proc = run_script(SCRIPT, *TINY, "--checkpoint-every", 800, "--save-model", "--eval-episodes", 3,
+                      "--eval-epsilon", 1.0, cwd=tmp_path)
     assert "eval: score" in proc.stdout and "human-normalized" in proc.stdout
     run_dir = only_run_dir(tmp_path)
     info = result(run_dir)
     assert set(info) >= {"script", "env_id", "game", "seed", "steps", "episodes", "eval_returns", "score", "hns",
                          "wall_time_s", "args"}
     assert (info["script"], info["game"], info["seed"], info["steps"]) == ("der_single_expert", "Assault", 1, 800)
-    assert len(info["eval_returns"]) == 2 and info["score"] == pytest.approx(np.mean(info["eval_returns"]))
+    assert len(info["eval_returns"]) == 3 and len(set(info["eval_returns"])) > 1
+    assert info["score"] == pytest.approx(np.mean(info["eval_returns"]))
     assert info["hns"] == pytest.approx((info["score"] - 222.4) / (742.0 - 222.4))
     assert info["args"]["n_step"] == 10 and info["args"]["encoder"] == "der" and info["wall_time_s"] > 0
     assert (run_dir / "der_single_expert.cleanrl_model").exists()

@@ -75,7 +75,8 @@ def train(memory, steps=2000):
     q_network, target_network = TabularDistribution(0), TabularDistribution(1)  # the target starts different
     optimizer = torch.optim.Adam(q_network.parameters(), lr=0.05)
     args = SimpleNamespace(learning_starts=0, train_frequency=1, target_network_frequency=50, batch_size=128,
-                           total_timesteps=steps, priority_exponent=0.5, priority_beta_start=1.0, priority_beta_end=1.0)
+                           total_timesteps=steps, priority_exponent=0.5, priority_beta_start=1.0, priority_beta_end=1.0,
+                           max_grad_norm=0.0)
     rng, noise = np.random.default_rng(2), torch.Generator().manual_seed(0)
     for step in range(1, steps + 1):
         if step == 3 * steps // 4:
@@ -109,7 +110,8 @@ def test_update_schedule_and_target_sync():
     q_network, target_network = TabularDistribution(0), TabularDistribution(1)
     optimizer = torch.optim.Adam(q_network.parameters(), lr=0.01)
     args = SimpleNamespace(learning_starts=10, train_frequency=4, target_network_frequency=8, batch_size=8,
-                           total_timesteps=100, priority_exponent=0.5, priority_beta_start=0.5, priority_beta_end=0.5)
+                           total_timesteps=100, priority_exponent=0.5, priority_beta_start=0.5, priority_beta_end=0.5,
+                           max_grad_norm=0.0)
     rng, noise = np.random.default_rng(0), torch.Generator()
     updates = [s for s in range(1, 41)
                if m.train_step(s, args, q_network, target_network, optimizer, memory, rng, noise, "cpu") is not None]
