@@ -57,6 +57,19 @@ def test_end_to_end_writes_the_atari_100k_result_and_ends_learning_episodes_at_a
     assert episodes == len(tags["charts/episodic_return"]) == info["episodes"] >= 3
     assert ends > episodes and terminations >= ends - episodes  # every extra end is a lost life, and terminal
     assert max(v for _, v in tags["charts/episodic_length"]) > 100  # longer than one life
+    # the agent's own frame stack restarts at a lost life, as the replay memory's does: stop the same run right
+    # after its first lost life (the runs are deterministic) and look at the stack it would act on next
+    replay = torch.load(run_dir / "checkpoint.pt", weights_only=True)["replay"]
+    transition = replay["is_transition"].numpy()
+    first_loss = int(np.flatnonzero(replay["terminated"].numpy() & transition)[0])
+    step = int(transition[:first_loss].sum())  # the agent step whose transition lost the life
+    for total, restarted in ((step + 1, True), (step, False)):
+        cwd = tmp_path / f"stop_at_{total}"
+        cwd.mkdir()
+        run_script(SCRIPT, *TINY, "--total-timesteps", total, "--checkpoint-every", total, "--eval-episodes", 0,
+                   cwd=cwd)
+        stack = torch.load(only_run_dir(cwd) / "checkpoint.pt", weights_only=True)["stack"]
+        assert all(torch.equal(stack[k], stack[3]) for k in range(3)) == restarted
     (tmp_path / "no_life_loss").mkdir()
     run_script(SCRIPT, *TINY, "--checkpoint-every", 800, "--eval-episodes", 0, "--no-terminal-on-life-loss",
                cwd=tmp_path / "no_life_loss")

@@ -32,6 +32,9 @@ MUTANTS = [
     ("der_single_expert", "training: a lost life ends the episode's return too",
      "if terminated or truncated:\n            writer.add_scalar(\"charts/episodic_return\"",
      "if terminated or truncated or life_lost:\n            writer.add_scalar(\"charts/episodic_return\"", [E2E]),
+    ("der_single_expert", "training: the agent's frame stack crosses a lost life",
+     "elif life_lost:  # the replay memory starts a new stack here", "elif False:  # the replay memory starts a new stack here",
+     [E2E]),
     ("der_single_expert", "score = best evaluation episode instead of the mean",
      "score = float(np.mean(eval_returns))", "score = float(np.max(eval_returns))", [E2E]),
 ]
