@@ -1046,6 +1046,10 @@ def sps_by_phase(sps_events, learning_starts):
     return (float(np.median(warmup)) if warmup else None), (float(np.median(learning)) if learning else None)
 
 
+# flags that keep a script's measured run to its training: der_single_expert evaluates 100 episodes after every run
+PERF_SCRIPT_FLAGS = {"der_single_expert": ["--eval-episodes", "0"]}
+
+
 def perf(opts):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -1067,8 +1071,8 @@ def perf(opts):
         env = dict(os.environ, PYTHONUNBUFFERED="1", BENCH_PERF_STATS=str(work / "stats.json"))
         if opts.threads:
             env.update(OMP_NUM_THREADS=str(opts.threads), MKL_NUM_THREADS=str(opts.threads))
-        argv = [sys.executable, "-c", PERF_WRAPPER, str(path), *config]
-        print(f"perf {name}: {shlex.join([str(path), *config])}", flush=True)
+        argv = [sys.executable, "-c", PERF_WRAPPER, str(path), *config, *PERF_SCRIPT_FLAGS.get(name, [])]
+        print(f"perf {name}: {shlex.join([str(path), *config, *PERF_SCRIPT_FLAGS.get(name, [])])}", flush=True)
         with open(work / "log.txt", "w") as log:
             code = subprocess.run(argv, cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
         row = {"script": name, "exit_code": code}
