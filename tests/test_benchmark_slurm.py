@@ -51,7 +51,11 @@ def test_slurm_array_job_runs_the_suite_and_resumes_a_requeued_task(tmp_path):
     task = json.loads((first / "status.json").read_text())["slurm_job"]
     subprocess.run(["scancel", "--batch", "--signal=USR1", task], check=True)
     wait_until(lambda: b.read_status(first).get("exit_code") == 143, what="the run to stop with a checkpoint")
-    # Slurm holds a requeued job for about 2 minutes (BeginTime); release it now
+    # Slurm holds a requeued job for about 2 minutes (BeginTime); release it now, but only once the old instance is
+    # gone: a requeued job started at once is killed ("Job credential revoked") and looks lost
+    wait_until(lambda: "PENDING" in subprocess.run(["squeue", "-h", "-r", "-j", task, "-o", "%T"], capture_output=True,
+                                                   text=True).stdout, timeout=60, what="the requeued task to be pending")
+    time.sleep(5)
     wait_until(lambda: subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"],
                                       capture_output=True).returncode == 0, timeout=60, what="the requeued task")
 
