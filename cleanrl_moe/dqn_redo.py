@@ -1,4 +1,4 @@
-# docs and experiment results can be found at https://github.com/cleanrl-moe/cleanrl-moe/blob/main/docs/dqn_redo.md
+# docs and experiment results: docs/dqn_redo.md
 """DQN with ReDo: recycling dormant neurons.
 
 Sokar, Agarwal, Castro and Evci (2023), "The Dormant Neuron Phenomenon in Deep Reinforcement Learning",
@@ -49,6 +49,9 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
+    cuda_graphs: bool = False
+    """on CUDA, record the acting forward and each whole update (batch gather, loss, backward, Adam step) as CUDA
+    graphs (same math, far fewer kernel launches); opt-in until tests/test_cuda.py has passed on a GPU"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "cleanrl-moe"
@@ -126,7 +129,7 @@ class Args:
 
 # >>> shared block: env
 def make_env(env_id, seed, repeat_action_probability=0.25, max_episode_steps=27_000, noop_max=0,
-             capture_video=False, run_name=""):
+             capture_video=False, video_dir="videos"):
     """One Atari environment preprocessed as Dopamine does (frame skip 4 with max-pool over the last two
     frames, 84x84 grey, minimal action set, sticky actions, episodes cut at max_episode_steps agent steps).
     Observations are single frames [84, 84]; the training loop stacks them. Rewards are raw game scores."""
@@ -139,62 +142,20 @@ def make_env(env_id, seed, repeat_action_probability=0.25, max_episode_steps=27_
         render_mode="rgb_array" if capture_video else None,
     )
     if capture_video:
-        env = gym.wrappers.RecordVideo(env, f"videos/{run_name}")
+        env = gym.wrappers.RecordVideo(env, video_dir)
     env = gym.wrappers.AtariPreprocessing(env, noop_max=noop_max, frame_skip=4, screen_size=84)
     env.action_space.seed(seed)
     return env
-
-
-def get_env_state(env):
-    """Everything needed to continue the current episode bit-exactly after a restart."""
-    pre = env
-    while not isinstance(pre, gym.wrappers.AtariPreprocessing):
-        pre = pre.env
-    ale_state = env.unwrapped.ale.cloneState(include_rng=True).serialize()
-    return {
-        "ale": torch.frombuffer(bytearray(ale_state), dtype=torch.uint8),
-        "obs_buffer": torch.from_numpy(np.stack(pre.obs_buffer)),
-        "lives": pre.lives,
-        "game_over": pre.game_over,
-        "np_random": env.unwrapped.np_random.bit_generator.state,
-    }
-
-
-def set_env_state(env, state):
-    pre = env
-    while not isinstance(pre, gym.wrappers.AtariPreprocessing):
-        pre = pre.env
-    env.unwrapped.ale.restoreState(ale_py.ALEState(state["ale"].numpy().tobytes()))
-    for buffer, saved in zip(pre.obs_buffer, state["obs_buffer"].numpy()):
-        buffer[...] = saved
-    pre.lives, pre.game_over = state["lives"], state["game_over"]
-    env.unwrapped.np_random.bit_generator.state = state["np_random"]
-
-
-def check_env_id(env_id):
-    """The ALE id, or a one-line error naming --env-id."""
-    try:
-        spec = gym.spec(env_id)
-    except gym.error.Error:
-        spec = None
-    if spec is None or "ale_py" not in str(spec.entry_point):
-        fail(f"--env-id {env_id!r} is not an Atari environment of ale-py; use an id such as ALE/Breakout-v5")
 # <<< shared block: env
 
 
 # ALGO LOGIC: initialize agent here:
-# >>> shared block: encoders
+# >>> shared block: nature
 def xavier_(layer):
     """Flax's xavier_uniform kernel and zero bias (Dopamine's init for convs and dense layers)."""
     nn.init.xavier_uniform_(layer.weight)
     nn.init.zeros_(layer.bias)
     return layer
-
-
-def lecun_normal_(tensor, fan_in):
-    """Flax's lecun_normal: truncated normal on [-2s, 2s] scaled so that the std is 1/sqrt(fan_in)."""
-    std = 1.0 / math.sqrt(fan_in) / 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
-    return nn.init.trunc_normal_(tensor, 0.0, std, -2 * std, 2 * std)
 
 
 def same_padding(size, kernel, stride):
@@ -210,13 +171,6 @@ class SameConv2d(nn.Conv2d):
         top, bottom = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])
         left, right = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])
         return super().forward(F.pad(x, (left, right, top, bottom)))
-
-
-def max_pool_same(x, kernel=3, stride=2):
-    """Flax max_pool with 'SAME' padding: pad with -inf, since the input is a raw conv output."""
-    top, bottom = same_padding(x.shape[-2], kernel, stride)
-    left, right = same_padding(x.shape[-1], kernel, stride)
-    return F.max_pool2d(F.pad(x, (left, right, top, bottom), value=-math.inf), kernel, stride)
 
 
 class NatureEncoder(nn.Module):
@@ -236,52 +190,7 @@ class NatureEncoder(nn.Module):
             if record is not None:
                 record[name] = x
         return x
-
-
-class ResidualBlock(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv0 = SameConv2d(channels, channels, 3)
-        self.conv1 = SameConv2d(channels, channels, 3)
-        for conv in (self.conv0, self.conv1):  # Flax's default conv init
-            lecun_normal_(conv.weight, fan_in=channels * 9)
-            nn.init.zeros_(conv.bias)
-
-    def forward(self, x, record=None, name=""):
-        h = F.relu(x)
-        if record is not None:
-            record[f"{name}.relu0"] = h
-        h = F.relu(self.conv0(h))
-        if record is not None:
-            record[f"{name}.relu1"] = h
-        return x + self.conv1(h)
-
-
-class ImpalaEncoder(nn.Module):
-    """Impala ResNet (Espeholt et al. 2018; Dopamine's ImpalaEncoder): three stacks of conv, 3x3/2 max-pool
-    and two residual blocks, then ReLU: [B, 4, 84, 84] -> [B, 32, 11, 11]."""
-
-    output_shape = (32, 11, 11)
-
-    def __init__(self, stack_channels=(16, 32, 32)):
-        super().__init__()
-        self.convs, self.blocks = nn.ModuleList(), nn.ModuleList()
-        in_channels = 4
-        for channels in stack_channels:
-            self.convs.append(xavier_(SameConv2d(in_channels, channels, 3)))
-            self.blocks.append(nn.ModuleList([ResidualBlock(channels), ResidualBlock(channels)]))
-            in_channels = channels
-
-    def forward(self, x, record=None):
-        for i, (conv, blocks) in enumerate(zip(self.convs, self.blocks)):
-            x = max_pool_same(conv(x))
-            for j, block in enumerate(blocks):
-                x = block(x, record, f"stack{i}.block{j}")
-        x = F.relu(x)
-        if record is not None:
-            record["encoder"] = x
-        return x
-# <<< shared block: encoders
+# <<< shared block: nature
 
 
 class QNetwork(nn.Module):
@@ -311,8 +220,204 @@ class QNetwork(nn.Module):
                 ("hidden", self.hidden, self.head)]
 
 
+# >>> shared block: replay
+class ReplayMemory:
+    """Circular replay memory that stores every frame once and rebuilds frame stacks at sample time.
+
+    Slot t holds the newest frame of observation t with the action, clipped reward and flags of the
+    transition taken from it. When an episode ends (termination or truncation) its final frame is written
+    to an extra slot that is never sampled, so the next state of every transition lives k slots later.
+    Stacks never reach into an earlier episode: they are padded with the episode's first frame, as
+    `FrameStackObservation(padding_type="reset")` and the training loop do. n-step returns stop at the
+    episode's end; a termination zeroes the bootstrap, a truncation keeps it.
+    Frames and per-slot data live on `device` (the training GPU when they fit), so that a batch is gathered
+    there by tensor indexing alone (inside the CUDA graph of an update); indices are drawn on the host."""
+
+    def __init__(self, capacity, frame_shape=(84, 84), stack_size=4, n_step=1, gamma=0.99, device="cpu"):
+        self.capacity, self.stack_size, self.n_step, self.gamma = capacity, stack_size, n_step, gamma
+        self.device = device = torch.device(device)
+        self.frames = torch.zeros((capacity, *frame_shape), dtype=torch.uint8, device=device)
+        self.action = torch.zeros(capacity, dtype=torch.int32, device=device)
+        self.reward = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.terminated = torch.zeros(capacity, dtype=torch.bool, device=device)  # the transition ended in a termination
+        self.episode_end = torch.zeros(capacity, dtype=torch.bool, device=device)  # ... was the last of its episode
+        self.history = torch.zeros(capacity, dtype=torch.uint8, device=device)  # earlier frames of the episode in the stack
+        self.is_transition = np.zeros(capacity, bool)  # False for an episode's final frame; on the host, for sampling
+        self.discount_powers = gamma ** torch.arange(n_step, dtype=torch.float64, device=device)
+        self.cursor = 0  # number of slots ever written
+        self.episode_step = 0
+
+    @staticmethod
+    def bytes_per_slot(frame_shape=(84, 84)):
+        return int(np.prod(frame_shape)) + 4 + 4 + 1 + 1 + 1 + 1
+
+    def __len__(self):
+        return min(self.cursor, self.capacity)
+
+    def _write(self, frame, action, reward, terminated, episode_end, is_transition):
+        slot = self.cursor % self.capacity
+        self.frames[slot] = torch.as_tensor(frame)
+        self.action[slot], self.reward[slot] = action, reward
+        self.terminated[slot], self.episode_end[slot], self.is_transition[slot] = terminated, episode_end, is_transition
+        self.history[slot] = min(self.episode_step, self.stack_size - 1)
+        self.episode_step += 1
+        self.cursor += 1
+
+    def add(self, frame, action, reward, terminated, truncated, next_frame):
+        """Store the transition (frame, action, reward) taken from the current observation, whose newest
+        frame is `frame`. At an episode's end `next_frame` (the final observation) is stored too."""
+        done = bool(terminated or truncated)
+        self._write(frame, action, reward, bool(terminated), done, True)
+        if done:
+            self._write(next_frame, 0, 0.0, False, False, False)
+            self.episode_step = 0
+
+    def sample_range(self):
+        """Linear indices [lo, hi] that may be sampled: the oldest stack_size - 1 slots may have lost their
+        history to overwriting, and the newest n_step slots lack their n-step future."""
+        return max(0, self.cursor - self.capacity) + self.stack_size - 1, self.cursor - 1 - self.n_step
+
+    def is_valid(self, index):
+        lo, hi = self.sample_range()
+        return (index >= lo) & (index <= hi) & self.is_transition[index % self.capacity]
+
+    def sample_indices(self, batch_size, rng):
+        """Uniform over the valid transitions (rejection sampling; final-frame slots are rare)."""
+        lo, hi = self.sample_range()
+        if hi < lo or not self.is_valid(np.arange(lo, hi + 1)).any():
+            raise RuntimeError("the replay memory holds no complete transition yet")
+        chosen = np.empty(0, np.int64)
+        while len(chosen) < batch_size:
+            candidates = rng.integers(lo, hi + 1, size=2 * batch_size)
+            chosen = np.concatenate([chosen, candidates[self.is_valid(candidates)]])
+        return chosen[:batch_size]
+
+    def stacks(self, index):
+        """Frame stacks [B, stack_size, *frame_shape] of the observations at linear indices `index` [B]."""
+        index = torch.as_tensor(index, dtype=torch.int64, device=self.device)
+        back = torch.arange(self.stack_size - 1, -1, -1, device=self.device)  # oldest frame first
+        back = torch.minimum(back[None, :], self.history[index % self.capacity][:, None])
+        return self.frames[(index[:, None] - back) % self.capacity]
+
+    def get(self, index):
+        """The transitions at linear indices `index` [B] (numpy or a tensor), with n-step returns and bootstrap
+        discounts: target = returns + discounts * V(next_obs). Tensor operations only, on the memory's device."""
+        index = torch.as_tensor(index, dtype=torch.int64, device=self.device)
+        window = (index[:, None] + torch.arange(self.n_step, device=self.device)) % self.capacity  # [B, n]
+        ended = self.episode_end[window].int()
+        in_episode = (ended.cumsum(1) - ended) == 0  # reward k belongs to the same episode as step 0
+        returns = (self.reward[window].double() * self.discount_powers * in_episode).sum(1)
+        length = in_episode.sum(1)
+        terminated = (self.terminated[window] & in_episode).any(1)
+        discounts = torch.where(terminated, 0.0, self.gamma**length.double())
+        return {
+            "obs": self.stacks(index),
+            "actions": self.action[index % self.capacity].long(),
+            "returns": returns.float(),
+            "discounts": discounts.float(),
+            "next_obs": self.stacks(index + length),
+        }
+
+    def state_dict(self):
+        n = len(self)
+        state = {k: getattr(self, k)[:n].to("cpu", copy=True) for k in self._slot_fields}  # only the stored slots
+        state.update(is_transition=torch.from_numpy(self.is_transition[:n].copy()), cursor=self.cursor,
+                     episode_step=self.episode_step)
+        return state
+
+    def load_state_dict(self, state):
+        n = state["frames"].shape[0]
+        for k in self._slot_fields:
+            getattr(self, k)[:n] = state[k].to(self.device)
+        self.is_transition[:n] = state["is_transition"].numpy()
+        self.cursor, self.episode_step = state["cursor"], state["episode_step"]
+
+    _slot_fields = ("frames", "action", "reward", "terminated", "episode_end", "history")
+# <<< shared block: replay
+
+
+# >>> shared block: epsilon_greedy
+def linear_schedule(start_e, end_e, duration, t):
+    slope = (end_e - start_e) / duration
+    return max(slope * t + start_e, end_e)
+
+
+def epsilon_at(args, step):
+    """Dopamine's linearly_decaying_epsilon: start-e through the warm-up, then linear to end-e."""
+    return linear_schedule(args.start_e, args.end_e, args.exploration_steps, max(0, step - args.learning_starts))
+
+
+def greedy_action(q_network, obs):
+    """argmax_a Q(obs, a) [B] (recorded as a CUDA graph on GPUs)."""
+    with torch.no_grad():
+        return q_network(obs).argmax(dim=1)
+# <<< shared block: epsilon_greedy
+
+
+# >>> shared block: optimizer
+def make_optimizer(args, q_network):
+    """Adam with Dopamine's learning rate and epsilon, fused into one kernel over all parameters (CPU and CUDA).
+    `found_inf`, set by `update`, makes that kernel skip a step whose loss is not finite (as AMP's GradScaler does),
+    so the weights stay finite without a host sync before the step; `capturable` lets a CUDA graph record the step."""
+    device = next(q_network.parameters()).device
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True,
+                                 capturable=device.type == "cuda")
+    optimizer.found_inf = torch.zeros((), device=device)
+    return optimizer
+# <<< shared block: optimizer
+
+
+def dqn_loss(q_network, target_network, batch):
+    """Huber loss (delta 1, Dopamine's huber_loss) between Q(s, a) and the target R + discount * max_a'
+    Q_target(s', a'), where the discount is gamma, or 0 after a termination (from the replay memory)."""
+    with torch.no_grad():
+        target_max = target_network(batch["next_obs"]).max(dim=1).values
+        td_target = batch["returns"] + batch["discounts"] * target_max
+    q_taken = q_network(batch["obs"]).gather(1, batch["actions"].unsqueeze(1)).squeeze(1)
+    return F.smooth_l1_loss(q_taken, td_target, beta=1.0), q_taken
+
+
+# >>> shared block: dqn_update
+def update(q_network, target_network, optimizer, rb, index):
+    """One gradient step on the replay transitions at linear indices `index` [B] (on the memory's device): gather the
+    batch, loss, backward, Adam step. Recorded as one CUDA graph on GPUs. Returns (loss, mean Q(s, a)) as tensors; a
+    non-finite loss leaves the weights and Adam's state unchanged (`make_optimizer`)."""
+    device = next(q_network.parameters()).device
+    batch = {k: v.to(device) for k, v in rb.get(index).items()}  # a no-op when the memory is on that device
+    loss, q_taken = dqn_loss(q_network, target_network, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.found_inf.copy_(~torch.isfinite(loss))
+    optimizer.step()
+    return loss.detach(), q_taken.detach().mean()
+# <<< shared block: dqn_update
+
+
 # ALGO LOGIC: ReDo. Both functions work for any network whose forward(x, record) records the post-ReLU
 # activations of the layers that its redo_layers() lists as (name, Linear or Conv2d, next Linear or Conv2d).
+# >>> shared block: dormant
+def neuron_scores(activation):
+    """ReDo's score: mean |activation| over everything but the neuron axis (dim 1: channels, units or
+    (expert, unit) pairs), divided by the layer's mean score (Sokar et al. 2023, mean normalization)."""
+    score = activation.abs().mean(dim=[d for d in range(activation.dim()) if d != 1])
+    return score / (score.mean() + 1e-9)
+
+
+def dormant_statistics(record, taus):
+    """Percentage of tau-dormant neurons (score <= tau) per layer and pooled over all hidden layers."""
+    layers = {k: v for k, v in record.items() if k not in ("dispatch", "combine", "router_probs", "kept")}
+    stats = {}
+    for tau in taus:
+        dormant, total = 0, 0
+        for name, activation in layers.items():
+            mask = neuron_scores(activation) <= tau
+            stats[f"dormant/{name}_tau{tau:g}_pct"] = 100.0 * mask.float().mean().item()
+            dormant, total = dormant + mask.sum().item(), total + mask.numel()
+        stats[f"dormant/tau{tau:g}_pct"] = 100.0 * dormant / total
+    return stats
+# <<< shared block: dormant
+
+
 def dormant_neurons(network, obs, tau):
     """Masks and scores {layer name: [neurons]} of the hidden neurons of `network` on the batch `obs`.
 
@@ -358,178 +463,71 @@ def recycle_dormant(network, optimizer, masks, init_=nn.init.xavier_uniform_):
     return {name: int(dead.sum()) for name, dead in masks.items()}
 
 
-# >>> shared block: replay
-class ReplayMemory:
-    """Circular replay memory that stores every frame once and rebuilds frame stacks at sample time.
-
-    Slot t holds the newest frame of observation t with the action, clipped reward and flags of the
-    transition taken from it. When an episode ends (termination or truncation) its final frame is written
-    to an extra slot that is never sampled, so the next state of every transition lives k slots later.
-    Stacks never reach into an earlier episode: they are padded with the episode's first frame, as
-    `FrameStackObservation(padding_type="reset")` and the training loop do. n-step returns stop at the
-    episode's end; a termination zeroes the bootstrap, a truncation keeps it.
-    Frames live on `device` (the training device when they fit); the small per-slot data stays in numpy."""
-
-    def __init__(self, capacity, frame_shape=(84, 84), stack_size=4, n_step=1, gamma=0.99, device="cpu"):
-        self.capacity, self.stack_size, self.n_step, self.gamma = capacity, stack_size, n_step, gamma
-        self.device = torch.device(device)
-        self.frames = torch.zeros((capacity, *frame_shape), dtype=torch.uint8, device=self.device)
-        self.action = np.zeros(capacity, np.int32)
-        self.reward = np.zeros(capacity, np.float32)
-        self.terminated = np.zeros(capacity, bool)  # the transition from this slot ended in a termination
-        self.episode_end = np.zeros(capacity, bool)  # ... was the last of its episode (terminated or truncated)
-        self.is_transition = np.zeros(capacity, bool)  # False for an episode's final frame
-        self.history = np.zeros(capacity, np.uint8)  # earlier frames of the same episode usable in the stack
-        self.cursor = 0  # number of slots ever written
-        self.episode_step = 0
-
-    @staticmethod
-    def bytes_per_slot(frame_shape=(84, 84)):
-        return int(np.prod(frame_shape)) + 4 + 4 + 1 + 1 + 1 + 1
-
-    def __len__(self):
-        return min(self.cursor, self.capacity)
-
-    def _write(self, frame, action, reward, terminated, episode_end, is_transition):
-        slot = self.cursor % self.capacity
-        self.frames[slot] = torch.as_tensor(frame)
-        self.action[slot], self.reward[slot] = action, reward
-        self.terminated[slot], self.episode_end[slot], self.is_transition[slot] = terminated, episode_end, is_transition
-        self.history[slot] = min(self.episode_step, self.stack_size - 1)
-        self.episode_step += 1
-        self.cursor += 1
-
-    def add(self, frame, action, reward, terminated, truncated, next_frame):
-        """Store the transition (frame, action, reward) taken from the current observation, whose newest
-        frame is `frame`. At an episode's end `next_frame` (the final observation) is stored too."""
-        done = bool(terminated or truncated)
-        self._write(frame, action, reward, bool(terminated), done, True)
-        if done:
-            self._write(next_frame, 0, 0.0, False, False, False)
-            self.episode_step = 0
-
-    def sample_range(self):
-        """Linear indices [lo, hi] that may be sampled: the oldest stack_size - 1 slots may have lost their
-        history to overwriting, and the newest n_step slots lack their n-step future."""
-        return max(0, self.cursor - self.capacity) + self.stack_size - 1, self.cursor - 1 - self.n_step
-
-    def is_valid(self, index):
-        lo, hi = self.sample_range()
-        return (index >= lo) & (index <= hi) & self.is_transition[index % self.capacity]
-
-    def sample_indices(self, batch_size, rng):
-        """Uniform over the valid transitions (rejection sampling; final-frame slots are rare)."""
-        lo, hi = self.sample_range()
-        if hi < lo or not self.is_transition[np.arange(lo, hi + 1) % self.capacity].any():
-            raise RuntimeError("the replay memory holds no complete transition yet")
-        chosen = np.empty(0, np.int64)
-        while len(chosen) < batch_size:
-            candidates = rng.integers(lo, hi + 1, size=2 * batch_size)
-            chosen = np.concatenate([chosen, candidates[self.is_transition[candidates % self.capacity]]])
-        return chosen[:batch_size]
-
-    def stacks(self, index):
-        """Frame stacks [B, stack_size, *frame_shape] of the observations at linear indices `index`."""
-        back = np.arange(self.stack_size - 1, -1, -1)  # oldest frame first
-        back = np.minimum(back[None, :], self.history[index % self.capacity][:, None])
-        slots = torch.from_numpy((index[:, None] - back) % self.capacity)
-        return self.frames[slots.to(self.device)]
-
-    def get(self, index):
-        """The transitions at linear indices `index`, with n-step returns and bootstrap discounts:
-        target = returns + discounts * V(next_obs)."""
-        steps = np.arange(self.n_step)
-        window = (index[:, None] + steps) % self.capacity  # [B, n]
-        ended_before = np.cumsum(self.episode_end[window], axis=1) - self.episode_end[window]
-        in_episode = ended_before == 0  # reward k belongs to the same episode as step 0
-        returns = (self.reward[window] * self.gamma**steps * in_episode).sum(1)
-        length = in_episode.sum(1)
-        terminated = (self.terminated[window] & in_episode).any(1)
-        discounts = np.where(terminated, 0.0, self.gamma**length)
-        return {
-            "obs": self.stacks(index),
-            "actions": torch.from_numpy(self.action[index % self.capacity].astype(np.int64)),
-            "returns": torch.from_numpy(returns.astype(np.float32)),
-            "discounts": torch.from_numpy(discounts.astype(np.float32)),
-            "next_obs": self.stacks(index + length),
-        }
-
-    def sample(self, batch_size, rng, device=None):
-        batch = self.get(self.sample_indices(batch_size, rng))
-        return {k: v.to(device or self.device, non_blocking=True) for k, v in batch.items()}
-
-    def state_dict(self):
-        n = len(self)
-        state = {k: torch.from_numpy(getattr(self, k)[:n].copy()) for k in self._numpy_fields}
-        state.update(frames=self.frames[:n].cpu(), cursor=self.cursor, episode_step=self.episode_step)
-        return state
-
-    def load_state_dict(self, state):
-        n = state["frames"].shape[0]
-        self.frames[:n] = state["frames"].to(self.device)
-        for k in self._numpy_fields:
-            getattr(self, k)[:n] = state[k].numpy()
-        self.cursor, self.episode_step = state["cursor"], state["episode_step"]
-
-    _numpy_fields = ("action", "reward", "terminated", "episode_end", "is_transition", "history")
-# <<< shared block: replay
+def updates_at(args, step):
+    """Numbers (counted from 1 after the warm-up) of the gradient updates made at agent step `step`:
+    replay-ratio x train-frequency updates every train-frequency agent steps after the warm-up."""
+    if step <= args.learning_starts or step % args.train_frequency != 0:
+        return range(0)
+    per_step = round(args.replay_ratio * args.train_frequency)
+    first = (step // args.train_frequency - args.learning_starts // args.train_frequency - 1) * per_step + 1
+    return range(first, first + per_step)
 
 
-# >>> shared block: analysis
-def neuron_scores(activation):
-    """ReDo's score: mean |activation| over everything but the neuron axis (dim 1: channels, units or
-    (expert, unit) pairs), divided by the layer's mean score (Sokar et al. 2023, mean normalization)."""
-    score = activation.abs().mean(dim=[d for d in range(activation.dim()) if d != 1])
-    return score / (score.mean() + 1e-9)
+def train_step(step, args, q_network, target_network, optimizer, rb, rng, update_fn=update):
+    """Dopamine's _train_step at agent step `step`, as the ReDo agent runs it: the updates of `updates_at` on uniform
+    replay samples, each followed by a ReDo event when its number is a multiple of redo-period, and a hard target
+    copy every target-network-frequency agent steps. `update_fn` is `update` or its CUDA graph. Returns the (loss,
+    mean Q) of each update and the neurons recycled per layer (None without a ReDo event)."""
+    updates, recycled = [], None
+    for number in updates_at(args, step):
+        index = torch.as_tensor(rb.sample_indices(args.batch_size, rng), device=rb.device)
+        updates.append(update_fn(q_network, target_network, optimizer, rb, index))
+        if args.redo and number % args.redo_period == 0:
+            # the neurons are scored on a fresh uniform sample, with the parameters of this update
+            probe = rb.stacks(rb.sample_indices(args.redo_batch_size, rng)).to(next(q_network.parameters()).device)
+            masks, _ = dormant_neurons(q_network, probe, args.redo_tau)
+            counts = recycle_dormant(q_network, optimizer, masks)
+            if args.redo_reset_adam_step:  # ablation: restarts the bias correction of the whole network
+                for state in optimizer.state.values():
+                    state["step"].zero_()
+            recycled = counts if recycled is None else {k: recycled[k] + v for k, v in counts.items()}
+    if step > args.learning_starts and step % args.target_network_frequency == 0:
+        target_network.load_state_dict(q_network.state_dict())  # in place: a CUDA graph sees the new weights
+    return updates, recycled
 
 
-def dormant_statistics(record, taus):
-    """Percentage of tau-dormant neurons (score <= tau) per layer and pooled over all hidden layers."""
-    layers = {k: v for k, v in record.items() if k not in ("dispatch", "combine", "router_probs", "kept")}
-    stats = {}
-    for tau in taus:
-        dormant, total = 0, 0
-        for name, activation in layers.items():
-            mask = neuron_scores(activation) <= tau
-            stats[f"dormant/{name}_tau{tau:g}_pct"] = 100.0 * mask.float().mean().item()
-            dormant, total = dormant + mask.sum().item(), total + mask.numel()
-        stats[f"dormant/tau{tau:g}_pct"] = 100.0 * dormant / total
-    return stats
+# =====================================================================================================================
+# Run plumbing: what a training run needs besides the method (environment state, statistics, failure and resource
+# checks, checkpoints, flags, progress, CUDA graphs, evaluation). Nothing below changes what the agent learns.
+# =====================================================================================================================
 
 
-def normalized_entropy(p, dims):
-    """Entropy of the distributions over `dims`, divided by its maximum log(size): 1 = uniform."""
-    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(dims)
-    return entropy / math.log(math.prod(p.shape[d] for d in dims))
+# >>> shared block: envstate
+def get_env_state(env):
+    """Everything needed to continue the current episode bit-exactly after a restart."""
+    pre = env
+    while not isinstance(pre, gym.wrappers.AtariPreprocessing):
+        pre = pre.env
+    ale_state = env.unwrapped.ale.cloneState(include_rng=True).serialize()
+    return {
+        "ale": torch.frombuffer(bytearray(ale_state), dtype=torch.uint8),
+        "obs_buffer": torch.from_numpy(np.stack(pre.obs_buffer)),
+        "lives": pre.lives,
+        "game_over": pre.game_over,
+        "np_random": env.unwrapped.np_random.bit_generator.state,
+    }
 
 
-def routing_statistics(record):
-    """How the router spreads tokens over slots and experts (logged under moe/)."""
-    stats = {}
-    if "combine" in record:  # Soft MoE, weights [B, m, n, p]
-        dispatch, combine = record["dispatch"], record["combine"]
-        num_tokens, num_experts, slots = combine.shape[1], combine.shape[2], combine.shape[2] * combine.shape[3]
-        if num_tokens > 1:
-            stats["moe/dispatch_entropy"] = normalized_entropy(dispatch, (1,)).mean().item()
-        if slots > 1:
-            stats["moe/combine_entropy"] = normalized_entropy(combine, (2, 3)).mean().item()
-            slot_share = combine.sum(1).flatten(1).mean(0) / num_tokens  # combine mass each slot delivers
-            stats["moe/slot_usage_entropy"] = normalized_entropy(slot_share, (0,)).item()
-        expert_share = combine.sum(dim=(1, 3)).mean(0) / num_tokens
-    elif "router_probs" in record:  # Top-1 MoE, probabilities [B, m, n]
-        probs, kept = record["router_probs"], record["kept"]
-        num_experts = probs.shape[-1]
-        if num_experts > 1:
-            stats["moe/router_entropy"] = normalized_entropy(probs, (2,)).mean().item()
-        expert_share = F.one_hot(probs.argmax(-1), num_experts).float().mean(dim=(0, 1))
-        stats["moe/dropped_token_fraction"] = 1.0 - kept.float().mean().item()
-    else:
-        return stats
-    if num_experts > 1:
-        stats["moe/expert_usage_entropy"] = normalized_entropy(expert_share, (0,)).item()
-        stats["moe/expert_usage_max"] = expert_share.max().item()
-    return stats
-# <<< shared block: analysis
+def set_env_state(env, state):
+    pre = env
+    while not isinstance(pre, gym.wrappers.AtariPreprocessing):
+        pre = pre.env
+    env.unwrapped.ale.restoreState(ale_py.ALEState(state["ale"].numpy().tobytes()))
+    for buffer, saved in zip(pre.obs_buffer, state["obs_buffer"].numpy()):
+        buffer[...] = saved
+    pre.lives, pre.game_over = state["lives"], state["game_over"]
+    env.unwrapped.np_random.bit_generator.state = state["np_random"]
+# <<< shared block: envstate
 
 
 # >>> shared block: runtime
@@ -537,6 +535,16 @@ def fail(message):
     """Stop at start-up with one line that names the flag and the fix."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def check_env_id(env_id):
+    """The ALE id, or a one-line error naming --env-id."""
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error:
+        spec = None
+    if spec is None or "ale_py" not in str(spec.entry_point):
+        fail(f"--env-id {env_id!r} is not an Atari environment of ale-py; use an id such as ALE/Breakout-v5")
 
 
 def available_ram_bytes():
@@ -631,67 +639,49 @@ class Progress:
 
     def print(self, message):
         print(("\n" if self.tty else "") + message, flush=True)
-
-
 # <<< shared block: runtime
 
 
-def linear_schedule(start_e, end_e, duration, t):
-    slope = (end_e - start_e) / duration
-    return max(slope * t + start_e, end_e)
+# >>> shared block: cudagraph
+class CudaGraph:
+    """Calls `fn(*args)`; on CUDA (`enabled`), replays it as one recorded CUDA graph.
 
+    Small networks at batch 32 are bound by kernel launches, not by arithmetic: a graph launches a whole forward,
+    backward and optimizer step at once. The first `warmup` calls run eagerly on a side stream (CUDA needs them
+    before recording; they are real calls), the next one is recorded, and from then on every call copies its tensor
+    arguments into the recorded ones and replays. The other arguments (modules, optimizer, replay memory, noise
+    generator) must be the same objects at every call; a generator is registered with the graph, so that each
+    replay draws fresh numbers from it. `fn` must keep its shapes and never synchronize with the host. The returned
+    tensors are overwritten by the next call."""
 
-def epsilon_at(args, step):
-    """Dopamine's linearly_decaying_epsilon: start-e through the warm-up, then linear to end-e."""
-    return linear_schedule(args.start_e, args.end_e, args.exploration_steps, max(0, step - args.learning_starts))
+    def __init__(self, fn, enabled, warmup=3):
+        self.fn, self.enabled, self.warmup, self.graph = fn, enabled, warmup, None
 
-
-def dqn_loss(q_network, target_network, batch):
-    """Huber loss (delta 1, Dopamine's huber_loss) between Q(s, a) and the target R + discount * max_a'
-    Q_target(s', a'), where the discount is gamma, or 0 after a termination (from the replay memory)."""
-    with torch.no_grad():
-        target_max = target_network(batch["next_obs"]).max(dim=1).values
-        td_target = batch["returns"] + batch["discounts"] * target_max
-    q_taken = q_network(batch["obs"]).gather(1, batch["actions"].unsqueeze(1)).squeeze(1)
-    return F.smooth_l1_loss(q_taken, td_target, beta=1.0), q_taken
-
-
-def updates_at(args, step):
-    """Numbers (counted from 1 after the warm-up) of the gradient updates made at agent step `step`:
-    replay-ratio x train-frequency updates every train-frequency agent steps after the warm-up."""
-    if step <= args.learning_starts or step % args.train_frequency != 0:
-        return range(0)
-    per_step = round(args.replay_ratio * args.train_frequency)
-    first = (step // args.train_frequency - args.learning_starts // args.train_frequency - 1) * per_step + 1
-    return range(first, first + per_step)
-
-
-def train_step(step, args, q_network, target_network, optimizer, rb, rng, device):
-    """Dopamine's _train_step at agent step `step`, as the ReDo agent runs it: the updates of `updates_at`,
-    each followed by a ReDo event when its number is a multiple of redo-period, and a hard target copy every
-    target-network-frequency agent steps. Returns the (loss, mean Q) of each update and the neurons recycled
-    per layer (None without a ReDo event); after a non-finite loss it returns at once, without a step."""
-    updates, recycled = [], None
-    for update in updates_at(args, step):
-        loss, q_taken = dqn_loss(q_network, target_network, rb.sample(args.batch_size, rng, device))
-        updates.append((loss.detach(), q_taken.detach().mean()))
-        if not torch.isfinite(loss):
-            return updates, recycled
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if args.redo and update % args.redo_period == 0:
-            # the neurons are scored on a fresh uniform sample, with the parameters of this update
-            probe = rb.stacks(rb.sample_indices(args.redo_batch_size, rng)).to(device)
-            masks, _ = dormant_neurons(q_network, probe, args.redo_tau)
-            counts = recycle_dormant(q_network, optimizer, masks)
-            if args.redo_reset_adam_step:  # ablation: restarts the bias correction of the whole network
-                for state in optimizer.state.values():
-                    state["step"].zero_()
-            recycled = counts if recycled is None else {k: recycled[k] + v for k, v in counts.items()}
-    if step > args.learning_starts and step % args.target_network_frequency == 0:
-        target_network.load_state_dict(q_network.state_dict())
-    return updates, recycled
+    def __call__(self, *args):
+        if not self.enabled:
+            return self.fn(*args)
+        if self.warmup > 0:
+            self.warmup -= 1
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                outputs = self.fn(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            return outputs
+        if self.graph is None:
+            self.args = [arg.clone() if torch.is_tensor(arg) else arg for arg in args]
+            self.graph = torch.cuda.CUDAGraph()
+            for arg in args:
+                if isinstance(arg, torch.Generator):
+                    self.graph.register_generator_state(arg)
+            with torch.cuda.graph(self.graph):
+                self.outputs = self.fn(*self.args)
+        for recorded, arg in zip(self.args, args):
+            if torch.is_tensor(recorded):
+                recorded.copy_(arg)
+        self.graph.replay()
+        return self.outputs
+# <<< shared block: cudagraph
 
 
 def check_args(args):
@@ -740,7 +730,7 @@ def evaluate(model_path, eval_episodes, run_name, device, epsilon=0.001, capture
     saved = torch.load(model_path, map_location=device, weights_only=True)
     args = Args(**saved["args"])
     env = make_env(args.env_id, seed, args.repeat_action_probability, args.max_episode_steps,
-                   capture_video=capture_video, run_name=f"{run_name}-eval")
+                   capture_video=capture_video, video_dir=f"videos/{run_name}-eval")
     model = QNetwork(args, env.action_space.n).to(device)
     model.load_state_dict(saved["model"])
     model.eval()
@@ -768,8 +758,8 @@ def evaluate(model_path, eval_episodes, run_name, device, epsilon=0.001, capture
 
 
 # flags that may change when resuming; everything else must match the checkpoint
-RESUMABLE_FIELDS = ("total_timesteps", "checkpoint_every", "cuda", "track", "wandb_project_name", "wandb_entity",
-                    "save_model", "eval_episodes", "log_frequency", "stats_frequency", "capture_video")
+RESUMABLE_FIELDS = ("total_timesteps", "checkpoint_every", "cuda", "cuda_graphs", "track", "wandb_project_name",
+                    "wandb_entity", "save_model", "eval_episodes", "log_frequency", "stats_frequency", "capture_video")
 
 
 if __name__ == "__main__":
@@ -806,12 +796,11 @@ if __name__ == "__main__":
 
     # env setup
     env = make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
-                   capture_video=args.capture_video, run_name=run_name)
+                   capture_video=args.capture_video, video_dir=f"videos/{run_name}")
     num_actions = env.action_space.n
 
     q_network = QNetwork(args, num_actions).to(device)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps,
-                                 fused=device.type == "cuda")
+    optimizer = make_optimizer(args, q_network)
     target_network = QNetwork(args, num_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
     rb = ReplayMemory(args.buffer_size, n_step=1, gamma=args.gamma, device=replay_device)
@@ -852,12 +841,15 @@ if __name__ == "__main__":
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         }
 
+    # the gather of a batch runs inside the graph, so the memory must be on the GPU too
+    use_graphs = args.cuda_graphs and device.type == "cuda" and replay_device.type == "cuda"
+    act, update_fn = CudaGraph(greedy_action, use_graphs), CudaGraph(update, use_graphs)
     stop_requested = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
     progress = Progress(args.total_timesteps, start_step)
     start_time = time.time()
     last_log = (start_time, start_step)
-    loss_sum, q_sum, num_logged = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    loss_sum, q_sum, num_logged = 0.0, 0.0, 0
     for global_step in range(start_step, args.total_timesteps):
         if stop_requested:  # preemption: save and leave; --resume continues exactly here
             save_checkpoint(checkpoint_path, make_checkpoint(global_step))
@@ -871,8 +863,7 @@ if __name__ == "__main__":
         if rng.random() < epsilon:
             action = int(rng.integers(num_actions))
         else:
-            with torch.no_grad():
-                action = q_network(torch.as_tensor(stack, device=device).unsqueeze(0)).argmax(1).item()
+            action = act(q_network, torch.as_tensor(stack, device=device).unsqueeze(0)).item()
 
         # TRY NOT TO MODIFY: execute the game and log data.
         next_frame, reward, terminated, truncated, info = env.step(action)
@@ -895,13 +886,13 @@ if __name__ == "__main__":
             stack = np.concatenate([stack[1:], next_frame[None]])
 
         # ALGO LOGIC: training.
-        updates, recycled = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, device)
-        if updates and not torch.isfinite(updates[-1][0]):
-            save_checkpoint(checkpoint_path, make_checkpoint(global_step + 1))
-            progress.print(f"error: non-finite loss {updates[-1][0].item()} at step {global_step:,}; checkpoint "
-                           f"saved to {checkpoint_path}; try a lower --learning-rate")
-            sys.exit(1)
-        for loss, q_mean in updates:
+        updates, recycled = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, update_fn)
+        for loss, q_mean in ((loss.item(), q_mean.item()) for loss, q_mean in updates):
+            if not math.isfinite(loss):  # the step was skipped, so the checkpoint holds the last finite weights
+                save_checkpoint(checkpoint_path, make_checkpoint(global_step + 1))
+                progress.print(f"error: non-finite loss {loss} at step {global_step:,}; checkpoint "
+                               f"saved to {checkpoint_path}; try a lower --learning-rate")
+                sys.exit(1)
             loss_sum, q_sum, num_logged = loss_sum + loss, q_sum + q_mean, num_logged + 1
         if recycled is not None:
             for name, count in recycled.items():
@@ -910,9 +901,9 @@ if __name__ == "__main__":
 
         if (global_step + 1) % args.log_frequency == 0:
             if num_logged:
-                writer.add_scalar("losses/td_loss", (loss_sum / num_logged).item(), global_step)
-                writer.add_scalar("losses/q_values", (q_sum / num_logged).item(), global_step)
-                loss_sum, q_sum, num_logged = loss_sum * 0, q_sum * 0, 0
+                writer.add_scalar("losses/td_loss", loss_sum / num_logged, global_step)
+                writer.add_scalar("losses/q_values", q_sum / num_logged, global_step)
+                loss_sum, q_sum, num_logged = 0.0, 0.0, 0
             now = time.time()  # SPS over the last log interval
             writer.add_scalar("charts/SPS", int((global_step + 1 - last_log[1]) / (now - last_log[0])), global_step)
             last_log = (now, global_step + 1)

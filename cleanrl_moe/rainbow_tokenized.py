@@ -1,4 +1,4 @@
-# docs and experiment results can be found at https://github.com/cleanrl-moe/cleanrl-moe/blob/main/docs/rainbow_tokenized.md
+# docs and experiment results: docs/rainbow_tokenized.md
 """Full Rainbow whose penultimate layer is a Soft Mixture of Experts over tokens ("Don't flatten, tokenize!").
 
 Sokar, Obando-Ceron, Courville, Larochelle and Castro (2025), "Don't flatten, tokenize! Unlocking the key to
@@ -49,6 +49,9 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
+    cuda_graphs: bool = False
+    """on CUDA, record the acting forward and each whole update (batch gather, loss, backward, Adam step) as CUDA
+    graphs (same math, far fewer kernel launches); opt-in until tests/test_cuda.py has passed on a GPU"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "cleanrl-moe"
@@ -144,7 +147,7 @@ class Args:
 
 # >>> shared block: env
 def make_env(env_id, seed, repeat_action_probability=0.25, max_episode_steps=27_000, noop_max=0,
-             capture_video=False, run_name=""):
+             capture_video=False, video_dir="videos"):
     """One Atari environment preprocessed as Dopamine does (frame skip 4 with max-pool over the last two
     frames, 84x84 grey, minimal action set, sticky actions, episodes cut at max_episode_steps agent steps).
     Observations are single frames [84, 84]; the training loop stacks them. Rewards are raw game scores."""
@@ -157,62 +160,20 @@ def make_env(env_id, seed, repeat_action_probability=0.25, max_episode_steps=27_
         render_mode="rgb_array" if capture_video else None,
     )
     if capture_video:
-        env = gym.wrappers.RecordVideo(env, f"videos/{run_name}")
+        env = gym.wrappers.RecordVideo(env, video_dir)
     env = gym.wrappers.AtariPreprocessing(env, noop_max=noop_max, frame_skip=4, screen_size=84)
     env.action_space.seed(seed)
     return env
-
-
-def get_env_state(env):
-    """Everything needed to continue the current episode bit-exactly after a restart."""
-    pre = env
-    while not isinstance(pre, gym.wrappers.AtariPreprocessing):
-        pre = pre.env
-    ale_state = env.unwrapped.ale.cloneState(include_rng=True).serialize()
-    return {
-        "ale": torch.frombuffer(bytearray(ale_state), dtype=torch.uint8),
-        "obs_buffer": torch.from_numpy(np.stack(pre.obs_buffer)),
-        "lives": pre.lives,
-        "game_over": pre.game_over,
-        "np_random": env.unwrapped.np_random.bit_generator.state,
-    }
-
-
-def set_env_state(env, state):
-    pre = env
-    while not isinstance(pre, gym.wrappers.AtariPreprocessing):
-        pre = pre.env
-    env.unwrapped.ale.restoreState(ale_py.ALEState(state["ale"].numpy().tobytes()))
-    for buffer, saved in zip(pre.obs_buffer, state["obs_buffer"].numpy()):
-        buffer[...] = saved
-    pre.lives, pre.game_over = state["lives"], state["game_over"]
-    env.unwrapped.np_random.bit_generator.state = state["np_random"]
-
-
-def check_env_id(env_id):
-    """The ALE id, or a one-line error naming --env-id."""
-    try:
-        spec = gym.spec(env_id)
-    except gym.error.Error:
-        spec = None
-    if spec is None or "ale_py" not in str(spec.entry_point):
-        fail(f"--env-id {env_id!r} is not an Atari environment of ale-py; use an id such as ALE/Breakout-v5")
 # <<< shared block: env
 
 
 # ALGO LOGIC: initialize agent here:
-# >>> shared block: encoders
+# >>> shared block: nature
 def xavier_(layer):
     """Flax's xavier_uniform kernel and zero bias (Dopamine's init for convs and dense layers)."""
     nn.init.xavier_uniform_(layer.weight)
     nn.init.zeros_(layer.bias)
     return layer
-
-
-def lecun_normal_(tensor, fan_in):
-    """Flax's lecun_normal: truncated normal on [-2s, 2s] scaled so that the std is 1/sqrt(fan_in)."""
-    std = 1.0 / math.sqrt(fan_in) / 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
-    return nn.init.trunc_normal_(tensor, 0.0, std, -2 * std, 2 * std)
 
 
 def same_padding(size, kernel, stride):
@@ -228,13 +189,6 @@ class SameConv2d(nn.Conv2d):
         top, bottom = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])
         left, right = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])
         return super().forward(F.pad(x, (left, right, top, bottom)))
-
-
-def max_pool_same(x, kernel=3, stride=2):
-    """Flax max_pool with 'SAME' padding: pad with -inf, since the input is a raw conv output."""
-    top, bottom = same_padding(x.shape[-2], kernel, stride)
-    left, right = same_padding(x.shape[-1], kernel, stride)
-    return F.max_pool2d(F.pad(x, (left, right, top, bottom), value=-math.inf), kernel, stride)
 
 
 class NatureEncoder(nn.Module):
@@ -254,6 +208,21 @@ class NatureEncoder(nn.Module):
             if record is not None:
                 record[name] = x
         return x
+# <<< shared block: nature
+
+
+# >>> shared block: impala
+def lecun_normal_(tensor, fan_in):
+    """Flax's lecun_normal: truncated normal on [-2s, 2s] scaled so that the std is 1/sqrt(fan_in)."""
+    std = 1.0 / math.sqrt(fan_in) / 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
+    return nn.init.trunc_normal_(tensor, 0.0, std, -2 * std, 2 * std)
+
+
+def max_pool_same(x, kernel=3, stride=2):
+    """Flax max_pool with 'SAME' padding: pad with -inf, since the input is a raw conv output."""
+    top, bottom = same_padding(x.shape[-2], kernel, stride)
+    left, right = same_padding(x.shape[-1], kernel, stride)
+    return F.max_pool2d(F.pad(x, (left, right, top, bottom), value=-math.inf), kernel, stride)
 
 
 class ResidualBlock(nn.Module):
@@ -299,7 +268,7 @@ class ImpalaEncoder(nn.Module):
         if record is not None:
             record["encoder"] = x
         return x
-# <<< shared block: encoders
+# <<< shared block: impala
 
 
 # >>> shared block: tokenizer
@@ -508,14 +477,15 @@ class QNetwork(nn.Module):
         sigma0 = args.noisy_sigma0
         if args.moe_type == "baseline":
             units = args.expert_hidden_units * args.num_experts
-            self.aggregation = args.baseline_aggregation
-            if self.aggregation == "flatten":
+            self.kind = "baseline" if args.baseline_aggregation == "flatten" else args.baseline_aggregation
+            if self.kind == "baseline":
                 self.hidden = NoisyLinear(channels * height * width, units, sigma0)
-            else:  # the same noisy dense layer on every token
+            else:  # "sum" or "mean": the same noisy dense layer on every token, then the tokens are aggregated
                 self.tokenizer = Tokenizer(args.tokenization, channels, height, width)
                 self.hidden = NoisyLinear(self.tokenizer.token_dim, units, sigma0)
             features = units
         else:
+            self.kind = "moe"
             self.tokenizer = Tokenizer(args.tokenization, channels, height, width)
             num_tokens, dim = self.tokenizer.num_tokens, self.tokenizer.token_dim
             experts = NoisyExperts(args.num_experts, dim, args.expert_hidden_units, sigma0)
@@ -530,17 +500,17 @@ class QNetwork(nn.Module):
     def forward(self, x, record=None):
         """`record`, when a dict, receives post-ReLU activations [B, neurons, ...] and routing weights."""
         x = self.encoder(x.float() / 255.0, record)
-        if hasattr(self, "moe"):
+        if self.kind == "moe":
             x = self.moe(self.tokenizer(x), record).flatten(1)
-        elif hasattr(self, "tokenizer"):
-            hidden = F.relu(self.hidden(self.tokenizer(x)))  # [B, m, units]
-            if record is not None:
-                record["hidden"] = hidden.transpose(1, 2)
-            x = hidden.sum(1) if self.aggregation == "sum" else hidden.mean(1)
-        else:
+        elif self.kind == "baseline":
             x = F.relu(self.hidden(x.flatten(1)))
             if record is not None:
                 record["hidden"] = x
+        else:
+            hidden = F.relu(self.hidden(self.tokenizer(x)))  # [B, m, units]
+            if record is not None:
+                record["hidden"] = hidden.transpose(1, 2)
+            x = hidden.sum(1) if self.kind == "sum" else hidden.mean(1)
         advantage = self.advantage(x).view(-1, self.num_actions, self.num_atoms)
         value = self.value(x).view(-1, 1, self.num_atoms)
         logits = value + advantage - advantage.mean(dim=1, keepdim=True)  # dueling, per atom
@@ -558,18 +528,20 @@ class ReplayMemory:
     Stacks never reach into an earlier episode: they are padded with the episode's first frame, as
     `FrameStackObservation(padding_type="reset")` and the training loop do. n-step returns stop at the
     episode's end; a termination zeroes the bootstrap, a truncation keeps it.
-    Frames live on `device` (the training device when they fit); the small per-slot data stays in numpy."""
+    Frames and per-slot data live on `device` (the training GPU when they fit), so that a batch is gathered
+    there by tensor indexing alone (inside the CUDA graph of an update); indices are drawn on the host."""
 
     def __init__(self, capacity, frame_shape=(84, 84), stack_size=4, n_step=1, gamma=0.99, device="cpu"):
         self.capacity, self.stack_size, self.n_step, self.gamma = capacity, stack_size, n_step, gamma
-        self.device = torch.device(device)
-        self.frames = torch.zeros((capacity, *frame_shape), dtype=torch.uint8, device=self.device)
-        self.action = np.zeros(capacity, np.int32)
-        self.reward = np.zeros(capacity, np.float32)
-        self.terminated = np.zeros(capacity, bool)  # the transition from this slot ended in a termination
-        self.episode_end = np.zeros(capacity, bool)  # ... was the last of its episode (terminated or truncated)
-        self.is_transition = np.zeros(capacity, bool)  # False for an episode's final frame
-        self.history = np.zeros(capacity, np.uint8)  # earlier frames of the same episode usable in the stack
+        self.device = device = torch.device(device)
+        self.frames = torch.zeros((capacity, *frame_shape), dtype=torch.uint8, device=device)
+        self.action = torch.zeros(capacity, dtype=torch.int32, device=device)
+        self.reward = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.terminated = torch.zeros(capacity, dtype=torch.bool, device=device)  # the transition ended in a termination
+        self.episode_end = torch.zeros(capacity, dtype=torch.bool, device=device)  # ... was the last of its episode
+        self.history = torch.zeros(capacity, dtype=torch.uint8, device=device)  # earlier frames of the episode in the stack
+        self.is_transition = np.zeros(capacity, bool)  # False for an episode's final frame; on the host, for sampling
+        self.discount_powers = gamma ** torch.arange(n_step, dtype=torch.float64, device=device)
         self.cursor = 0  # number of slots ever written
         self.episode_step = 0
 
@@ -610,58 +582,55 @@ class ReplayMemory:
     def sample_indices(self, batch_size, rng):
         """Uniform over the valid transitions (rejection sampling; final-frame slots are rare)."""
         lo, hi = self.sample_range()
-        if hi < lo or not self.is_transition[np.arange(lo, hi + 1) % self.capacity].any():
+        if hi < lo or not self.is_valid(np.arange(lo, hi + 1)).any():
             raise RuntimeError("the replay memory holds no complete transition yet")
         chosen = np.empty(0, np.int64)
         while len(chosen) < batch_size:
             candidates = rng.integers(lo, hi + 1, size=2 * batch_size)
-            chosen = np.concatenate([chosen, candidates[self.is_transition[candidates % self.capacity]]])
+            chosen = np.concatenate([chosen, candidates[self.is_valid(candidates)]])
         return chosen[:batch_size]
 
     def stacks(self, index):
-        """Frame stacks [B, stack_size, *frame_shape] of the observations at linear indices `index`."""
-        back = np.arange(self.stack_size - 1, -1, -1)  # oldest frame first
-        back = np.minimum(back[None, :], self.history[index % self.capacity][:, None])
-        slots = torch.from_numpy((index[:, None] - back) % self.capacity)
-        return self.frames[slots.to(self.device)]
+        """Frame stacks [B, stack_size, *frame_shape] of the observations at linear indices `index` [B]."""
+        index = torch.as_tensor(index, dtype=torch.int64, device=self.device)
+        back = torch.arange(self.stack_size - 1, -1, -1, device=self.device)  # oldest frame first
+        back = torch.minimum(back[None, :], self.history[index % self.capacity][:, None])
+        return self.frames[(index[:, None] - back) % self.capacity]
 
     def get(self, index):
-        """The transitions at linear indices `index`, with n-step returns and bootstrap discounts:
-        target = returns + discounts * V(next_obs)."""
-        steps = np.arange(self.n_step)
-        window = (index[:, None] + steps) % self.capacity  # [B, n]
-        ended_before = np.cumsum(self.episode_end[window], axis=1) - self.episode_end[window]
-        in_episode = ended_before == 0  # reward k belongs to the same episode as step 0
-        returns = (self.reward[window] * self.gamma**steps * in_episode).sum(1)
+        """The transitions at linear indices `index` [B] (numpy or a tensor), with n-step returns and bootstrap
+        discounts: target = returns + discounts * V(next_obs). Tensor operations only, on the memory's device."""
+        index = torch.as_tensor(index, dtype=torch.int64, device=self.device)
+        window = (index[:, None] + torch.arange(self.n_step, device=self.device)) % self.capacity  # [B, n]
+        ended = self.episode_end[window].int()
+        in_episode = (ended.cumsum(1) - ended) == 0  # reward k belongs to the same episode as step 0
+        returns = (self.reward[window].double() * self.discount_powers * in_episode).sum(1)
         length = in_episode.sum(1)
         terminated = (self.terminated[window] & in_episode).any(1)
-        discounts = np.where(terminated, 0.0, self.gamma**length)
+        discounts = torch.where(terminated, 0.0, self.gamma**length.double())
         return {
             "obs": self.stacks(index),
-            "actions": torch.from_numpy(self.action[index % self.capacity].astype(np.int64)),
-            "returns": torch.from_numpy(returns.astype(np.float32)),
-            "discounts": torch.from_numpy(discounts.astype(np.float32)),
+            "actions": self.action[index % self.capacity].long(),
+            "returns": returns.float(),
+            "discounts": discounts.float(),
             "next_obs": self.stacks(index + length),
         }
 
-    def sample(self, batch_size, rng, device=None):
-        batch = self.get(self.sample_indices(batch_size, rng))
-        return {k: v.to(device or self.device, non_blocking=True) for k, v in batch.items()}
-
     def state_dict(self):
         n = len(self)
-        state = {k: torch.from_numpy(getattr(self, k)[:n].copy()) for k in self._numpy_fields}
-        state.update(frames=self.frames[:n].cpu(), cursor=self.cursor, episode_step=self.episode_step)
+        state = {k: getattr(self, k)[:n].to("cpu", copy=True) for k in self._slot_fields}  # only the stored slots
+        state.update(is_transition=torch.from_numpy(self.is_transition[:n].copy()), cursor=self.cursor,
+                     episode_step=self.episode_step)
         return state
 
     def load_state_dict(self, state):
         n = state["frames"].shape[0]
-        self.frames[:n] = state["frames"].to(self.device)
-        for k in self._numpy_fields:
-            getattr(self, k)[:n] = state[k].numpy()
+        for k in self._slot_fields:
+            getattr(self, k)[:n] = state[k].to(self.device)
+        self.is_transition[:n] = state["is_transition"].numpy()
         self.cursor, self.episode_step = state["cursor"], state["episode_step"]
 
-    _numpy_fields = ("action", "reward", "terminated", "episode_end", "is_transition", "history")
+    _slot_fields = ("frames", "action", "reward", "terminated", "episode_end", "history")
 # <<< shared block: replay
 
 
@@ -783,7 +752,173 @@ class PrioritizedReplayMemory(ReplayMemory):
 # <<< shared block: prioritized
 
 
-# >>> shared block: analysis
+# >>> shared block: optimizer
+def make_optimizer(args, q_network):
+    """Adam with Dopamine's learning rate and epsilon, fused into one kernel over all parameters (CPU and CUDA).
+    `found_inf`, set by `update`, makes that kernel skip a step whose loss is not finite (as AMP's GradScaler does),
+    so the weights stay finite without a host sync before the step; `capturable` lets a CUDA graph record the step."""
+    device = next(q_network.parameters()).device
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True,
+                                 capturable=device.type == "cuda")
+    optimizer.found_inf = torch.zeros((), device=device)
+    return optimizer
+# <<< shared block: optimizer
+
+
+# >>> shared block: categorical
+def project_distribution(next_probs, returns, discounts, support):
+    """The C51 projection (Bellemare et al. 2017, Algorithm 1), vectorized over the batch.
+
+    The distribution `next_probs` [B, K] sits on the atoms returns + discounts * support (`returns`, `discounts`: [B];
+    the discount is gamma^k after k steps and 0 after a termination). Each shifted atom is clipped to
+    [support[0], support[-1]] and its mass split between its two neighbours on the evenly spaced `support` [K], in
+    proportion to closeness. Returns the projected distribution [B, K]."""
+    batch, num_atoms = next_probs.shape
+    v_min, delta = support[0], (support[-1] - support[0]) / (num_atoms - 1)
+    atoms = returns[:, None] + discounts[:, None] * support[None, :]
+    position = ((atoms - v_min) / delta).clamp(0, num_atoms - 1)  # atoms beyond the support go to its ends
+    lower, upper = position.floor(), position.ceil()
+    # an atom that lands exactly on a support atom (lower == upper) gives it all its mass
+    lower_share = torch.where(upper == lower, 1.0, upper - position)
+    upper_share = position - lower
+    offset = (torch.arange(batch, device=next_probs.device) * num_atoms)[:, None]
+    target = torch.zeros(batch * num_atoms, dtype=next_probs.dtype, device=next_probs.device)
+    target.index_add_(0, (offset + lower.long()).flatten(), (next_probs * lower_share).flatten())
+    target.index_add_(0, (offset + upper.long()).flatten(), (next_probs * upper_share).flatten())
+    return target.view(batch, num_atoms)
+# <<< shared block: categorical
+
+
+# >>> shared block: rainbow_update
+def beta_at(args, step):
+    """The importance-sampling exponent: linear from priority-beta-start at the warm-up's end to priority-beta-end
+    at the last step."""
+    fraction = (step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts)
+    return args.priority_beta_start + min(1.0, max(0.0, fraction)) * (args.priority_beta_end - args.priority_beta_start)
+
+
+def importance_weights(probabilities, beta):
+    """(N p)^-beta normalized by the batch's largest weight (Schaul et al. 2016); beta = 0.5 is Dopamine's 1/sqrt(p)."""
+    return (probabilities / probabilities.min()) ** -beta
+
+
+def greedy_action(q_network, obs, noise):
+    """argmax_a Q(obs, a) [B] under a fresh noise sample (recorded as a CUDA graph on GPUs)."""
+    resample_noise(q_network, noise)
+    with torch.no_grad():
+        return q_network(obs)[1].argmax(1)
+
+
+def select_action(q_network, stack, epsilon, rng, noise, device, greedy=greedy_action):
+    """Epsilon-greedy on the noisy network's Q-values, with fresh noise at every call: the agent explores by its
+    noise from the first step on, warm-up included (Dopamine; epsilon is 0 by default). `greedy` is
+    `greedy_action` or its CUDA graph."""
+    if rng.random() < epsilon:
+        return int(rng.integers(q_network.num_actions))
+    return greedy(q_network, torch.as_tensor(stack, device=device).unsqueeze(0), noise).item()
+
+
+def categorical_target(q_network, target_network, batch, noise):
+    """The double-Q C51 target: the next action is the online network's argmax (fresh noise), its return
+    distribution comes from the target network (its own fresh noise), shifted by the n-step return and discount
+    and projected onto the support."""
+    with torch.no_grad():
+        resample_noise(q_network, noise)
+        next_actions = q_network(batch["next_obs"])[1].argmax(1)
+        resample_noise(target_network, noise)
+        next_log_probs = target_network(batch["next_obs"])[0]
+        next_probs = next_log_probs[torch.arange(len(next_actions), device=next_actions.device), next_actions].exp()
+        return project_distribution(next_probs, batch["returns"], batch["discounts"], target_network.support)
+
+
+def categorical_loss(q_network, target_network, batch, noise):
+    """Per-sample cross-entropy between the projected target and the online distribution of the action taken
+    (fresh noise), and Q(s, a)."""
+    target = categorical_target(q_network, target_network, batch, noise)
+    resample_noise(q_network, noise)
+    log_probs, q_values = q_network(batch["obs"])
+    rows = torch.arange(len(batch["actions"]), device=log_probs.device)
+    loss = -(target * log_probs[rows, batch["actions"]]).sum(1)
+    return loss, q_values[rows, batch["actions"]]
+
+
+def update(q_network, target_network, optimizer, rb, index, weights, noise, max_grad_norm):
+    """One gradient step on the replay transitions at linear indices `index` [B] with importance weights `weights` [B]
+    (both on the memory's device): gather the batch, the weighted cross-entropy loss, backward, clipping to the global
+    norm max_grad_norm (when > 0), Adam step. Recorded as one CUDA graph on GPUs. Returns the per-sample losses (for
+    the priorities), the weighted loss and the mean Q(s, a), as tensors; a non-finite loss leaves the weights and
+    Adam's state unchanged (`make_optimizer`)."""
+    device = next(q_network.parameters()).device
+    batch = {k: v.to(device) for k, v in rb.get(index).items()}  # a no-op when the memory is on that device
+    loss, q_taken = categorical_loss(q_network, target_network, batch, noise)
+    weighted_loss = (weights.to(device) * loss).mean()
+    optimizer.zero_grad(set_to_none=True)
+    weighted_loss.backward()
+    if max_grad_norm > 0:
+        nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm)
+    optimizer.found_inf.copy_(~torch.isfinite(weighted_loss))
+    optimizer.step()
+    return loss.detach(), weighted_loss.detach(), q_taken.detach().mean()
+
+
+def train_step(step, args, q_network, target_network, optimizer, rb, rng, noise, update_fn=update):
+    """Dopamine's _train_step at agent step `step`: after the warm-up, one update every train_frequency steps on a
+    prioritized batch, whose priorities are then set from its losses; a hard target copy every
+    target_network_frequency steps. `update_fn` is `update` or its CUDA graph. Returns (weighted loss, mean Q, mean
+    importance weight) of the update, or None; a non-finite loss leaves the priorities alone."""
+    if step <= args.learning_starts:
+        return None
+    out = None
+    if step % args.train_frequency == 0:
+        index, probabilities = rb.sample_prioritized(args.batch_size, rng)
+        weights = importance_weights(probabilities, beta_at(args, step))
+        loss, weighted_loss, q_mean = update_fn(
+            q_network, target_network, optimizer, rb, torch.as_tensor(index, device=rb.device),
+            torch.as_tensor(weights, dtype=torch.float32, device=rb.device), noise, args.max_grad_norm)
+        out = (weighted_loss, q_mean, float(weights.mean()))
+        if torch.isfinite(weighted_loss):
+            rb.update_priorities(index, (loss.cpu().double().numpy() + 1e-10) ** args.priority_exponent)
+    if step % args.target_network_frequency == 0:
+        target_network.load_state_dict(q_network.state_dict())  # in place: a CUDA graph sees the new weights
+    return out
+# <<< shared block: rainbow_update
+
+
+# =====================================================================================================================
+# Run plumbing: what a training run needs besides the method (environment state, statistics, failure and resource
+# checks, checkpoints, flags, progress, CUDA graphs, evaluation). Nothing below changes what the agent learns.
+# =====================================================================================================================
+
+
+# >>> shared block: envstate
+def get_env_state(env):
+    """Everything needed to continue the current episode bit-exactly after a restart."""
+    pre = env
+    while not isinstance(pre, gym.wrappers.AtariPreprocessing):
+        pre = pre.env
+    ale_state = env.unwrapped.ale.cloneState(include_rng=True).serialize()
+    return {
+        "ale": torch.frombuffer(bytearray(ale_state), dtype=torch.uint8),
+        "obs_buffer": torch.from_numpy(np.stack(pre.obs_buffer)),
+        "lives": pre.lives,
+        "game_over": pre.game_over,
+        "np_random": env.unwrapped.np_random.bit_generator.state,
+    }
+
+
+def set_env_state(env, state):
+    pre = env
+    while not isinstance(pre, gym.wrappers.AtariPreprocessing):
+        pre = pre.env
+    env.unwrapped.ale.restoreState(ale_py.ALEState(state["ale"].numpy().tobytes()))
+    for buffer, saved in zip(pre.obs_buffer, state["obs_buffer"].numpy()):
+        buffer[...] = saved
+    pre.lives, pre.game_over = state["lives"], state["game_over"]
+    env.unwrapped.np_random.bit_generator.state = state["np_random"]
+# <<< shared block: envstate
+
+
+# >>> shared block: dormant
 def neuron_scores(activation):
     """ReDo's score: mean |activation| over everything but the neuron axis (dim 1: channels, units or
     (expert, unit) pairs), divided by the layer's mean score (Sokar et al. 2023, mean normalization)."""
@@ -803,8 +938,10 @@ def dormant_statistics(record, taus):
             dormant, total = dormant + mask.sum().item(), total + mask.numel()
         stats[f"dormant/tau{tau:g}_pct"] = 100.0 * dormant / total
     return stats
+# <<< shared block: dormant
 
 
+# >>> shared block: routing
 def normalized_entropy(p, dims):
     """Entropy of the distributions over `dims`, divided by its maximum log(size): 1 = uniform."""
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(dims)
@@ -837,7 +974,7 @@ def routing_statistics(record):
         stats["moe/expert_usage_entropy"] = normalized_entropy(expert_share, (0,)).item()
         stats["moe/expert_usage_max"] = expert_share.max().item()
     return stats
-# <<< shared block: analysis
+# <<< shared block: routing
 
 
 # >>> shared block: runtime
@@ -845,6 +982,16 @@ def fail(message):
     """Stop at start-up with one line that names the flag and the fix."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def check_env_id(env_id):
+    """The ALE id, or a one-line error naming --env-id."""
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error:
+        spec = None
+    if spec is None or "ale_py" not in str(spec.entry_point):
+        fail(f"--env-id {env_id!r} is not an Atari environment of ale-py; use an id such as ALE/Breakout-v5")
 
 
 def available_ram_bytes():
@@ -939,109 +1086,49 @@ class Progress:
 
     def print(self, message):
         print(("\n" if self.tty else "") + message, flush=True)
-
-
 # <<< shared block: runtime
 
 
-# >>> shared block: categorical
-def project_distribution(next_probs, returns, discounts, support):
-    """The C51 projection (Bellemare et al. 2017, Algorithm 1), vectorized over the batch.
+# >>> shared block: cudagraph
+class CudaGraph:
+    """Calls `fn(*args)`; on CUDA (`enabled`), replays it as one recorded CUDA graph.
 
-    The distribution `next_probs` [B, K] sits on the atoms returns + discounts * support (`returns`, `discounts`: [B];
-    the discount is gamma^k after k steps and 0 after a termination). Each shifted atom is clipped to
-    [support[0], support[-1]] and its mass split between its two neighbours on the evenly spaced `support` [K], in
-    proportion to closeness. Returns the projected distribution [B, K]."""
-    batch, num_atoms = next_probs.shape
-    v_min, delta = support[0], (support[-1] - support[0]) / (num_atoms - 1)
-    atoms = returns[:, None] + discounts[:, None] * support[None, :]
-    position = ((atoms - v_min) / delta).clamp(0, num_atoms - 1)  # atoms beyond the support go to its ends
-    lower, upper = position.floor(), position.ceil()
-    # an atom that lands exactly on a support atom (lower == upper) gives it all its mass
-    lower_share = torch.where(upper == lower, 1.0, upper - position)
-    upper_share = position - lower
-    offset = (torch.arange(batch, device=next_probs.device) * num_atoms)[:, None]
-    target = torch.zeros(batch * num_atoms, dtype=next_probs.dtype, device=next_probs.device)
-    target.index_add_(0, (offset + lower.long()).flatten(), (next_probs * lower_share).flatten())
-    target.index_add_(0, (offset + upper.long()).flatten(), (next_probs * upper_share).flatten())
-    return target.view(batch, num_atoms)
-# <<< shared block: categorical
+    Small networks at batch 32 are bound by kernel launches, not by arithmetic: a graph launches a whole forward,
+    backward and optimizer step at once. The first `warmup` calls run eagerly on a side stream (CUDA needs them
+    before recording; they are real calls), the next one is recorded, and from then on every call copies its tensor
+    arguments into the recorded ones and replays. The other arguments (modules, optimizer, replay memory, noise
+    generator) must be the same objects at every call; a generator is registered with the graph, so that each
+    replay draws fresh numbers from it. `fn` must keep its shapes and never synchronize with the host. The returned
+    tensors are overwritten by the next call."""
 
+    def __init__(self, fn, enabled, warmup=3):
+        self.fn, self.enabled, self.warmup, self.graph = fn, enabled, warmup, None
 
-# >>> shared block: rainbow_update
-def select_action(q_network, stack, epsilon, rng, noise, device):
-    """Epsilon-greedy on the noisy network's Q-values, with fresh noise at every call: the agent explores by its
-    noise from the first step on, warm-up included (Dopamine; epsilon is 0 by default)."""
-    if rng.random() < epsilon:
-        return int(rng.integers(q_network.num_actions))
-    resample_noise(q_network, noise)
-    with torch.no_grad():
-        return q_network(torch.as_tensor(stack, device=device).unsqueeze(0))[1].argmax(1).item()
-
-
-def categorical_target(q_network, target_network, batch, noise):
-    """The double-Q C51 target: the next action is the online network's argmax (fresh noise), its return
-    distribution comes from the target network (its own fresh noise), shifted by the n-step return and discount
-    and projected onto the support."""
-    with torch.no_grad():
-        resample_noise(q_network, noise)
-        next_actions = q_network(batch["next_obs"])[1].argmax(1)
-        resample_noise(target_network, noise)
-        next_log_probs = target_network(batch["next_obs"])[0]
-        next_probs = next_log_probs[torch.arange(len(next_actions), device=next_actions.device), next_actions].exp()
-        return project_distribution(next_probs, batch["returns"], batch["discounts"], target_network.support)
-
-
-def categorical_loss(q_network, target_network, batch, noise):
-    """Per-sample cross-entropy between the projected target and the online distribution of the action taken
-    (fresh noise), and Q(s, a)."""
-    target = categorical_target(q_network, target_network, batch, noise)
-    resample_noise(q_network, noise)
-    log_probs, q_values = q_network(batch["obs"])
-    rows = torch.arange(len(batch["actions"]), device=log_probs.device)
-    loss = -(target * log_probs[rows, batch["actions"]]).sum(1)
-    return loss, q_values[rows, batch["actions"]]
-
-
-def importance_weights(probabilities, beta):
-    """(N p)^-beta normalized by the batch's largest weight (Schaul et al. 2016); beta = 0.5 is Dopamine's 1/sqrt(p)."""
-    return (probabilities / probabilities.min()) ** -beta
-
-
-def beta_at(args, step):
-    """The importance-sampling exponent: linear from priority-beta-start at the warm-up's end to priority-beta-end
-    at the last step."""
-    fraction = (step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts)
-    return args.priority_beta_start + min(1.0, max(0.0, fraction)) * (args.priority_beta_end - args.priority_beta_start)
-
-
-def train_step(step, args, q_network, target_network, optimizer, rb, rng, noise, device):
-    """Dopamine's _train_step at agent step `step`: after the warm-up, one update every train_frequency steps on a
-    prioritized batch, whose priorities are then set from its losses; a hard target copy every
-    target_network_frequency steps. Returns (weighted loss, mean Q, mean importance weight) of the update, or None;
-    a non-finite loss is returned without a step."""
-    out = None
-    if step > args.learning_starts:
-        if step % args.train_frequency == 0:
-            index, probabilities = rb.sample_prioritized(args.batch_size, rng)
-            batch = {k: v.to(device, non_blocking=True) for k, v in rb.get(index).items()}
-            weights = torch.as_tensor(importance_weights(probabilities, beta_at(args, step)), dtype=torch.float32,
-                                      device=device)
-            loss, q_taken = categorical_loss(q_network, target_network, batch, noise)
-            weighted_loss = (weights * loss).mean()
-            out = (weighted_loss.detach(), q_taken.detach().mean(), weights.mean())
-            if not torch.isfinite(weighted_loss):
-                return out
-            optimizer.zero_grad(set_to_none=True)
-            weighted_loss.backward()
-            if args.max_grad_norm > 0:
-                nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
-            optimizer.step()
-            rb.update_priorities(index, (loss.detach().cpu().double().numpy() + 1e-10) ** args.priority_exponent)
-        if step % args.target_network_frequency == 0:
-            target_network.load_state_dict(q_network.state_dict())
-    return out
-# <<< shared block: rainbow_update
+    def __call__(self, *args):
+        if not self.enabled:
+            return self.fn(*args)
+        if self.warmup > 0:
+            self.warmup -= 1
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                outputs = self.fn(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            return outputs
+        if self.graph is None:
+            self.args = [arg.clone() if torch.is_tensor(arg) else arg for arg in args]
+            self.graph = torch.cuda.CUDAGraph()
+            for arg in args:
+                if isinstance(arg, torch.Generator):
+                    self.graph.register_generator_state(arg)
+            with torch.cuda.graph(self.graph):
+                self.outputs = self.fn(*self.args)
+        for recorded, arg in zip(self.args, args):
+            if torch.is_tensor(recorded):
+                recorded.copy_(arg)
+        self.graph.replay()
+        return self.outputs
+# <<< shared block: cudagraph
 
 
 def check_args(args):
@@ -1098,7 +1185,7 @@ def evaluate(model_path, eval_episodes, run_name, device, epsilon=0.001, capture
     saved = torch.load(model_path, map_location=device, weights_only=True)
     args = Args(**saved["args"])
     env = make_env(args.env_id, seed, args.repeat_action_probability, args.max_episode_steps,
-                   capture_video=capture_video, run_name=f"{run_name}-eval")
+                   capture_video=capture_video, video_dir=f"videos/{run_name}-eval")
     model = QNetwork(args, env.action_space.n).to(device)
     model.load_state_dict(saved["model"])
     model.eval()  # every noisy layer, the experts' included, uses its mean weights
@@ -1126,8 +1213,8 @@ def evaluate(model_path, eval_episodes, run_name, device, epsilon=0.001, capture
 
 
 # flags that may change when resuming; everything else must match the checkpoint
-RESUMABLE_FIELDS = ("total_timesteps", "checkpoint_every", "cuda", "track", "wandb_project_name", "wandb_entity",
-                    "save_model", "eval_episodes", "log_frequency", "stats_frequency", "capture_video")
+RESUMABLE_FIELDS = ("total_timesteps", "checkpoint_every", "cuda", "cuda_graphs", "track", "wandb_project_name",
+                    "wandb_entity", "save_model", "eval_episodes", "log_frequency", "stats_frequency", "capture_video")
 
 
 if __name__ == "__main__":
@@ -1167,11 +1254,11 @@ if __name__ == "__main__":
 
     # env setup
     env = make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
-                   capture_video=args.capture_video, run_name=run_name)
+                   capture_video=args.capture_video, video_dir=f"videos/{run_name}")
     num_actions = env.action_space.n
 
     q_network = QNetwork(args, num_actions).to(device)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    optimizer = make_optimizer(args, q_network)
     target_network = QNetwork(args, num_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
     rb = PrioritizedReplayMemory(args.buffer_size, n_step=args.n_step, gamma=args.gamma, device=replay_device)
@@ -1213,13 +1300,15 @@ if __name__ == "__main__":
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         }
 
+    # the gather of a batch runs inside the graph, so the memory must be on the GPU too
+    use_graphs = args.cuda_graphs and device.type == "cuda" and replay_device.type == "cuda"
+    greedy, update_fn = CudaGraph(greedy_action, use_graphs), CudaGraph(update, use_graphs)
     stop_requested = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
     progress = Progress(args.total_timesteps, start_step)
     start_time = time.time()
     last_log = (start_time, start_step)
-    loss_sum, q_sum, weight_sum = (torch.zeros((), device=device) for _ in range(3))
-    num_logged = 0
+    loss_sum, q_sum, weight_sum, num_logged = 0.0, 0.0, 0.0, 0
     for global_step in range(start_step, args.total_timesteps):
         if stop_requested:  # preemption: save and leave; --resume continues exactly here
             save_checkpoint(checkpoint_path, make_checkpoint(global_step))
@@ -1229,7 +1318,7 @@ if __name__ == "__main__":
             save_checkpoint(checkpoint_path, make_checkpoint(global_step))
 
         # ALGO LOGIC: put action logic here
-        action = select_action(q_network, stack, args.epsilon_train, rng, noise, device)
+        action = select_action(q_network, stack, args.epsilon_train, rng, noise, device, greedy)
 
         # TRY NOT TO MODIFY: execute the game and log data.
         next_frame, reward, terminated, truncated, info = env.step(action)
@@ -1252,22 +1341,22 @@ if __name__ == "__main__":
             stack = np.concatenate([stack[1:], next_frame[None]])
 
         # ALGO LOGIC: training.
-        out = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, noise, device)
-        if out is not None:
-            if not torch.isfinite(out[0]):
+        update_out = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, noise, update_fn)
+        if update_out is not None:
+            loss, q_mean, weight_mean = (float(value) for value in update_out)
+            if not math.isfinite(loss):  # the step was skipped, so the checkpoint holds the last finite weights
                 save_checkpoint(checkpoint_path, make_checkpoint(global_step + 1))
-                progress.print(f"error: non-finite loss {out[0].item()} at step {global_step:,}; checkpoint saved "
+                progress.print(f"error: non-finite loss {loss} at step {global_step:,}; checkpoint saved "
                                f"to {checkpoint_path}; try a lower --learning-rate")
                 sys.exit(1)
-            loss_sum, q_sum, weight_sum = loss_sum + out[0], q_sum + out[1], weight_sum + out[2]
-            num_logged += 1
+            loss_sum, q_sum, weight_sum, num_logged = loss_sum + loss, q_sum + q_mean, weight_sum + weight_mean, num_logged + 1
 
         if (global_step + 1) % args.log_frequency == 0:
             if num_logged:
-                writer.add_scalar("losses/td_loss", (loss_sum / num_logged).item(), global_step)
-                writer.add_scalar("losses/q_values", (q_sum / num_logged).item(), global_step)
-                writer.add_scalar("replay/is_weight_mean", (weight_sum / num_logged).item(), global_step)
-                loss_sum, q_sum, weight_sum, num_logged = loss_sum * 0, q_sum * 0, weight_sum * 0, 0
+                writer.add_scalar("losses/td_loss", loss_sum / num_logged, global_step)
+                writer.add_scalar("losses/q_values", q_sum / num_logged, global_step)
+                writer.add_scalar("replay/is_weight_mean", weight_sum / num_logged, global_step)
+                loss_sum, q_sum, weight_sum, num_logged = 0.0, 0.0, 0.0, 0
             if rb.tree.total() > 0:
                 writer.add_scalar("replay/max_priority", rb.tree.max_priority, global_step)
                 writer.add_scalar("replay/mean_priority", rb.tree.total() / rb.num_prioritized(), global_step)
@@ -1278,11 +1367,12 @@ if __name__ == "__main__":
         if (global_step + 1) % args.stats_frequency == 0 and global_step > args.learning_starts:
             # a fresh uniform sample, drawn from its own generator, through the noise-free network: the analysis
             # never changes the training run
-            probe = rb.sample(args.stats_batch_size, np.random.default_rng([args.seed, global_step]), device)
+            probe_rng = np.random.default_rng([args.seed, global_step])
+            probe = rb.stacks(rb.sample_indices(args.stats_batch_size, probe_rng)).to(device)
             set_noise(q_network, False)
             with torch.no_grad():
                 record = {}
-                q_network(probe["obs"], record)
+                q_network(probe, record)
             set_noise(q_network, True)
             for key, value in {**dormant_statistics(record, (0.0, args.dormant_tau)),
                                **routing_statistics(record)}.items():

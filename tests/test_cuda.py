@@ -1,51 +1,113 @@
-"""GPU-only checks (skipped on CPU machines, run on a lent GPU): the CUDA-graphed paths compute exactly what
-the eager ones do."""
-import functools
+"""The CUDA-graphed paths compute what the eager ones do, in every script: the acting forward and whole updates
+(batch gather, loss, backward, Adam step; priorities for Rainbow and DER; ReDo events between updates).
+
+On a GPU the graphed run is compared with an eager run from the same state; without one the same harness runs with
+the graphs disabled on the CPU (so that this file cannot rot between GPU sessions) and the GPU cases skip."""
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from harness import load_script
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-m = load_script("dqn_softmoe")
+CUDA = torch.cuda.is_available()
+SCRIPTS = {
+    "dqn_softmoe": dict(num_experts=4),
+    "dqn_redo": dict(redo_period=3, redo_tau=0.5, replay_ratio=2.0),  # ReDo events between graph replays
+    "rainbow_tokenized": dict(num_experts=2, n_step=3),
+    "der_single_expert": dict(expert_hidden_units=256, n_step=3),
+}
+STEPS = 24  # 3 eager warm-up calls, the recording, then replays
 
 
-def test_graphed_dqn_updates_match_eager_updates():
-    torch.manual_seed(0)
-    args = m.Args(num_experts=4)
-    nets = {}
-    for mode in ("eager", "graphed"):
-        torch.manual_seed(0)
-        q, target = m.QNetwork(args, 6).cuda(), m.QNetwork(args, 6).cuda()
-        target.load_state_dict(q.state_dict())
-        opt = torch.optim.Adam(q.parameters(), lr=1e-3, eps=1.5e-4, fused=True)
-        fn = m.CudaGraphed(functools.partial(m.dqn_gradients, q, target, opt), enabled=mode == "graphed")
-        gen = torch.Generator().manual_seed(1)
-        losses = []
-        for _ in range(8):  # 3 warm-up calls, the recording, then replays
-            batch = {"obs": torch.randint(0, 256, (32, 4, 84, 84), dtype=torch.uint8, generator=gen).cuda(),
-                     "actions": torch.randint(0, 6, (32,), generator=gen).cuda(),
-                     "returns": torch.randn(32, generator=gen).cuda(),
-                     "discounts": torch.full((32,), 0.99).cuda(),
-                     "next_obs": torch.randint(0, 256, (32, 4, 84, 84), dtype=torch.uint8, generator=gen).cuda()}
-            loss, _ = fn(**batch)
-            losses.append(loss.item())
-            opt.step()
-        nets[mode] = (q, losses)
-    np.testing.assert_allclose(nets["eager"][1], nets["graphed"][1], rtol=1e-5)
-    for a, b in zip(nets["eager"][0].parameters(), nets["graphed"][0].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+def filled_memory(m, args, device, seed=0):
+    memory_class = m.PrioritizedReplayMemory if hasattr(m, "PrioritizedReplayMemory") else m.ReplayMemory
+    memory = memory_class(400, n_step=getattr(args, "n_step", 1), gamma=args.gamma, device=device)
+    rng = np.random.default_rng(seed)
+    for t in range(300):
+        frame = rng.integers(0, 256, (84, 84), dtype=np.uint8)
+        memory.add(frame, int(rng.integers(4)), float(rng.choice([-1.0, 0.0, 1.0])), t % 41 == 40, t % 67 == 66, frame)
+    return memory
 
 
-def test_graphed_acting_matches_eager_acting():
-    q = m.QNetwork(m.Args(), 18).cuda()
+def run(name, device, graphs, steps=STEPS, seed=0):
+    """Losses of `steps` training steps and the final weights, from a fixed start; graphs on or off."""
+    m = load_script(name)
+    args = m.Args(learning_starts=8, train_frequency=1, target_network_frequency=10, batch_size=16,
+                  learning_rate=1e-3, **SCRIPTS[name])
+    torch.manual_seed(seed)
+    q_network, target_network = m.QNetwork(args, 4).to(device), m.QNetwork(args, 4).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    optimizer = m.make_optimizer(args, q_network)
+    memory, rng = filled_memory(m, args, device), np.random.default_rng(seed + 1)
+    update_fn = m.CudaGraph(m.update, graphs)
+    rainbow = hasattr(m, "PrioritizedReplayMemory")
+    extra = (torch.Generator(device=device).manual_seed(seed + 2),) if rainbow else ()
+    losses = []
+    for step in range(9, 9 + steps):
+        out = m.train_step(step, args, q_network, target_network, optimizer, memory, rng, *extra, update_fn=update_fn)
+        if name == "dqn_redo":
+            out = out[0][-1] if out[0] else None
+        if out is not None:
+            losses.append(float(out[0]))
+    priorities = memory.tree.get(np.arange(400)).copy() if rainbow else None
+    return np.array(losses), [p.detach().cpu() for p in q_network.parameters()], priorities
 
-    def greedy(obs):
-        with torch.no_grad():
-            return (q(obs).argmax(dim=1),)
 
-    act = m.CudaGraphed(greedy, enabled=True)
+def compare(name, device, graphs, steps=STEPS):
+    eager, graphed = run(name, device, False, steps), run(name, device, graphs, steps)
+    assert len(eager[0]) == steps
+    np.testing.assert_allclose(graphed[0], eager[0], rtol=1e-5, atol=1e-7)
+    for a, b in zip(eager[1], graphed[1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    if eager[2] is not None:
+        np.testing.assert_allclose(graphed[2], eager[2], rtol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_graphed_updates_match_eager_updates(name):
+    compare(name, "cuda", graphs=True)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_the_comparison_runs_without_graphs_on_the_cpu(name):
+    compare(name, "cpu", graphs=False, steps=3)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_graphed_acting_matches_eager_acting(name):
+    m = load_script(name)
+    args = m.Args(**SCRIPTS[name])
+    q_network = m.QNetwork(args, 6).cuda()
+    rainbow = hasattr(m, "PrioritizedReplayMemory")
+    act = m.CudaGraph(m.greedy_action, True)
+    generators = [torch.Generator(device="cuda").manual_seed(3) for _ in range(2)]
     for seed in range(8):
         obs = torch.randint(0, 256, (1, 4, 84, 84), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-        assert act(obs=obs.cuda())[0].item() == greedy(obs.cuda())[0].item()
+        obs = obs.cuda()
+        extra = [(generator,) if rainbow else () for generator in generators]
+        assert act(q_network, obs, *extra[0]).item() == m.greedy_action(q_network, obs, *extra[1]).item()
+
+
+def test_optimizer_skips_a_step_whose_loss_is_not_finite():
+    # the guard that lets a whole update run without a host sync: weights and Adam's state stay as they were
+    m = load_script("dqn_softmoe")
+    layer = torch.nn.Linear(3, 2)
+    optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.1, adam_eps=1e-8), layer)
+    before = [p.detach().clone() for p in layer.parameters()]
+    for bad in (False, True):
+        optimizer.zero_grad()
+        loss = layer(torch.ones(1, 3)).sum() * (float("nan") if bad else 1.0)
+        loss.backward()
+        optimizer.found_inf.copy_(~torch.isfinite(loss))
+        optimizer.step()
+        if not bad:
+            after_good = [p.detach().clone() for p in layer.parameters()]
+            state = {k: v.clone() for k, v in optimizer.state[layer.weight].items()}
+    assert not torch.equal(after_good[0], before[0])
+    for a, b in zip(layer.parameters(), after_good):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+    for key, value in optimizer.state[layer.weight].items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)

@@ -3,6 +3,7 @@ van Hasselt et al. network), the DER network against a float64 restatement, grad
 evaluation protocol (noise off, epsilon, no-op starts, life loss, HNS arithmetic). The Rainbow machinery itself is
 shared with rainbow_tokenized.py (identical blocks) and tested there."""
 import math
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -118,13 +119,18 @@ def test_der_encoder_rejects_moe_flags(capsys):
     m.check_args(m.Args(encoder="der", n_step=20, max_grad_norm=10.0))
 
 
-class RecordingOptimizer(torch.optim.SGD):
-    """SGD that remembers the global gradient norm it was asked to apply."""
+def recording_optimizer(network):
+    """The script's optimizer with a zero learning rate, remembering the global gradient norm it was asked to apply."""
+    optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.0, adam_eps=1.5e-4), network)
+    optimizer.norms, step = [], optimizer.step
 
-    def step(self, closure=None):
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        self.norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
-        return super().step(closure)
+    def recording_step(closure=None):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        optimizer.norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        return step(closure)
+
+    optimizer.step = recording_step
+    return optimizer
 
 
 @pytest.mark.parametrize("max_grad_norm", [0.0, 1e-3])
@@ -134,8 +140,7 @@ def test_max_grad_norm_clips_the_global_norm(max_grad_norm):
     torch.manual_seed(0)
     q, target = m.QNetwork(args, 4), m.QNetwork(args, 4)
     target.load_state_dict(q.state_dict())
-    opt = RecordingOptimizer(q.parameters(), lr=0.0)
-    opt.norms = []
+    opt = recording_optimizer(q)
     rb = m.PrioritizedReplayMemory(300, n_step=3)
     rng = np.random.default_rng(0)
     for t in range(100):
@@ -143,7 +148,7 @@ def test_max_grad_norm_clips_the_global_norm(max_grad_norm):
         rb.add(frame, int(rng.integers(4)), float(rng.choice([-1.0, 0.0, 1.0])), t % 37 == 36, False, frame)
     noise = torch.Generator().manual_seed(0)
     for step in range(21, 24):
-        m.train_step(step, args, q, target, opt, rb, rng, noise, "cpu")
+        m.train_step(step, args, q, target, opt, rb, rng, noise)
     assert len(opt.norms) == 3
     if max_grad_norm:
         assert max(opt.norms) <= max_grad_norm * (1 + 1e-4)

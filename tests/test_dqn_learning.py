@@ -3,7 +3,6 @@
 It drives the script's own `train_step` (update schedule, target sync) and `ReplayMemory` with a tabular
 Q-network, so it fails if the TD target's sign, the discount, the terminal mask, truncation bootstrapping,
 the target sync or the action gather is wrong."""
-import functools
 from types import SimpleNamespace
 
 import numpy as np
@@ -45,9 +44,8 @@ class TabularQ(torch.nn.Module):
 
 
 def step_fn(args, q_network, target_network, optimizer, memory, rng):
-    """The script's train_step with its (eager) gradient function bound, as the training loop does."""
-    gradients = functools.partial(m.dqn_gradients, q_network, target_network, optimizer)
-    return lambda step: m.train_step(step, args, q_network, target_network, optimizer, memory, rng, "cpu", gradients)
+    """The script's train_step with its eager update, as the training loop calls it on a CPU."""
+    return lambda step: m.train_step(step, args, q_network, target_network, optimizer, memory, rng)
 
 
 def fill_memory(next_state, reward, seed=1, max_len=4):
@@ -71,7 +69,7 @@ def fill_memory(next_state, reward, seed=1, max_len=4):
 
 def train(next_state, reward, max_len=4, steps=3000, target_network_frequency=50):
     q_network, target_network = TabularQ(0), TabularQ(1)  # the target starts different from the online net
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=0.05)
+    optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.05, adam_eps=1e-8), q_network)
     args = SimpleNamespace(learning_starts=0, train_frequency=1, target_network_frequency=target_network_frequency,
                            batch_size=128)
     train_step = step_fn(args, q_network, target_network, optimizer, fill_memory(next_state, reward, max_len=max_len),
@@ -103,7 +101,7 @@ def test_update_schedule_and_target_sync():
     # target_network_frequency agent steps after the warm-up
     next_state, reward = make_mdp()
     q_network, target_network = TabularQ(0), TabularQ(1)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=0.01)
+    optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.01, adam_eps=1e-8), q_network)
     args = SimpleNamespace(learning_starts=10, train_frequency=4, target_network_frequency=8, batch_size=8)
     train_step = step_fn(args, q_network, target_network, optimizer, fill_memory(next_state, reward),
                          np.random.default_rng(0))

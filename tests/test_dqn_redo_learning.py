@@ -80,11 +80,11 @@ def make_args(**overrides):
 def train(redo, steps=3000):
     next_state, reward = make_mdp()
     q_network, target_network = MLPQ(0), MLPQ(1)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=0.01)
+    optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.01, adam_eps=1e-8), q_network)
     args, memory, rng = make_args(redo=redo), fill_memory(next_state, reward), np.random.default_rng(2)
     events = []
     for step in range(1, steps + 1):
-        _, recycled = m.train_step(step, args, q_network, target_network, optimizer, memory, rng, "cpu")
+        _, recycled = m.train_step(step, args, q_network, target_network, optimizer, memory, rng)
         if recycled is not None:
             events.append((step, recycled["fc"]))
     with torch.no_grad():
@@ -117,12 +117,12 @@ def test_update_numbers_at_each_replay_ratio():
 def test_target_copied_every_target_frequency_agent_steps_whatever_the_replay_ratio(replay_ratio):
     next_state, reward = make_mdp()
     q_network, target_network = MLPQ(0, alive=32), MLPQ(1, alive=32)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=0.01)
+    optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.01, adam_eps=1e-8), q_network)
     args = make_args(learning_starts=10, train_frequency=4, replay_ratio=replay_ratio, target_network_frequency=12,
                      batch_size=8, redo=False)
     memory, rng = fill_memory(next_state, reward), np.random.default_rng(0)
     for step in range(1, 41):
-        updates, recycled = m.train_step(step, args, q_network, target_network, optimizer, memory, rng, "cpu")
+        updates, recycled = m.train_step(step, args, q_network, target_network, optimizer, memory, rng)
         assert len(updates) == len(m.updates_at(args, step)) and recycled is None
         synced = all(torch.equal(a, b) for a, b in zip(q_network.parameters(), target_network.parameters()))
         if step in (12, 24, 36):
@@ -138,13 +138,13 @@ def test_redo_events_follow_gradient_updates(reset_step):
     # 16, 20, 28 and 32; with tau huge every event recycles all 32 hidden units
     next_state, reward = make_mdp()
     q_network, target_network = MLPQ(0, alive=32), MLPQ(1, alive=32)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=0.01)
+    optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.01, adam_eps=1e-8), q_network)
     args = make_args(learning_starts=10, train_frequency=4, replay_ratio=1.0, batch_size=8, redo_period=6,
                      redo_tau=1e9, redo_reset_adam_step=reset_step)
     memory, rng = fill_memory(next_state, reward), np.random.default_rng(0)
     events = {}
     for step in range(1, 33):
-        _, recycled = m.train_step(step, args, q_network, target_network, optimizer, memory, rng, "cpu")
+        _, recycled = m.train_step(step, args, q_network, target_network, optimizer, memory, rng)
         if recycled is not None:
             events[step] = recycled
     assert events == {16: {"fc": 32}, 20: {"fc": 32}, 28: {"fc": 32}, 32: {"fc": 32}}

@@ -73,7 +73,7 @@ def train(memory, steps=2000):
     learning rate drops 10x for the last quarter so that the final iterate sits close to it."""
     torch.manual_seed(0)
     q_network, target_network = TabularDistribution(0), TabularDistribution(1)  # the target starts different
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=0.05)
+    optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.05, adam_eps=1e-8), q_network)
     args = SimpleNamespace(learning_starts=0, train_frequency=1, target_network_frequency=50, batch_size=128,
                            total_timesteps=steps, priority_exponent=0.5, priority_beta_start=1.0, priority_beta_end=1.0,
                            max_grad_norm=0.0)
@@ -81,7 +81,7 @@ def train(memory, steps=2000):
     for step in range(1, steps + 1):
         if step == 3 * steps // 4:
             optimizer.param_groups[0]["lr"] = 0.005
-        m.train_step(step, args, q_network, target_network, optimizer, memory, rng, noise, "cpu")
+        m.train_step(step, args, q_network, target_network, optimizer, memory, rng, noise)
     return q_network.logits.detach().double().softmax(-1).numpy()
 
 
@@ -108,16 +108,16 @@ def test_update_schedule_and_target_sync():
     # target_network_frequency agent steps after the warm-up
     memory = fill_memory()
     q_network, target_network = TabularDistribution(0), TabularDistribution(1)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=0.01)
+    optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.01, adam_eps=1e-8), q_network)
     args = SimpleNamespace(learning_starts=10, train_frequency=4, target_network_frequency=8, batch_size=8,
                            total_timesteps=100, priority_exponent=0.5, priority_beta_start=0.5, priority_beta_end=0.5,
                            max_grad_norm=0.0)
     rng, noise = np.random.default_rng(0), torch.Generator()
     updates = [s for s in range(1, 41)
-               if m.train_step(s, args, q_network, target_network, optimizer, memory, rng, noise, "cpu") is not None]
+               if m.train_step(s, args, q_network, target_network, optimizer, memory, rng, noise) is not None]
     assert updates == [12, 16, 20, 24, 28, 32, 36, 40]
     torch.testing.assert_close(target_network.logits, q_network.logits)  # synced at step 40
-    m.train_step(44, args, q_network, target_network, optimizer, memory, rng, noise, "cpu")  # update, no sync
+    m.train_step(44, args, q_network, target_network, optimizer, memory, rng, noise)  # update, no sync
     assert not torch.equal(target_network.logits, q_network.logits)
 
 
@@ -128,7 +128,7 @@ def test_a_real_network_fits_a_fixed_target(moe_type):
     args = m.Args(encoder="nature", moe_type=moe_type, num_experts=2, expert_hidden_units=16, n_atoms=5, v_min=-2,
                   v_max=2, learning_rate=1e-3)
     net = m.QNetwork(args, 2)
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    optimizer = m.make_optimizer(args, net)
     obs = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     target = torch.tensor([[0.0, 0.0, 0.2, 0.8, 0.0], [0.5, 0.5, 0.0, 0.0, 0.0]])
     noise = torch.Generator().manual_seed(0)

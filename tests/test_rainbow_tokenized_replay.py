@@ -4,6 +4,7 @@ weights, and the whole n-step double-Q target against a brute force over episode
 truncations."""
 import copy
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -344,16 +345,16 @@ def test_train_step_sets_priorities_from_the_losses_and_weights_the_loss():
     log_probs_before = online.logits.detach().double().log_softmax(-1).numpy()
     args = m.Args(learning_starts=10, train_frequency=1, target_network_frequency=10**6, batch_size=16,
                   total_timesteps=1000, priority_beta_start=0.8, priority_beta_end=0.8, priority_exponent=0.7)
-    optimizer = torch.optim.Adam(online.parameters(), lr=0.01)
+    optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.01, adam_eps=1e-8), online)
     sample_rng = np.random.default_rng(9)
     index, probabilities = memory.sample_prioritized(16, copy.deepcopy(sample_rng))  # what train_step will draw
-    out = m.train_step(11, args, online, target, optimizer, memory, sample_rng, torch.Generator(), "cpu")
+    out = m.train_step(11, args, online, target, optimizer, memory, sample_rng, torch.Generator())
     losses = np.array([-(reference[t]["target"] * log_probs_before[reference[t]["state"], reference[t]["action"]]).sum()
                        for t in index])
     weights = (len(index) * probabilities) ** -0.8
     weights /= weights.max()
     assert out[0].item() == pytest.approx(np.mean(weights * losses), rel=1e-5)
-    assert out[2].item() == pytest.approx(weights.mean(), rel=1e-6)
+    assert out[2] == pytest.approx(weights.mean(), rel=1e-6)
     after = memory.tree.get(np.arange(1000))
     np.testing.assert_allclose(after[index % 1000], (losses + 1e-10) ** 0.7, rtol=1e-5)
     untouched = np.setdiff1d(np.arange(1000), index % 1000)

@@ -9,13 +9,16 @@ from harness import SCRIPTS
 
 BLOCK = re.compile(r"^# >>> shared block: (\S+)\n(.*?)^# <<< shared block: \1$", re.M | re.S)
 
+# blocks of every script; the method's encoders, MoE layers and replay, and the run plumbing
+COMMON = {"env", "nature", "replay", "optimizer", "envstate", "dormant", "runtime", "cudagraph"}
+MOE = {"impala", "tokenizer", "softmoe", "top1moe", "routing"}
 # the Rainbow machinery that rainbow_tokenized.py and der_single_expert.py share (their tests cover one another's copy)
-RAINBOW = {"env", "encoders", "tokenizer", "softmoe", "top1moe", "replay", "analysis", "runtime", "noisy", "sumtree",
-           "categorical", "noisyexperts", "prioritized", "rainbow_update"}
-# the blocks each script must carry (scripts that do not exist yet are skipped)
+RAINBOW = COMMON | MOE | {"noisy", "noisyexperts", "sumtree", "prioritized", "categorical", "rainbow_update"}
+DQN = COMMON | {"epsilon_greedy", "dqn_update"}
+# the blocks each script must carry
 EXPECTED = {
-    "dqn_softmoe": {"env", "encoders", "tokenizer", "softmoe", "top1moe", "replay", "analysis", "runtime", "cudagraph"},
-    "dqn_redo": {"env", "encoders", "replay", "analysis", "runtime"},
+    "dqn_softmoe": DQN | MOE,
+    "dqn_redo": DQN,
     "rainbow_tokenized": RAINBOW,
     "der_single_expert": RAINBOW,
 }

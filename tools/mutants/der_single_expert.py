@@ -15,7 +15,7 @@ MUTANTS = [
      "advantage = self.advantage(advantage_hidden).view(-1, self.num_actions, self.num_atoms)",
      "advantage = self.advantage(value_hidden).view(-1, self.num_actions, self.num_atoms)", [UNIT]),
     ("der_single_expert", "gradient clipping never applied",
-     "nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)", "pass", [UNIT]),
+     "nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm)", "pass", [UNIT]),
     ("der_single_expert", "evaluation with the noise on (training mode)",
      "q_network.eval()  # every noisy layer", "pass  # every noisy layer", [UNIT]),
     ("der_single_expert", "evaluation epsilon ignored",
