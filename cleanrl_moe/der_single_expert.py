@@ -16,6 +16,11 @@ evaluated for 100 episodes (epsilon 0.001, noise off, up to 30 no-op starts) and
 score. `--encoder der` is the van Hasselt et al. network instead (two 5x5 stride-5 convs, noisy 256-unit streams);
 with `--n-step 20 --max-grad-norm 10` it is that paper's DER. Deviations from the official code are in the docs.
 """
+import contextlib
+import dataclasses
+import glob
+import io
+import itertools
 import json
 import math
 import os
@@ -157,7 +162,7 @@ class Args:
 
 # >>> shared block: env
 def make_env(env_id, seed, repeat_action_probability=0.25, max_episode_steps=27_000, noop_max=0,
-             capture_video=False, video_dir="videos"):
+             capture_video=False, video_dir="videos", video_prefix="rl-video"):
     """One Atari environment preprocessed as Dopamine does (frame skip 4 with max-pool over the last two
     frames, 84x84 grey, minimal action set, sticky actions, episodes cut at max_episode_steps agent steps).
     Observations are single frames [84, 84]; the training loop stacks them. Rewards are raw game scores."""
@@ -170,7 +175,7 @@ def make_env(env_id, seed, repeat_action_probability=0.25, max_episode_steps=27_
         render_mode="rgb_array" if capture_video else None,
     )
     if capture_video:
-        env = gym.wrappers.RecordVideo(env, video_dir)
+        env = gym.wrappers.RecordVideo(env, video_dir, name_prefix=video_prefix)
     env = gym.wrappers.AtariPreprocessing(env, noop_max=noop_max, frame_skip=4, screen_size=84)
     env.action_space.seed(seed)
     return env
@@ -667,21 +672,26 @@ class ReplayMemory:
             "next_obs": self.stacks(index + length),
         }
 
+    def slots(self, first, end):
+        """The per-slot data of the linear indices [first, end), which must lie in one pass over the slots, as numpy
+        arrays (views, for a memory in RAM): what a checkpoint's replay segment holds."""
+        start = first % self.capacity
+        data = {k: getattr(self, k)[start:start + end - first].cpu().numpy() for k in self.slot_fields}
+        return {**data, "is_transition": self.is_transition[start:start + end - first]}
+
+    def load_slots(self, first, data):
+        start, count = first % self.capacity, len(data["is_transition"])
+        for k in self.slot_fields:
+            getattr(self, k)[start:start + count] = torch.from_numpy(data[k]).to(self.device)
+        self.is_transition[start:start + count] = data["is_transition"]
+
     def state_dict(self):
-        n = len(self)
-        state = {k: getattr(self, k)[:n].to("cpu", copy=True) for k in self._slot_fields}  # only the stored slots
-        state.update(is_transition=torch.from_numpy(self.is_transition[:n].copy()), cursor=self.cursor,
-                     episode_step=self.episode_step)
-        return state
+        return {"cursor": self.cursor, "episode_step": self.episode_step}
 
     def load_state_dict(self, state):
-        n = state["frames"].shape[0]
-        for k in self._slot_fields:
-            getattr(self, k)[:n] = state[k].to(self.device)
-        self.is_transition[:n] = state["is_transition"].numpy()
         self.cursor, self.episode_step = state["cursor"], state["episode_step"]
 
-    _slot_fields = ("frames", "action", "reward", "terminated", "episode_end", "history")
+    slot_fields = ("frames", "action", "reward", "terminated", "episode_end", "history")
 # <<< shared block: replay
 
 
@@ -740,13 +750,6 @@ class SumTree:
             target = np.where(go_right, target - self.nodes[left], target)
             node = left + go_right
         return node - self.size, self.nodes[node] / self.total()
-
-    def state_dict(self):
-        return {"nodes": torch.from_numpy(self.nodes.copy()), "max_priority": self.max_priority}
-
-    def load_state_dict(self, state):
-        self.nodes[:] = state["nodes"].numpy()
-        self.max_priority = state["max_priority"]
 # <<< shared block: sumtree
 
 
@@ -794,11 +797,14 @@ class PrioritizedReplayMemory(ReplayMemory):
         return int(np.count_nonzero(self.tree.nodes[self.tree.size:]))
 
     def state_dict(self):
-        return {**super().state_dict(), "tree": self.tree.state_dict()}
+        """The priorities of the stored slots: the tree's inner sums are rebuilt from them, to the same bits."""
+        priorities = self.tree.get(np.arange(len(self)))
+        return {**super().state_dict(), "priorities": torch.from_numpy(priorities), "max_priority": self.tree.max_priority}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        self.tree.load_state_dict(state["tree"])
+        self.tree.set(np.arange(len(self)), state["priorities"].numpy())
+        self.tree.max_priority = state["max_priority"]
         self.synced = self.sample_range()
 # <<< shared block: prioritized
 
@@ -1035,6 +1041,16 @@ def fail(message):
     raise SystemExit(2)
 
 
+def check_numbers(args):
+    """Every float flag is finite and the seed is one that numpy, torch and the ALE all accept."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= args.seed < 2**31:
+        fail(f"--seed must be in [0, 2**31), got {args.seed}")
+
+
 def check_env_id(env_id):
     """The ALE id, or a one-line error naming --env-id."""
     try:
@@ -1045,16 +1061,40 @@ def check_env_id(env_id):
         fail(f"--env-id {env_id!r} is not an Atari environment of ale-py; use an id such as ALE/Breakout-v5")
 
 
-def available_ram_bytes():
+def available_ram_bytes(proc_cgroup="/proc/self/cgroup", cgroup_root="/sys/fs/cgroup"):
+    """Memory this process may still take: the machine's MemAvailable, or less when a cgroup (Slurm's --mem, a
+    container) limits it: (limit - usage) of its cgroup and every ancestor, cgroup v2 (memory.max, memory.current) or
+    v1 (memory.limit_in_bytes, memory.usage_in_bytes). Unlimited or unreadable files count as no limit."""
     try:
         with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+            free = [next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))]
     except (OSError, StopIteration):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        free = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")]
+    try:
+        with open(proc_cgroup) as f:
+            entries = [line.strip().split(":", 2) for line in f if line.count(":") >= 2]
+    except OSError:
+        entries = []
+    for hierarchy, controllers, path in entries:
+        if hierarchy == "0":  # cgroup v2
+            base, files = cgroup_root, ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            base, files = os.path.join(cgroup_root, "memory"), ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):  # the cgroup itself and its ancestors
+            folder = os.path.join(base, *parts[:depth])
+            try:
+                with open(os.path.join(folder, files[0])) as f_limit, open(os.path.join(folder, files[1])) as f_usage:
+                    free.append(int(f_limit.read()) - int(f_usage.read()))  # "max" (no limit) is no int
+            except (OSError, ValueError):
+                pass
+    return max(0, min(free))
 
 
-def place_replay(capacity, device, bytes_per_slot, gpu_reserve=2 << 30, ram_reserve=1 << 30):
-    """The device for the replay frames: the training GPU when they fit there, else host RAM, else an error."""
+def place_replay(capacity, device, bytes_per_slot, resuming=False, gpu_reserve=2 << 30, ram_reserve=1 << 30):
+    """The device for the replay memory: the training GPU when it fits there, else host RAM, else an error."""
     needed = capacity * bytes_per_slot
     if device.type == "cuda":
         free_gpu = torch.cuda.mem_get_info(device)[0]
@@ -1064,51 +1104,225 @@ def place_replay(capacity, device, bytes_per_slot, gpu_reserve=2 << 30, ram_rese
     if needed + ram_reserve <= free_ram:
         return torch.device("cpu")
     where = f"{free_ram / 2**30:.1f} GiB of RAM" + (" (and too little GPU memory)" if device.type == "cuda" else "")
-    fail(f"--buffer-size {capacity}: the replay memory needs {needed / 2**30:.1f} GiB but only {where} is "
-         f"free; lower --buffer-size to at most {max(0, free_ram - ram_reserve) // bytes_per_slot}")
+    fix = (f"free memory or resume on a machine with {(needed + ram_reserve) / 2**30:.1f} GiB available" if resuming
+           else f"lower --buffer-size to at most {max(0, free_ram - ram_reserve) // bytes_per_slot}")
+    fail(f"--buffer-size {capacity}: the replay memory needs {needed / 2**30:.1f} GiB but only {where} is free; {fix}")
 
 
-def save_checkpoint(path, state):
-    """Write, flush, then rename: a crash never leaves a half-written checkpoint behind."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def make_run_dir(args):
+    """runs/<env>__<exp-name>__<seed>__<time>, created here; a run started in the same second gets -2, -3, ...
+    (mkdir is atomic, so two runs never share a directory)."""
+    base = f"runs/{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    for attempt in itertools.count(1):
+        run_dir = base if attempt == 1 else f"{base}-{attempt}"
+        try:
+            os.makedirs(run_dir)
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError as error:
+            fail(f"cannot create the run directory {run_dir}: {error.strerror}; start the run from a writable directory")
 
 
-def load_checkpoint(path):
-    # mmap: reading the flags of a checkpoint with a large replay memory costs no RAM
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+class StopSignal:
+    """SIGTERM (Slurm, preemption) and SIGINT (Ctrl-C) ask the run to stop at the next safe point, in training and in
+    evaluation alike: it then saves a checkpoint, prints how to resume and exits with 128 + the signal's number."""
+
+    def __init__(self):
+        self.signum = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.request)
+
+    def request(self, signum, frame):
+        self.signum = signum
+
+    def __bool__(self):
+        return self.signum is not None
 
 
-def parse_args(args_class, argv=None, resumable_fields=()):
-    """tyro flags; with --resume, the checkpoint's flags are the defaults and only `resumable_fields` may
-    change (a resumed run keeps its network, memory and environment)."""
+def write_json(path, data):
+    """result.json and the like: written whole or not at all; a storage error ends the run with one line."""
+    try:
+        with open(f"{path}.tmp", "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(f"{path}.tmp", path)
+    except OSError as error:
+        exit_run(f"error: cannot write {path}: {error.strerror or error}; the checkpoint, if any, is intact", 1)
+
+
+def exit_run(message, code):
+    """End a started run with one line (no traceback); the checkpoint, if any, has been written."""
+    print(("\n" if sys.stdout.isatty() else "") + message, file=sys.stderr if code not in (0, 130, 143) else sys.stdout,
+          flush=True)
+    raise SystemExit(code)
+# <<< shared block: runtime
+
+
+# >>> shared block: checkpoint
+CHECKPOINT_FORMAT = 2  # version of the layout below; a checkpoint of another version is refused with one line
+
+
+class Checkpoint:
+    """A run's checkpoint folder. A save first writes the transitions added to the replay memory since the previous
+    save as new segment files (`replay-<first>-<end>.npz`: linear indices [first, end)), then everything else as
+    `state.pt` (networks, optimizer, environment, random generators, counters, the list of segments), written to a
+    temporary file, flushed and renamed over the previous one; last it deletes the segments the memory has overwritten
+    since. A stop at any moment (a signal, a kill, a full disk) leaves the last complete checkpoint loadable, and a save
+    costs time in proportion to what changed, not to the memory's size. Loading unpickles no code:
+    `torch.load(weights_only=True)` and `np.load(allow_pickle=False)`."""
+
+    def __init__(self, folder):
+        self.folder, self.segments = folder, []  # segments: the (first, end) linear index ranges on disk
+
+    def save(self, state, rb=None):
+        """Write `state`, with the new transitions of `rb` unless it is None; on a storage error the run ends with one
+        line and the previous checkpoint intact."""
+        committed = {f"replay-{first:012d}-{end:012d}.npz" for first, end in self.segments}
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            self._remove("*.tmp")  # left by a process killed in the middle of a write
+            replay = None  # an evaluation after training may leave the memory out: then it cannot train further
+            if rb is None:
+                self.segments = []
+            else:
+                oldest = rb.cursor - len(rb)
+                first = max(self.segments[-1][1] if self.segments else 0, oldest)
+                while first < rb.cursor:  # one segment per pass over the memory's slots, so each is a contiguous view
+                    end = min(rb.cursor, (first // rb.capacity + 1) * rb.capacity)
+                    self._write(f"replay-{first:012d}-{end:012d}.npz", lambda f: np.savez(f, **rb.slots(first, end)))
+                    self.segments.append((first, end))
+                    first = end
+                self.segments = [(first, end) for first, end in self.segments if end > oldest]
+                replay = {**rb.state_dict(), "segments": self.segments}
+            buffer = io.BytesIO()  # torch.save reports a failed write as a RuntimeError: write its bytes ourselves
+            torch.save({**state, "replay": replay, "format": CHECKPOINT_FORMAT}, buffer)
+            self._write("state.pt", lambda f: f.write(buffer.getbuffer()))
+            kept = {f"replay-{first:012d}-{end:012d}.npz" for first, end in self.segments}
+            self._remove("replay-*.npz", keep=kept)
+        except OSError as error:
+            self._remove("*.tmp")
+            self._remove("replay-*.npz", keep=committed)  # segments this save wrote: the previous state knows none
+            exit_run(f"error: cannot write the checkpoint in {self.folder}: {error.strerror or error}; the previous "
+                     f"checkpoint there is intact: free space or fix the storage, then --resume {self.folder}", 1)
+
+    def load_replay(self, rb, replay):
+        """Refill `rb` from the checkpoint's `replay` state and its segments."""
+        rb.load_state_dict(replay)
+        self.segments = [tuple(segment) for segment in replay["segments"]]
+        for first, end in self.segments:
+            start = max(first, rb.cursor - rb.capacity)  # slots that later segments overwrote are skipped
+            if start < end:
+                with np.load(os.path.join(self.folder, f"replay-{first:012d}-{end:012d}.npz"), allow_pickle=False) as f:
+                    rb.load_slots(start, {k: f[k][start - first:] for k in f.files})
+
+    def _write(self, name, write):
+        path = os.path.join(self.folder, name)
+        with open(f"{path}.tmp", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(f"{path}.tmp", path)
+
+    def _remove(self, pattern, keep=()):
+        for path in glob.glob(os.path.join(self.folder, pattern)):
+            if os.path.basename(path) not in keep:
+                with contextlib.suppress(OSError):  # a read-only folder: nothing more can be done there
+                    os.remove(path)
+
+
+def read_checkpoint(path, script):
+    """The state of the checkpoint at `path` (a run directory, its checkpoint folder or its state.pt), with "folder"
+    added; any problem stops with one line that names the file and what to do."""
+    if os.path.isfile(path):
+        folder = os.path.dirname(path) or "."
+    elif os.path.isfile(os.path.join(path, "state.pt")):
+        folder = path
+    else:
+        folder = os.path.join(path, "checkpoint")
+    state_path = os.path.join(folder, "state.pt")
+    if not os.path.isfile(state_path):
+        fail(f"--resume {path}: no checkpoint there (expected {state_path}); give a run directory, its checkpoint "
+             "folder or its state.pt")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # empty, truncated, or not a checkpoint at all
+        fail(f"--resume {path}: {state_path} is damaged or incomplete ({type(error).__name__}); resume from an intact "
+             "copy or start a new run without --resume")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        version = state.get("format", 1) if isinstance(state, dict) else "unknown"
+        fail(f"--resume {path}: {state_path} has checkpoint format {version}, this script reads format "
+             f"{CHECKPOINT_FORMAT}; resume it with the version of the script that wrote it, or start a new run")
+    if state["script"] != script:
+        fail(f"--resume {path}: that is a checkpoint of {state['script']}, not of {script}; resume it with "
+             f"{state['script']}")
+    segments = state["replay"]["segments"] if state["replay"] is not None else []
+    for first, end in segments:
+        if not os.path.isfile(os.path.join(folder, f"replay-{first:012d}-{end:012d}.npz")):
+            fail(f"--resume {path}: replay segment replay-{first:012d}-{end:012d}.npz is missing from {folder}; "
+                 "restore the whole checkpoint folder or start a new run")
+    return {**state, "folder": folder}
+
+
+def parse_args(args_class, resumable_fields, argv=None):
+    """tyro flags, and the checkpoint to resume (or None). With --resume, the checkpoint's flags are the defaults and
+    only `resumable_fields` may change: a resumed run keeps its network, memory and environment."""
     args = tyro.cli(args_class, args=argv)
     if args.resume is None:
-        return args
-    if not os.path.isfile(args.resume):
-        fail(f"--resume {args.resume}: no such checkpoint file")
-    saved = load_checkpoint(args.resume)["args"]
-    args = tyro.cli(args_class, args=argv, default=args_class(**saved))
-    for field, value in saved.items():
+        return args, None
+    checkpoint = read_checkpoint(args.resume, os.path.basename(__file__))
+    args = tyro.cli(args_class, args=argv, default=args_class(**{**checkpoint["args"], "resume": args.resume}))
+    for field, value in checkpoint["args"].items():
         if field not in resumable_fields and field != "resume" and getattr(args, field) != value:
             flag = "--" + field.replace("_", "-")
             fail(f"{flag} {getattr(args, field)} differs from the checkpoint's {value}; drop {flag} to resume")
-    return args
+    if args.total_timesteps < checkpoint["global_step"]:
+        fail(f"--total-timesteps {args.total_timesteps} is below the checkpoint's step {checkpoint['global_step']:,}; "
+             f"give at least {checkpoint['global_step']} or drop --total-timesteps")
+    if checkpoint["replay"] is None and args.total_timesteps > checkpoint["global_step"]:
+        fail(f"--total-timesteps {args.total_timesteps}: this checkpoint was saved in the evaluation after training and "
+             f"holds no replay memory, so training cannot go on; drop --total-timesteps to finish the evaluation")
+    return args, checkpoint
+# <<< shared block: checkpoint
 
 
+# >>> shared block: tracking
+def init_wandb(args, run_name, run_id=None):
+    """Start the run's wandb run, or continue it (`run_id` from the checkpoint): the TensorBoard scalars reach it as
+    CleanRL's do (sync_tensorboard) and the flags are its config. Returns the run id that wandb chose."""
+    import wandb
+
+    run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                     config=vars(args), name=run_name, id=run_id, resume="allow", save_code=True)
+    return run.id
+
+
+def upload_videos(folder, key, uploaded):
+    """Log the videos in `folder` that wandb has not received yet (gymnasium 1.x's RecordVideo has no wandb hook)."""
+    import wandb
+
+    for path in sorted(glob.glob(os.path.join(folder, "*.mp4"))):
+        if path not in uploaded:
+            wandb.log({key: wandb.Video(path, format="mp4")})
+            uploaded.add(path)
+
+
+def finish_wandb(exit_code=0):
+    import wandb
+
+    wandb.finish(exit_code=exit_code)
+# <<< shared block: tracking
+
+
+# >>> shared block: progress
 def format_seconds(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class Progress:
-    """One status line (step, SPS, recent return, ETA): redrawn in place on a terminal, printed as a new
-    line every `interval` seconds when the output goes to a file. SPS and ETA use the last ~30 seconds,
-    so that a fast warm-up does not hide the speed of learning."""
+    """One status line (step, SPS, updates, replay fill, recent return, ETA): redrawn in place on a terminal, printed
+    as a new line every `interval` seconds when the output goes to a file. SPS and ETA use the last ~30 seconds, so
+    that a fast warm-up does not hide the speed of learning."""
 
     def __init__(self, total_steps, start_step, interval=30.0):
         self.total, self.interval = total_steps, interval
@@ -1116,7 +1330,7 @@ class Progress:
         self.last_time = time.time()
         self.samples = deque([(self.last_time, start_step)], maxlen=64)
 
-    def update(self, step, recent_return, force=False):
+    def update(self, step, recent_return, updates, replay_fill, force=False):
         now = time.time()
         if not force and now - self.last_time < (0.5 if self.tty else self.interval):
             return
@@ -1128,16 +1342,39 @@ class Progress:
         sps = (s1 - s0) / max(t1 - t0, 1e-9)
         eta = format_seconds((self.total - step) / sps) if sps > 0 else "?"
         ret = "n/a" if recent_return is None else f"{recent_return:.1f}"
-        line = (f"step {step:,}/{self.total:,} ({100 * step / self.total:.1f}%) | {sps:,.0f} SPS | "
-                f"return {ret} | ETA {eta}")
+        line = (f"step {step:,}/{self.total:,} ({100 * step / self.total:.1f}%) | {sps:,.0f} SPS | {updates:,} updates | "
+                f"replay {100 * replay_fill:.0f}% | return {ret} | ETA {eta}")
         if self.tty:
-            print("\r" + line.ljust(100), end="" if not force else "\n", flush=True)
+            print("\r" + line.ljust(120), end="" if not force else "\n", flush=True)
         else:
             print(line, flush=True)
 
     def print(self, message):
         print(("\n" if self.tty else "") + message, flush=True)
-# <<< shared block: runtime
+
+
+class PhaseClock:
+    """Wall seconds spent in each phase of the run (warm-up, learning, evaluation), kept across resumes."""
+
+    def __init__(self, seconds=None):
+        self.seconds, self.phase, self.since = dict(seconds or {}), None, time.time()
+
+    def enter(self, phase):
+        now = time.time()
+        if self.phase is not None:
+            self.seconds[self.phase] = self.seconds.get(self.phase, 0.0) + now - self.since
+        self.phase, self.since = phase, now
+
+    def state_dict(self):
+        self.enter(self.phase)
+        return dict(self.seconds)
+
+
+def print_summary(title, rows):
+    """The end-of-run screen: a title and aligned (label, value) rows."""
+    width = max(len(label) for label, _ in rows)
+    print("\n".join([title, *(f"  {label:<{width}}  {value}" for label, value in rows)]), flush=True)
+# <<< shared block: progress
 
 
 # >>> shared block: cudagraph
@@ -1183,7 +1420,8 @@ class CudaGraph:
 
 
 def check_args(args):
-    """Every bad flag stops here, before anything large is allocated."""
+    """Every bad flag stops here, before anything is created or allocated."""
+    check_numbers(args)
     for name in ("total_timesteps", "buffer_size", "batch_size", "train_frequency", "target_network_frequency",
                  "num_experts", "expert_hidden_units", "max_episode_steps", "log_frequency", "stats_frequency",
                  "stats_batch_size", "n_step"):
@@ -1265,41 +1503,49 @@ def human_normalized_score(env_id, score):
     return (score - random_score) / (human_score - random_score)
 
 
-def evaluate(q_network, args, num_episodes, device, seed, capture_video=False, run_name="", parallel=100):
-    """The Atari 100k protocol: raw scores of `num_episodes` episodes of the network's noise-free greedy policy,
-    epsilon-greedy with --eval-epsilon. Up to `parallel` episodes run side by side (one batched forward pass per
-    step); episode i runs in its own environment seeded seed + i and starts with 1 to --eval-noop-max random
-    no-ops. A lost life restarts the frame stack, as in training; an episode ends at game over or at the cap."""
+def evaluate(q_network, args, num_episodes, device, seed, scores=None, stop=None, video_dir=None, videos=3,
+             parallel=100):
+    """The Atari 100k protocol: {episode: raw score} of `num_episodes` episodes of the network's noise-free greedy
+    policy, epsilon-greedy with --eval-epsilon. Up to `parallel` episodes run side by side (one batched forward pass per
+    step); episode i runs in its own environment seeded seed + i, draws its random actions from its own generator and
+    starts with 1 to --eval-noop-max random no-ops, so its score does not depend on what runs beside it. A lost life
+    restarts the frame stack, as in training; an episode ends at game over or at the cap. Stopped by a signal (`stop`),
+    it returns the episodes finished so far; given them back (`scores`), it runs only the others. With `video_dir`, the
+    first `videos` episodes are recorded."""
     was_training = q_network.training
     q_network.eval()  # every noisy layer, the experts' included, uses its mean weights
-    rng = np.random.default_rng(seed)
-    scores = []
-    for first in range(0, num_episodes, parallel):
-        episodes = range(first, min(num_episodes, first + parallel))
+    scores = dict(scores or {})
+    todo = [i for i in range(num_episodes) if i not in scores]
+    for first in range(0, len(todo), parallel):
         envs = {i: make_env(args.env_id, seed + i, args.repeat_action_probability, args.max_episode_steps,
-                            noop_max=args.eval_noop_max, capture_video=capture_video and i == 0,
-                            video_dir=f"videos/{run_name}-eval") for i in episodes}
-        stacks, lives, returns = {}, {}, {i: 0.0 for i in episodes}
+                            noop_max=args.eval_noop_max, capture_video=video_dir is not None and i < videos,
+                            video_dir=video_dir, video_prefix=f"eval-episode-{i}") for i in todo[first:first + parallel]}
+        rngs = {i: np.random.default_rng([seed, i]) for i in envs}
+        stacks, lives, returns = {}, {}, {i: 0.0 for i in envs}
         for i, env in envs.items():
             frame, info = env.reset(seed=seed + i)
             stacks[i], lives[i] = np.repeat(frame[None], 4, axis=0), info["lives"]
-        while envs:
+        while envs and not stop:
             active = list(envs)
             with torch.no_grad():
                 greedy = q_network(torch.as_tensor(np.stack([stacks[i] for i in active]), device=device))[1].argmax(1)
             for i, action in zip(active, greedy.tolist()):
-                if rng.random() < args.eval_epsilon:
-                    action = int(rng.integers(q_network.num_actions))
+                if rngs[i].random() < args.eval_epsilon:
+                    action = int(rngs[i].integers(q_network.num_actions))
                 frame, reward, terminated, truncated, info = envs[i].step(action)
                 returns[i] += reward
                 if terminated or truncated:
                     envs.pop(i).close()
+                    scores[i] = returns[i]
                 elif args.terminal_on_life_loss and info["lives"] < lives[i]:
                     stacks[i] = np.repeat(frame[None], 4, axis=0)
                 else:
                     stacks[i] = np.concatenate([stacks[i][1:], frame[None]])
                 lives[i] = info["lives"]
-        scores.extend(returns[i] for i in episodes)
+        for env in envs.values():  # unfinished: stopped by a signal
+            env.close()
+        if stop:
+            break
     q_network.train(was_training)
     return scores
 
@@ -1307,30 +1553,24 @@ def evaluate(q_network, args, num_episodes, device, seed, capture_video=False, r
 # flags that may change when resuming; everything else must match the checkpoint
 RESUMABLE_FIELDS = ("total_timesteps", "checkpoint_every", "cuda", "cuda_graphs", "track", "wandb_project_name",
                     "wandb_entity", "save_model", "eval_episodes", "eval_epsilon", "eval_noop_max", "log_frequency",
-                    "stats_frequency", "capture_video")
+                    "stats_frequency", "capture_video", "learning_rate")
 
 
 if __name__ == "__main__":
-    args = parse_args(Args, resumable_fields=RESUMABLE_FIELDS)
+    args, checkpoint = parse_args(Args, RESUMABLE_FIELDS)
     check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     bytes_per_transition = PrioritizedReplayMemory.bytes_per_slot(capacity=args.buffer_size)
-    replay_device = place_replay(args.buffer_size, device, bytes_per_transition)
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    run_name = checkpoint["run_name"] if checkpoint else (
-        f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    run_dir = f"runs/{run_name}"
-    os.makedirs(run_dir, exist_ok=True)
-    checkpoint_path = f"{run_dir}/checkpoint.pt"
-    wandb_id = checkpoint["wandb_id"] if checkpoint else None
-    if args.track:
-        import wandb
-
-        wandb_id = wandb_id or wandb.util.generate_id()
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, id=wandb_id, resume="allow", save_code=True)
+    replay_device = place_replay(args.buffer_size, device, bytes_per_transition, resuming=bool(checkpoint))
+    run_dir = os.path.dirname(checkpoint["folder"]) if checkpoint else make_run_dir(args)
+    run_name = os.path.basename(run_dir)
+    ckpt = Checkpoint(os.path.join(run_dir, "checkpoint"))
+    wandb_id = init_wandb(args, run_name, checkpoint and checkpoint["wandb_id"]) if args.track else None
     start_step = checkpoint["global_step"] if checkpoint else 0
-    writer = SummaryWriter(run_dir, purge_step=start_step if checkpoint else None)
+    try:
+        writer = SummaryWriter(run_dir, purge_step=start_step if checkpoint else None)
+    except OSError as error:
+        fail(f"cannot write TensorBoard events in {run_dir}: {error.strerror}; resume from a writable directory")
     writer.add_text(
         "hyperparameters",
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
@@ -1362,54 +1602,67 @@ if __name__ == "__main__":
     frame, info = env.reset(seed=args.seed)
     stack = np.repeat(frame[None], 4, axis=0)
     lives = info["lives"]
-    episode_return, episode_length, episodes = 0.0, 0, 0
+    episode_return, episode_length, episodes, updates = 0.0, 0, 0, 0
     recent_returns = deque(maxlen=100)
-    elapsed_before = 0.0
+    loss_sum, q_sum, weight_sum, num_logged = 0.0, 0.0, 0.0, 0  # of the log interval in progress
+    eval_scores, phase_seconds = {}, {}
+    replay_loaded = not checkpoint or checkpoint["replay"] is not None  # else only the evaluation can go on
     if checkpoint:
         q_network.load_state_dict(checkpoint["q_network"])
         target_network.load_state_dict(checkpoint["target_network"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        rb.load_state_dict(checkpoint["replay"])
+        for group in optimizer.param_groups:  # --learning-rate may change on resume (a non-finite loss suggests it)
+            group["lr"] = args.learning_rate
+        if replay_loaded:
+            ckpt.load_replay(rb, checkpoint["replay"])
         set_env_state(env, checkpoint["env"])
         stack = checkpoint["stack"].numpy().copy()
-        episode_return, episode_length, episodes, lives = checkpoint["episode"]
+        episode_return, episode_length, episodes, updates, lives = checkpoint["episode"]
         recent_returns.extend(checkpoint["recent_returns"])
-        elapsed_before = checkpoint["elapsed"]
+        loss_sum, q_sum, weight_sum, num_logged = checkpoint["log_sums"]
+        eval_scores, phase_seconds = checkpoint["eval_scores"], checkpoint["phase_seconds"]
         rng.bit_generator.state = checkpoint["rng"]["numpy"]
         noise.set_state(checkpoint["rng"]["noise"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
-        print(f"resumed {run_name} at step {start_step:,} from {args.resume}", flush=True)
+        print(f"resumed {run_name} at step {start_step:,} from {ckpt.folder}", flush=True)
         del checkpoint
 
-    def make_checkpoint(next_step):
-        return {
-            "args": vars(args), "run_name": run_name, "wandb_id": wandb_id, "global_step": next_step,
+    def save_checkpoint(next_step, with_replay=True):
+        ckpt.save({
+            "script": os.path.basename(__file__), "args": vars(args), "wandb_id": wandb_id, "global_step": next_step,
             "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
-            "optimizer": optimizer.state_dict(), "replay": rb.state_dict(), "env": get_env_state(env),
-            "stack": torch.from_numpy(stack.copy()), "episode": (episode_return, episode_length, episodes, lives),
-            "recent_returns": list(recent_returns), "elapsed": elapsed_before + time.time() - start_time,
+            "optimizer": optimizer.state_dict(), "env": get_env_state(env), "stack": torch.from_numpy(stack.copy()),
+            "episode": (episode_return, episode_length, episodes, updates, lives), "recent_returns": list(recent_returns),
+            "log_sums": (loss_sum, q_sum, weight_sum, num_logged), "eval_scores": eval_scores,
+            "phase_seconds": clock.state_dict(),
             "rng": {"numpy": rng.bit_generator.state, "noise": noise.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-        }
+        }, rb if with_replay else None)
+
+    def stop_here(step, with_replay=True):
+        """A signal arrived: save, say how to resume, leave."""
+        save_checkpoint(step, with_replay)
+        writer.close()
+        if args.track:
+            finish_wandb(128 + stop.signum)
+        exit_run(f"{signal.Signals(stop.signum).name} at step {step:,}: checkpoint saved; resume with\n"
+                 f"  python {sys.argv[0]} --resume {ckpt.folder}", 128 + stop.signum)
 
     # the gather of a batch runs inside the graph, so the memory must be on the GPU too
     use_graphs = args.cuda_graphs and device.type == "cuda" and replay_device.type == "cuda"
     greedy, update_fn = CudaGraph(greedy_action, use_graphs), CudaGraph(update, use_graphs)
-    stop_requested = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
-    progress = Progress(args.total_timesteps, start_step)
-    start_time = time.time()
-    last_log = (start_time, start_step)
-    loss_sum, q_sum, weight_sum, num_logged = 0.0, 0.0, 0.0, 0
+    stop = StopSignal()
+    progress, clock = Progress(args.total_timesteps, start_step), PhaseClock(phase_seconds)
+    videos_uploaded = set()
+    last_log = (time.time(), start_step)
     for global_step in range(start_step, args.total_timesteps):
-        if stop_requested:  # preemption: save and leave; --resume continues exactly here
-            save_checkpoint(checkpoint_path, make_checkpoint(global_step))
-            progress.print(f"SIGTERM at step {global_step:,}: checkpoint saved to {checkpoint_path}")
-            sys.exit(143)
+        clock.enter("warm-up" if global_step <= args.learning_starts else "learning")
+        if stop:  # preemption or Ctrl-C: save and leave; --resume continues exactly here
+            stop_here(global_step)
         if args.checkpoint_every and global_step > start_step and global_step % args.checkpoint_every == 0:
-            save_checkpoint(checkpoint_path, make_checkpoint(global_step))
+            save_checkpoint(global_step)
 
         # ALGO LOGIC: put action logic here
         action = select_action(q_network, stack, args.epsilon_train, rng, noise, device, greedy)
@@ -1434,6 +1687,8 @@ if __name__ == "__main__":
             next_frame, info = env.reset()
             stack = np.repeat(next_frame[None], 4, axis=0)
             lives = info["lives"]
+            if args.track and args.capture_video:
+                upload_videos(f"videos/{run_name}", "videos/train", videos_uploaded)
         elif life_lost:  # the replay memory starts a new stack here, so the agent does too (Dopamine)
             stack = np.repeat(next_frame[None], 4, axis=0)
         else:
@@ -1444,11 +1699,11 @@ if __name__ == "__main__":
         update_out = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, noise, update_fn)
         if update_out is not None:
             loss, q_mean, weight_mean = (float(value) for value in update_out)
+            updates += 1
             if not math.isfinite(loss):  # the step was skipped, so the checkpoint holds the last finite weights
-                save_checkpoint(checkpoint_path, make_checkpoint(global_step + 1))
-                progress.print(f"error: non-finite loss {loss} at step {global_step:,}; checkpoint saved "
-                               f"to {checkpoint_path}; try a lower --learning-rate")
-                sys.exit(1)
+                save_checkpoint(global_step + 1)
+                exit_run(f"error: non-finite loss {loss} at step {global_step:,}; checkpoint saved; resume with a lower "
+                         f"learning rate: --resume {ckpt.folder} --learning-rate {args.learning_rate / 4:g}", 1)
             loss_sum, q_sum, weight_sum, num_logged = loss_sum + loss, q_sum + q_mean, weight_sum + weight_mean, num_logged + 1
 
         if (global_step + 1) % args.log_frequency == 0:
@@ -1477,21 +1732,25 @@ if __name__ == "__main__":
             for key, value in {**dormant_statistics(record, (0.0, args.dormant_tau)),
                                **routing_statistics(record)}.items():
                 writer.add_scalar(key, value, global_step)
-        progress.update(global_step + 1, np.mean(recent_returns) if recent_returns else None)
+        progress.update(global_step + 1, np.mean(recent_returns) if recent_returns else None, updates,
+                        len(rb) / rb.capacity)
 
-    progress.update(args.total_timesteps, np.mean(recent_returns) if recent_returns else None, force=True)
-    if args.checkpoint_every:
-        save_checkpoint(checkpoint_path, make_checkpoint(args.total_timesteps))
-    wall_time = elapsed_before + time.time() - start_time
+    progress.update(args.total_timesteps, np.mean(recent_returns) if recent_returns else None, updates,
+                    len(rb) / rb.capacity, force=True)
+    if args.checkpoint_every and start_step < args.total_timesteps:
+        save_checkpoint(args.total_timesteps)
+    model_path = None
     if args.save_model:
         model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
         torch.save({"model": q_network.state_dict(), "args": vars(args)}, model_path)
-        print(f"model saved to {model_path}")
-    eval_returns, score, hns = None, None, None
+    score, hns = None, None
     if args.eval_episodes:  # the Atari 100k score: the final agent, not the best one seen
-        eval_start = time.time()
-        eval_returns = evaluate(q_network, args, args.eval_episodes, device, seed=args.seed + 1000,
-                                capture_video=args.capture_video, run_name=run_name)
+        clock.enter("evaluation")
+        eval_scores = evaluate(q_network, args, args.eval_episodes, device, args.seed + 1000, eval_scores, stop,
+                               f"videos/{run_name}-eval" if args.capture_video else None)
+        if stop:  # only the unfinished episodes run again on resume
+            stop_here(args.total_timesteps, with_replay=replay_loaded and args.checkpoint_every > 0)
+        eval_returns = [eval_scores[i] for i in range(args.eval_episodes)]
         score = float(np.mean(eval_returns))
         hns = human_normalized_score(args.env_id, score)
         for idx, episodic_return in enumerate(eval_returns):
@@ -1499,16 +1758,31 @@ if __name__ == "__main__":
         writer.add_scalar("eval/score", score, args.total_timesteps)
         if hns is not None:
             writer.add_scalar("eval/human_normalized_score", hns, args.total_timesteps)
-        print(f"eval: score {score:.1f} (mean of {len(eval_returns)} episodes), human-normalized "
-              f"{'n/a' if hns is None else f'{hns:.3f}'}, {time.time() - eval_start:.0f} s")
-    with open(f"{run_dir}/result.json", "w") as f:
-        json.dump({
-            "script": args.exp_name, "env_id": args.env_id, "game": game_name(args.env_id), "seed": args.seed,
-            "steps": args.total_timesteps, "episodes": episodes,
-            "train_return_last100": float(np.mean(recent_returns)) if recent_returns else None,
-            "eval_returns": eval_returns, "eval_return_mean": score, "score": score, "hns": hns,
-            "wall_time_s": wall_time, "args": vars(args),
-        }, f, indent=1)
-
+        if args.track and args.capture_video:
+            upload_videos(f"videos/{run_name}-eval", "videos/eval", videos_uploaded)
+    seconds = clock.state_dict()
+    write_json(f"{run_dir}/result.json", {
+        "script": args.exp_name, "env_id": args.env_id, "game": game_name(args.env_id), "seed": args.seed,
+        "steps": args.total_timesteps, "episodes": episodes,
+        "train_return_last100": float(np.mean(recent_returns)) if recent_returns else None,
+        "eval_returns": eval_returns if score is not None else None, "eval_return_mean": score, "score": score,
+        "hns": hns, "wall_time_s": sum(seconds.values()), "phase_seconds": seconds, "args": vars(args),
+    })
     env.close()
     writer.close()
+    if args.track:
+        finish_wandb()
+    warmup_steps = min(args.learning_starts + 1, args.total_timesteps)
+    print_summary(f"{args.exp_name} on {args.env_id}, seed {args.seed}: done", [
+        ("steps", f"{args.total_timesteps:,} in {format_seconds(sum(seconds.values()))}, {updates:,} updates"),
+        ("speed", f"warm-up {warmup_steps / max(seconds.get('warm-up', 0.0), 1e-9):,.0f} SPS, learning "
+                  f"{(args.total_timesteps - warmup_steps) / max(seconds.get('learning', 0.0), 1e-9):,.0f} SPS"),
+        ("final return", f"{np.mean(recent_returns):.1f} (mean of the last {len(recent_returns)} episodes)"
+         if recent_returns else "no finished episode"),
+        ("evaluation", f"score {score:.1f} (mean of {args.eval_episodes} episodes), human-normalized "
+                       f"{'n/a' if hns is None else f'{hns:.3f}'}, in {format_seconds(seconds.get('evaluation', 0.0))}"
+         if score is not None else "none (--eval-episodes 0)"),
+        ("run directory", run_dir),
+        ("model", model_path or "not saved (--save-model)"),
+        ("checkpoint", ckpt.folder if os.path.isdir(ckpt.folder) else "none (--checkpoint-every)"),
+    ])

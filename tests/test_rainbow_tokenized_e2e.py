@@ -6,7 +6,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from harness import load_script, only_run_dir, result, run_script, scalars, start_script
+from harness import (assert_same_scalars, load_script, only_run_dir, read_checkpoint, result, run_script, scalars,
+                     start_script, wait_for_checkpoint)
 
 m = load_script("rainbow_tokenized")
 SCRIPT = "rainbow_tokenized"
@@ -19,7 +20,7 @@ TINY = ["--total-timesteps", 400, "--learning-starts", 100, "--buffer-size", 600
 def test_end_to_end_logs_checkpoint_and_evaluation(tmp_path):
     proc = run_script(SCRIPT, *TINY, "--env-id", "ALE/SpaceInvaders-v5", "--checkpoint-every", 200, "--save-model",
                       "--eval-episodes", 1, cwd=tmp_path)
-    assert "bytes per transition with priorities" in proc.stdout and "eval: mean return" in proc.stdout
+    assert "bytes per transition with priorities" in proc.stdout and "(mean of 1 episodes)" in proc.stdout
     run_dir = only_run_dir(tmp_path)
     tags = scalars(run_dir)
     for tag in ("charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/beta", "losses/td_loss",
@@ -33,12 +34,12 @@ def test_end_to_end_logs_checkpoint_and_evaluation(tmp_path):
     assert all(v == 0.5 for _, v in tags["charts/beta"])  # Dopamine's fixed exponent
     assert all(0 < v <= 1 for _, v in tags["replay/is_weight_mean"])
     assert tags["replay/max_priority"][-1][1] > 1  # sqrt of cross-entropies near log(51) replaced the initial 1
-    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    checkpoint = read_checkpoint(run_dir)
     assert checkpoint["global_step"] == 400
     replay = checkpoint["replay"]
     assert replay["reward"].max() == 1.0 and replay["reward"].min() >= -1.0  # the memory holds clipped rewards
     memory = m.PrioritizedReplayMemory(600, n_step=3, gamma=0.99)
-    memory.load_state_dict(replay)
+    m.Checkpoint(run_dir / "checkpoint").load_replay(memory, replay)
     lo, hi = memory.sample_range()
     valid = np.arange(lo, hi + 1)[memory.is_valid(np.arange(lo, hi + 1))]
     assert memory.num_prioritized() == len(valid) > 0  # exactly the valid transitions carry a priority
@@ -55,15 +56,7 @@ RESUME = [*TINY, "--encoder", "nature", "--total-timesteps", 600, "--checkpoint-
 def uninterrupted(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("uninterrupted")
     run_script(SCRIPT, *RESUME, cwd=cwd)
-    return torch.load(only_run_dir(cwd) / "checkpoint.pt", weights_only=True)
-
-
-def wait_for(path, proc, timeout=120):
-    start = time.time()
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - start < timeout
-        time.sleep(0.05)
+    return only_run_dir(cwd)
 
 
 def assert_same(x, y, name):
@@ -77,8 +70,11 @@ def assert_same(x, y, name):
 
 def assert_same_training_state(a, b):
     assert a["global_step"] == b["global_step"] == 600
-    for key in ("episode", "q_network", "target_network", "replay", "rng", "stack", "recent_returns"):
-        assert_same(a[key], b[key], key)  # the replay includes the sum tree; rng the noise generator
+    for key in ("episode", "q_network", "target_network", "rng", "stack", "recent_returns"):
+        assert_same(a[key], b[key], key)  # rng includes the noise generator
+    # the replay, priorities included: the same data, however the saves split it into segments
+    assert_same({k: v for k, v in a["replay"].items() if k != "segments"},
+                {k: v for k, v in b["replay"].items() if k != "segments"}, "replay")
     for p, state in a["optimizer"]["state"].items():
         for k, v in state.items():
             assert torch.equal(v, b["optimizer"]["state"][p][k]), f"optimizer state {p}.{k} differs"
@@ -88,23 +84,19 @@ def assert_same_training_state(a, b):
 @pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL])
 def test_killed_run_resumes_bit_identically(tmp_path, uninterrupted, kill):
     proc = start_script(SCRIPT, *RESUME, cwd=tmp_path)
-    wait_for(tmp_path / "runs", proc)
-    checkpoint = next((tmp_path / "runs").iterdir()) / "checkpoint.pt"
-    wait_for(checkpoint, proc)
-    while torch.load(checkpoint, weights_only=True)["global_step"] < 200:  # interrupt it while it learns
-        assert proc.poll() is None
-        time.sleep(0.05)
+    run_dir = wait_for_checkpoint(tmp_path, proc, min_step=200)  # interrupt it while it learns
     proc.send_signal(kill)
     out, err = proc.communicate(timeout=120)
     if kill == signal.SIGTERM:
         assert proc.returncode == 143, err
         assert "SIGTERM at step" in out and "checkpoint saved" in out
-    interrupted_at = torch.load(checkpoint, weights_only=True)["global_step"]
+    interrupted_at = read_checkpoint(run_dir)["global_step"]
     assert 200 <= interrupted_at < 600, "the run was not interrupted mid-way"
-    resumed = run_script(SCRIPT, "--resume", checkpoint, cwd=tmp_path)
+    resumed = run_script(SCRIPT, "--resume", run_dir, cwd=tmp_path)
     assert f"at step {interrupted_at:,}" in resumed.stdout
-    assert_same_training_state(uninterrupted, torch.load(checkpoint, weights_only=True))
-    steps = [s for s, _ in scalars(checkpoint.parent)["charts/SPS"]]
+    assert_same_training_state(read_checkpoint(uninterrupted), read_checkpoint(run_dir))
+    assert_same_scalars(uninterrupted, run_dir)  # the log interval in progress at the stop included
+    steps = [s for s, _ in scalars(run_dir)["charts/SPS"]]
     assert steps == sorted(set(steps)), "a resumed run must not log the same step twice"
 
 
@@ -112,8 +104,8 @@ def test_nonfinite_loss_stops_after_saving_a_checkpoint(tmp_path):
     proc = run_script(SCRIPT, *TINY, "--encoder", "nature", "--learning-rate", "1e30", "--total-timesteps", 300,
                       cwd=tmp_path, check=False)
     assert proc.returncode == 1, proc.stderr
-    assert "non-finite loss" in proc.stdout and "--learning-rate" in proc.stdout
-    checkpoint = torch.load(only_run_dir(tmp_path) / "checkpoint.pt", weights_only=True)
+    assert "non-finite loss" in proc.stderr and "--learning-rate" in proc.stderr
+    checkpoint = read_checkpoint(only_run_dir(tmp_path))
     assert 100 < checkpoint["global_step"] <= 300
 
 

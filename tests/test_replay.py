@@ -113,18 +113,29 @@ def test_sampling_is_uniform_over_valid_transitions():
     assert chi2 < len(valid) + 5 * np.sqrt(2 * len(valid))  # a 5-sigma bound on a chi-square
 
 
-def test_state_dict_round_trip_including_wrap_around():
+def test_checkpoint_round_trip_across_saves_and_wrap_around(tmp_path):
+    # saves write only what was added since the previous one (segments); the memory wraps around between saves
     rng = np.random.default_rng(3)
     memory = m.ReplayMemory(30, frame_shape=(2,), stack_size=STACK, n_step=3)
-    fill(memory, random_episodes(rng, 25))
+    checkpoint = m.Checkpoint(str(tmp_path))
+    for episodes in (3, 9, 1, 12):
+        fill(memory, random_episodes(rng, episodes))
+        checkpoint.save({}, memory)
+    assert len(checkpoint.segments) > 1 and all(end > memory.cursor - 30 for _, end in checkpoint.segments)  # overwritten
+    # segments were dropped ...
+    on_disk = sorted(p.name for p in tmp_path.glob("replay-*.npz"))
+    assert on_disk == [f"replay-{a:012d}-{b:012d}.npz" for a, b in checkpoint.segments]  # ... from disk too
+    assert not list(tmp_path.glob("*.tmp"))
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
     restored = m.ReplayMemory(30, frame_shape=(2,), stack_size=STACK, n_step=3)
-    restored.load_state_dict(memory.state_dict())
+    m.Checkpoint(str(tmp_path)).load_replay(restored, state["replay"])
     lo, hi = memory.sample_range()
     index = np.arange(lo, hi + 1)
     index = index[memory.is_valid(index)]
     a, b = memory.get(index), restored.get(index)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    np.testing.assert_array_equal(restored.is_transition, memory.is_transition)
     assert restored.cursor == memory.cursor and restored.episode_step == memory.episode_step
 
 
