@@ -10,4 +10,6 @@
 #
 # `./benchmark.sh COMMAND --help` lists the options; docs/benchmark.md explains the design.
 # Uses the python on PATH (${PYTHON:-python3}); `pip install ".[benchmark]"` adds rliable and matplotlib for reports.
-exec "${PYTHON:-python3}" "$(dirname "$0")/benchmark/bench.py" "$@"
+# The code is the package benchmark/bench/ (docs/benchmark.md lists its modules).
+export PYTHONPATH="$(cd "$(dirname "$0")/benchmark" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-python3}" -m bench "$@"

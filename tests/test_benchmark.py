@@ -1,7 +1,6 @@
 """benchmark.sh: aggregation (IQM, stratified-bootstrap CIs, HNS) against hand values, the regression checks, the
 smoke suite end to end on the real ALE (2 local workers, interrupted and resumed), and perf on the CPU."""
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -15,26 +14,23 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# a mutation check may point this at a mutated copy of benchmark/
-BENCH = Path(os.environ.get("CLEANRL_MOE_BENCH", ROOT / "benchmark" / "bench.py"))
+# the directory that holds the bench package; a mutation check may point this at a mutated copy of benchmark/
+BENCH = Path(os.environ.get("CLEANRL_MOE_BENCH", ROOT / "benchmark"))
+sys.path.insert(0, str(BENCH))
+from bench import common, local, perf, report, suites  # noqa: E402
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_under_test", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-b = load_bench()
+def bench_process(*args, env=None):
+    """argv and environment of `benchmark.sh ARGS` run from the package under test."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
+    env["PYTHONPATH"] = os.pathsep.join([str(BENCH), *filter(None, [env.get("PYTHONPATH")])])
+    env.pop("WANDB_API_KEY", None)
+    return [sys.executable, "-m", "bench", *map(str, args)], env
 
 
 def bench(*args, cwd, timeout=300, check=None, env=None):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
-    env.pop("WANDB_API_KEY", None)
-    proc = subprocess.run([sys.executable, str(BENCH), *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    argv, env = bench_process(*args, env=env)
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check is not None and proc.returncode != check:
         raise AssertionError(f"benchmark {' '.join(map(str, args))} exited {proc.returncode}, expected {check}:\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -52,10 +48,10 @@ def bench(*args, cwd, timeout=300, check=None, env=None):
     ([5, 1, 3], 3.0),  # n = 3: floor(0.75) = 0, the plain mean
 ])
 def test_iqm_hand_values(values, expected):
-    assert b.iqm(values) == pytest.approx(expected)
+    assert report.iqm(values) == pytest.approx(expected)
 
 
-RLIABLE = b.bootstrap_backend()
+RLIABLE = report.bootstrap_backend()
 
 
 @pytest.fixture(params=["numpy", "rliable"])
@@ -68,12 +64,12 @@ def backend(request):
 
 def test_aggregates_pool_runs_for_iqm_and_average_game_means(backend):
     # equal runs per game (rliable's runs x games matrix)
-    points, _ = b.aggregate_with_ci({"A": [0, 1, 2], "B": [10, 20, 30], "C": [4, 4, 4]}, reps=200, backend=backend)
+    points, _ = report.aggregate_with_ci({"A": [0, 1, 2], "B": [10, 20, 30], "C": [4, 4, 4]}, reps=200, backend=backend)
     # IQM over the 9 runs pooled: sorted 0,1,2,4,4,4,10,20,30, floor(9/4) = 2 cut at each end -> (2+4+4+4+10)/5
     # median and mean over the game means 1, 20, 4
     assert points == pytest.approx([4.8, 4.0, 25 / 3])
     # unequal runs per game (a failed run): each game still counts once in the median and the mean
-    points, _ = b.aggregate_with_ci({"A": [0, 1], "B": [10, 20, 30, 40]}, reps=200, backend=backend)
+    points, _ = report.aggregate_with_ci({"A": [0, 1], "B": [10, 20, 30, 40]}, reps=200, backend=backend)
     assert points == pytest.approx([(1 + 10 + 20 + 30) / 4, 12.75, 12.75])
 
 
@@ -92,16 +88,16 @@ def test_aggregates_pool_runs_for_iqm_and_average_game_means(backend):
     ({"A": [0, 0, 0, 4]}, [0.0, 0.0, 0.0], [4.0, 3.0, 3.0]),
 ])
 def test_stratified_bootstrap_percentile_ci_hand_values(per_game, low, high, backend):
-    _, ci = b.aggregate_with_ci(per_game, reps=2000, backend=backend)
+    _, ci = report.aggregate_with_ci(per_game, reps=2000, backend=backend)
     assert ci[0] == pytest.approx(low) and ci[1] == pytest.approx(high)
 
 
 def test_bootstrap_is_reproducible_and_leaves_numpy_alone(backend):
     state = np.random.get_state()[1].copy()
     per_game = {g: np.random.default_rng(i).random(3) for i, g in enumerate("ABCDE")}
-    first = b.aggregate_with_ci(per_game, reps=500, backend=backend)[1]
-    assert np.array_equal(first, b.aggregate_with_ci(per_game, reps=500, backend=backend)[1])
-    assert not np.array_equal(first, b.aggregate_with_ci(per_game, reps=500, seed=1, backend=backend)[1])
+    first = report.aggregate_with_ci(per_game, reps=500, backend=backend)[1]
+    assert np.array_equal(first, report.aggregate_with_ci(per_game, reps=500, backend=backend)[1])
+    assert not np.array_equal(first, report.aggregate_with_ci(per_game, reps=500, seed=1, backend=backend)[1])
     assert np.array_equal(state, np.random.get_state()[1])
 
 
@@ -116,9 +112,9 @@ def test_numpy_bootstrap_agrees_with_rliable():
     for runs in ([5] * 12, [5, 3, 5, 4, 5, 5, 2, 5, 5, 5, 5, 5]):
         per_game = {f"g{i}": rng.gamma(1.0 + i / 4, 0.3, size=n) for i, n in enumerate(runs)}
         pooled = np.concatenate(list(per_game.values()))
-        assert b.iqm(pooled) == pytest.approx(stats.trim_mean(pooled, 0.25))
-        p_np, ci_np = b.aggregate_with_ci(per_game, reps=4000, backend="numpy")
-        p_rl, ci_rl = b.aggregate_with_ci(per_game, reps=4000, backend="rliable")
+        assert report.iqm(pooled) == pytest.approx(stats.trim_mean(pooled, 0.25))
+        p_np, ci_np = report.aggregate_with_ci(per_game, reps=4000, backend="numpy")
+        p_rl, ci_rl = report.aggregate_with_ci(per_game, reps=4000, backend="rliable")
         assert p_np == pytest.approx(p_rl)
         width = ci_rl[1] - ci_rl[0]
         assert np.all(width > 0.05) and np.all(np.abs(ci_np - ci_rl) < 0.08 * width), (ci_np, ci_rl)
@@ -157,29 +153,29 @@ UpNDown,533.4,11693.2,2877.4,0.210
 
 
 def test_hns_against_the_spec_table():
-    table = b.human_random_table()
+    table = report.human_random_table()
     rows = list(csv.DictReader(io.StringIO(SPEC_TABLE)))
     scores = []
     for row in rows:
         assert table[row["game"]] == (float(row["random"]), float(row["human"])), row["game"]
-        scores.append(b.hns(float(row["der_vh2019"]), row["game"], table))
+        scores.append(report.hns(float(row["der_vh2019"]), row["game"], table))
         assert round(scores[-1], 3) == float(row["der_vh2019_hns"]), row["game"]
     # the published DER aggregates (van Hasselt et al. 2019): mean 0.285, median 0.161
     assert round(np.mean(scores), 3) == 0.285 and round(np.median(scores), 3) == 0.161
-    assert b.hns(-20.7, "Pong", table) == 0.0 and b.hns(14.6, "Pong", table) == pytest.approx(1.0)
+    assert report.hns(-20.7, "Pong", table) == 0.0 and report.hns(14.6, "Pong", table) == pytest.approx(1.0)
 
 
 def test_games_without_human_scores_are_reported_raw_and_left_out_of_aggregates(tmp_path):
-    table = b.human_random_table()
+    table = report.human_random_table()
     assert len(table) == 55 and "AirRaid" not in table and "Defender" not in table
-    assert b.hns(1000.0, "AirRaid", table) is None
+    assert report.hns(1000.0, "AirRaid", table) is None
     games = ["AirRaid", "Alien", "Amidar", "Assault", "Asterix", "BankHeist", "BattleZone", "Boxing", "Breakout",
              "ChopperCommand", "CrazyClimber"]
     suite = write_suite(tmp_path, games, seeds=[1, 2])
-    runs = b.plan(b.load_suite(str(suite)), tmp_path / "out")
+    runs = suites.plan(suites.load_suite(str(suite)), tmp_path / "out")
     for run in runs:
         fake_result(run, eval_mean=1000.0 + run.seed)
-    games_stats, per_variant = b.summarize(b.collect(runs), reps=200)
+    games_stats, per_variant = report.summarize(report.collect(runs), reps=200)
     entry = per_variant["v"]
     assert entry["without_human"] == ["AirRaid"] and entry["games"] == 10 and entry["runs"] == 20
     assert games_stats["v", "AirRaid"]["hns"] is None and games_stats["v", "AirRaid"]["mean"] == 1001.5
@@ -187,10 +183,10 @@ def test_games_without_human_scores_are_reported_raw_and_left_out_of_aggregates(
 
 
 def test_score_of_a_run_is_the_evaluation_mean_else_the_training_mean():
-    assert b.run_score({"eval_return_mean": 5.0, "eval_returns": [4, 6], "train_return_last100": 1.0}) == (
+    assert common.run_score({"eval_return_mean": 5.0, "eval_returns": [4, 6], "train_return_last100": 1.0}) == (
         5.0, "eval, 2 episodes")
-    assert b.run_score({"eval_return_mean": None, "train_return_last100": 1.5}) == (1.5, "train, last 100 episodes")
-    assert b.run_score({"eval_return_mean": None, "train_return_last100": None})[0] is None
+    assert common.run_score({"eval_return_mean": None, "train_return_last100": 1.5}) == (1.5, "train, last 100 episodes")
+    assert common.run_score({"eval_return_mean": None, "train_return_last100": None})[0] is None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,37 +197,37 @@ def test_suites_are_valid_data():
     import gymnasium as gym
 
     gym.register_envs(ale_py)
-    suites = sorted(p.stem for p in (ROOT / "benchmark" / "suites").glob("*.toml"))
-    assert {"smoke", "atari100k", "atari100k_26", "dqn_softmoe", "rainbow_tokenized", "dqn_redo"} <= set(suites)
+    names = sorted(p.stem for p in (ROOT / "benchmark" / "suites").glob("*.toml"))
+    assert {"smoke", "atari100k", "atari100k_26", "dqn_softmoe", "rainbow_tokenized", "dqn_redo"} <= set(names)
     known_scripts = {"dqn_softmoe", "dqn_redo", "rainbow_tokenized", "der_single_expert"}
-    for name in suites:
-        suite = b.load_suite(name)
-        runs = b.plan(suite, "/tmp/x")
+    for name in names:
+        suite = suites.load_suite(name)
+        runs = suites.plan(suite, "/tmp/x")
         assert len({run.dir for run in runs}) == len(runs) == len(suite["variants"]) * len(suite["games"]) * len(suite["seeds"])
         for game in suite["games"]:
             gym.spec(f"ALE/{game}-v5")
         assert {v["script"] for v in suite["variants"]} <= known_scripts, name
-    smoke = b.load_suite("smoke")
+    smoke = suites.load_suite("smoke")
     for variant in smoke["variants"]:  # the smoke suite runs in CI: its scripts must exist
         assert (ROOT / "cleanrl_moe" / f"{variant['script']}.py").is_file()
-    assert len(b.load_suite("atari100k_26")["games"]) == 26
-    assert len(b.load_suite("dqn_redo")["games"]) == 17
+    assert len(suites.load_suite("atari100k_26")["games"]) == 26
+    assert len(suites.load_suite("dqn_redo")["games"]) == 17
 
 
 def test_reference_numbers_follow_their_stated_rules():
-    table = b.human_random_table()
+    table = report.human_random_table()
     spec = {row["game"]: float(row["der_vh2019"]) for row in csv.DictReader(io.StringIO(SPEC_TABLE))}
-    rows = b.references("atari100k")
-    assert {row["game"] for row in rows} == set(b.load_suite("atari100k")["games"])
+    rows = report.references("atari100k")
+    assert {row["game"] for row in rows} == set(suites.load_suite("atari100k")["games"])
     for row in rows:  # published DER score, low = half the gain over random
         random_score = table[row["game"]][0]
         assert float(row["reference"]) == spec[row["game"]]
         assert float(row["low"]) == pytest.approx(random_score + (spec[row["game"]] - random_score) / 2, abs=0.01)
-    smoke_rows = b.references("smoke")
-    assert {row["game"] for row in smoke_rows} == set(b.load_suite("smoke")["games"])
+    smoke_rows = report.references("smoke")
+    assert {row["game"] for row in smoke_rows} == set(suites.load_suite("smoke")["games"])
     for suite in ("atari100k", "atari100k_26", "dqn_redo"):
-        variants = {v["name"] for v in b.load_suite(suite)["variants"]}
-        assert all(row["variant"] in variants | {"*"} and row["source"] for row in b.references(suite))
+        variants = {v["name"] for v in suites.load_suite(suite)["variants"]}
+        assert all(row["variant"] in variants | {"*"} and row["source"] for row in report.references(suite))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,12 +247,12 @@ def fake_result(run, eval_mean=None, train_mean=None):
         "script": run.script, "env_id": f"ALE/{run.game}-v5", "seed": run.seed, "steps": 100, "episodes": 3,
         "train_return_last100": train_mean, "eval_returns": None if eval_mean is None else [eval_mean] * 2,
         "eval_return_mean": eval_mean, "wall_time_s": 1.0, "args": {}}))
-    b.write_status(run.dir, state="done", exit_code=0)
+    common.write_status(run.dir, state="done", exit_code=0)
 
 
 def test_regression_check_fails_when_a_result_is_outside_its_tolerance(tmp_path):
     out = tmp_path / "out"
-    runs = b.plan(b.load_suite("smoke"), out)
+    runs = suites.plan(suites.load_suite("smoke"), out)
     for run in runs:  # smoke bounds: Pong in [-21, 21], Breakout in [0, 864]
         fake_result(run, eval_mean=-20.0 if run.game == "Pong" else 3.0)
     bench("report", "smoke", "--out", out, cwd=tmp_path, check=0)
@@ -273,20 +269,20 @@ def test_regression_check_fails_when_a_result_is_outside_its_tolerance(tmp_path)
 
 def test_failed_runs_are_listed_with_their_log_tail(tmp_path):
     out = tmp_path / "out"
-    runs = b.plan(b.load_suite("smoke"), out)
+    runs = suites.plan(suites.load_suite("smoke"), out)
     for run in runs[1:]:
         fake_result(run, eval_mean=0.0)
     Path(runs[0].dir).mkdir(parents=True)
     (Path(runs[0].dir) / "log.txt").write_text("line 1\nTraceback (most recent call last):\nValueError: boom\n")
-    b.write_status(runs[0].dir, state="failed", exit_code=1)
+    common.write_status(runs[0].dir, state="failed", exit_code=1)
     proc = bench("report", "smoke", "--out", out, cwd=tmp_path, check=1)
     text = (out / "report.md").read_text()
     assert f"### {runs[0].id}: failed (exit code 1)" in text and "ValueError: boom" in text
     assert f"{runs[0].id}: not finished" in text and "1 runs not finished" in proc.stdout
     # a run whose process vanished without recording an exit code is not left as "running"
-    b.write_status(runs[0].dir, state="running", exit_code=None, pid=2**22 + 7, host=os.uname().nodename,
+    common.write_status(runs[0].dir, state="running", exit_code=None, pid=2**22 + 7, host=os.uname().nodename,
                    script="dqn_softmoe.py")
-    assert b.run_state(runs[0]) == "lost"
+    assert common.run_state(runs[0]) == "lost"
     status = bench("status", "smoke", "--out", out, cwd=tmp_path, check=0)
     assert f"{len(runs) - 1}/{len(runs)} done, 1 failed" in status.stdout and "ValueError: boom" in status.stdout
 
@@ -295,17 +291,17 @@ def test_a_run_is_alive_while_its_process_runs_its_script():
     status = {"host": os.uname().nodename, "script": "sleep"}
     proc = subprocess.Popen(["sleep", "30"])
     try:
-        assert b.is_alive({**status, "pid": proc.pid}, None)  # also while being exec'd (empty cmdline)
+        assert common.is_alive({**status, "pid": proc.pid}, None)  # also while being exec'd (empty cmdline)
         while not Path(f"/proc/{proc.pid}/cmdline").read_bytes():
             time.sleep(0.01)
-        assert not b.is_alive({**status, "pid": proc.pid, "script": "dqn_softmoe.py"}, None)  # a reused pid
+        assert not common.is_alive({**status, "pid": proc.pid, "script": "dqn_softmoe.py"}, None)  # a reused pid
         proc.kill()
         time.sleep(0.3)
-        assert not b.is_alive({**status, "pid": proc.pid}, None)  # a zombie: empty cmdline, state Z
+        assert not common.is_alive({**status, "pid": proc.pid}, None)  # a zombie: empty cmdline, state Z
     finally:
         proc.kill()
         proc.wait()
-    assert not b.is_alive({**status, "pid": proc.pid}, None)  # gone
+    assert not common.is_alive({**status, "pid": proc.pid}, None)  # gone
 
 
 def check_rows(statistic, check, reference="", low="", high="", slack=""):
@@ -314,13 +310,13 @@ def check_rows(statistic, check, reference="", low="", high="", slack=""):
 
 
 def test_mean_score_and_ci_checks():
-    run = b.Run("v", "dqn_softmoe", "Pong", 1, (), "/nonexistent")
+    run = common.Run("v", "dqn_softmoe", "Pong", 1, (), "/nonexistent")
     rows = [{"run": run, "state": "done", "score": 10.0, "source": "eval", "hns": 0.5}]
     games = {("v", "Pong"): {"mean": 10.0, "n": 1}}
     per_variant = {"v": {"point": np.array([0.5, 0.4, 0.6]), "ci": np.array([[0.45, 0.3, 0.5], [0.55, 0.5, 0.7]])}}
 
     def verdict(ref):
-        return b.compare([ref], rows, games, per_variant)[0][2]
+        return report.compare([ref], rows, games, per_variant)[0][2]
 
     assert verdict(check_rows("mean_score", "range", low="9.5")) == "pass"
     assert verdict(check_rows("mean_score", "range", low="10.5")) == "FAIL"
@@ -340,8 +336,8 @@ def test_report_aggregates_and_plots(tmp_path):
              "ChopperCommand", "CrazyClimber"]
     out = tmp_path / "out"
     suite = write_suite(tmp_path, games, seeds=[1, 2])
-    table = b.human_random_table()
-    runs = b.plan(b.load_suite(str(suite)), out)
+    table = report.human_random_table()
+    runs = suites.plan(suites.load_suite(str(suite)), out)
     expected = {}
     for i, run in enumerate(runs):  # human-normalized scores 0.05 * i, as raw game scores
         random_score, human_score = table[run.game]
@@ -365,7 +361,7 @@ def test_report_aggregates_and_plots(tmp_path):
             assert "numpy implementation of rliable's stratified bootstrap" in text
         else:
             assert f"rliable {RLIABLE[1]})" in text
-        if without or b.plotting_unavailable():
+        if without or report.plotting_unavailable():
             assert "no plots: matplotlib is not installed" in text and "![" not in text
         else:
             assert (out / "aggregate.png").stat().st_size > 1000 and "![aggregates](aggregate.png)" in text
@@ -379,19 +375,19 @@ def test_report_aggregates_and_plots(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 def test_default_workers_follow_cpus_ram_and_gpu_memory(monkeypatch):
     GiB = 2**30
-    run = b.Run("v", "s", "Pong", 1, (), "/x", total_steps=10, memory_bytes=7068 * 10**6 + b.RUN_OVERHEAD_BYTES)
-    monkeypatch.setattr(b, "cpu_count", lambda: 16)
-    monkeypatch.setattr(b, "available_ram", lambda: 64 * GiB)
-    monkeypatch.setattr(b, "gpus", lambda: [])
-    slots, why = b.worker_slots([run], uses_cuda=True)
+    run = common.Run("v", "s", "Pong", 1, (), "/x", total_steps=10, memory_bytes=7068 * 10**6 + suites.RUN_OVERHEAD_BYTES)
+    monkeypatch.setattr(local, "cpu_count", lambda: 16)
+    monkeypatch.setattr(local, "available_ram", lambda: 64 * GiB)
+    monkeypatch.setattr(local, "gpus", lambda: [])
+    slots, why = local.worker_slots([run], uses_cuda=True)
     assert slots == [None] * 7, why  # RAM: (64 - 1) GiB / 8.58 GiB per run
-    monkeypatch.setattr(b, "available_ram", lambda: 500 * GiB)
-    monkeypatch.setattr(b, "gpus", lambda: [(0, 80 * GiB), (1, 20 * GiB)])
-    slots, why = b.worker_slots([run], uses_cuda=True)
+    monkeypatch.setattr(local, "available_ram", lambda: 500 * GiB)
+    monkeypatch.setattr(local, "gpus", lambda: [(0, 80 * GiB), (1, 20 * GiB)])
+    slots, why = local.worker_slots([run], uses_cuda=True)
     # GPU 0 holds 0.9 * 80 / (6.58 + 2) = 8 replay memories, GPU 1 holds 2; the workers alternate between GPUs
     assert sorted(slots) == [0] * 8 + [1] * 2 and slots[:4] == [0, 1, 0, 1], why
-    assert b.worker_slots([run], uses_cuda=False)[0] == [None] * 16  # --no-cuda runs: CPUs only
-    assert b.worker_slots([run], uses_cuda=True, workers=3)[0] == [0, 1, 0]
+    assert local.worker_slots([run], uses_cuda=False)[0] == [None] * 16  # --no-cuda runs: CPUs only
+    assert local.worker_slots([run], uses_cuda=True, workers=3)[0] == [0, 1, 0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,9 +411,8 @@ def test_smoke_suite_end_to_end_interrupted_resumed_and_reported(tmp_path):
     out = tmp_path / "smoke"
     subset = ["--games", "Pong", "--seeds", 1]
     args = ["smoke", *subset, "--workers", 2, "--out", out, "--flags", TINY]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.Popen([sys.executable, str(BENCH), *map(str, args)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv, env = bench_process(*args)
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: list(out.glob("*/*/*/runs/*/checkpoint.pt")), proc)
     proc.send_signal(signal.SIGTERM)  # as Ctrl-C: every run saves a checkpoint and stops
     output = proc.communicate(timeout=120)[0]
@@ -426,8 +421,8 @@ def test_smoke_suite_end_to_end_interrupted_resumed_and_reported(tmp_path):
     assert interrupted and all(json.loads((d / "status.json").read_text())["state"] == "interrupted" for d in interrupted)
 
     proc = bench(*args, cwd=tmp_path, check=0)
-    runs = b.plan(b.load_suite("smoke"), out, games=["Pong"], seeds=[1])
-    assert len(runs) == len(b.load_suite("smoke")["variants"]) >= 3
+    runs = suites.plan(suites.load_suite("smoke"), out, games=["Pong"], seeds=[1])
+    assert len(runs) == len(suites.load_suite("smoke")["variants"]) >= 3
     assert f"{len(runs)}/{len(runs)} runs done" in proc.stdout, proc.stdout
     for run in runs:
         run_dir = Path(run.dir)
@@ -444,7 +439,7 @@ def test_smoke_suite_end_to_end_interrupted_resumed_and_reported(tmp_path):
         assert f"| {run.variant} | Pong | 1 |" in text and f"| pass | {run.variant} | Pong | run_score |" in text
         assert f"| skip | {run.variant} | Breakout | run_score | not in this run of the suite |" in text
     assert text.count("| pass |") == len(runs) and "eval, 1 episode" in text
-    if not b.plotting_unavailable():
+    if not report.plotting_unavailable():
         assert (out / "curves" / "Pong.png").is_file()
 
     again = bench(*args, cwd=tmp_path, check=0)  # finished runs are skipped
@@ -480,11 +475,11 @@ def test_benchmark_sh_lists_the_suites(tmp_path):
 def test_sps_by_phase_keeps_only_intervals_wholly_inside_a_phase():
     # an event at step g measures steps p+1..g (p: the previous event); updates happen at steps > learning_starts
     events = [(99, 10), (199, 30), (299, 5), (399, 2), (499, 4), (599, 9)]
-    assert b.sps_by_phase(events, 200) == (20.0, 4.0)  # 299 covers 200..299, 200 without update: left out
-    assert b.sps_by_phase(events, 199) == (20.0, 4.5)  # 299 covers 200..299, all updating: learning
-    assert b.sps_by_phase(events, 198) == (10.0, 4.5)  # 199 covers 100..199, 199 updates: left out
-    assert b.sps_by_phase([(99, 10), (199, 30), (299, 5)], 200) == (20.0, None)
-    assert b.sps_by_phase(events, 1000) == (7.0, None)  # all warm-up: median of 10, 30, 5, 2, 4, 9
+    assert perf.sps_by_phase(events, 200) == (20.0, 4.0)  # 299 covers 200..299, 200 without update: left out
+    assert perf.sps_by_phase(events, 199) == (20.0, 4.5)  # 299 covers 200..299, all updating: learning
+    assert perf.sps_by_phase(events, 198) == (10.0, 4.5)  # 199 covers 100..199, 199 updates: left out
+    assert perf.sps_by_phase([(99, 10), (199, 30), (299, 5)], 200) == (20.0, None)
+    assert perf.sps_by_phase(events, 1000) == (7.0, None)  # all warm-up: median of 10, 30, 5, 2, 4, 9
 
 
 def test_perf_on_the_cpu_skips_absent_scripts(tmp_path):

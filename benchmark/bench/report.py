@@ -1,0 +1,383 @@
+"""The report: per game mean and std over seeds, human-normalized IQM, median and mean with 95% stratified-bootstrap
+CIs (rliable: Agarwal et al. 2021), checks against benchmark/references.csv, learning curves and an aggregate plot;
+exit 1 when a run is not finished or a check fails."""
+import csv
+import datetime
+from pathlib import Path
+
+import numpy as np
+
+from .common import BENCHMARK, fail, fmt, load_result, log_tail, read_status, run_score, states_of
+
+MIN_GAMES_FOR_AGGREGATE = 10  # rainbow_der.md section 10: no HNS aggregates from a handful of games
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: human/random scores, reference numbers
+# ---------------------------------------------------------------------------------------------------------------
+def read_csv(path):
+    """Rows of a CSV file whose lines starting with # are comments."""
+    with open(path) as f:
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
+def human_random_table(path=BENCHMARK / "human_random.csv"):
+    """{game: (random, human)} from benchmark/human_random.csv (Dopamine's normalization_utils.py)."""
+    return {row["game"]: (float(row["random"]), float(row["human"])) for row in read_csv(path)}
+
+
+def hns(score, game, table):
+    """Human-normalized score (score - random) / (human - random); None for a game without human and random scores."""
+    if game not in table or score is None:
+        return None
+    random_score, human_score = table[game]
+    return (score - random_score) / (human_score - random_score)
+
+
+def references(suite_name, path=BENCHMARK / "references.csv"):
+    return [row for row in read_csv(path) if row["suite"] == suite_name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Aggregation: per game mean and std over seeds; per suite human-normalized IQM, median and mean with 95%
+# stratified-bootstrap CIs (rliable: Agarwal et al. 2021)
+# ---------------------------------------------------------------------------------------------------------------
+def iqm(values):
+    """Interquartile mean: the mean of the middle 50% of the values, as rliable's aggregate_iqm (scipy's
+    trim_mean(0.25): the values sorted, floor(n/4) of them cut at each end)."""
+    values = np.sort(np.asarray(values, dtype=float).ravel())
+    cut = len(values) // 4
+    return float(values[cut:len(values) - cut].mean())
+
+
+def aggregate_stats(*runs):
+    """[IQM, median, mean] from one array of run scores per game: the IQM over all runs pooled, the median and the
+    mean over games of each game's mean (rliable's aggregate_iqm, aggregate_median, aggregate_mean)."""
+    game_means = np.array([np.mean(r) for r in runs])
+    return np.array([iqm(np.concatenate([np.ravel(r) for r in runs])), np.median(game_means), game_means.mean()])
+
+
+def bootstrap_backend():
+    """('rliable', version) when rliable's bootstrap imports, else ('numpy', why not). rliable's library needs the
+    `arch` package, whose 7.x releases (the ones rliable 1.2 accepts) break on import with pandas 3."""
+    try:
+        import rliable
+        from rliable import library  # noqa: F401  (imports arch)
+    except Exception as error:  # ImportError, or arch's TypeError under pandas 3
+        return "numpy", f"rliable unusable here ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+    from importlib.metadata import version
+
+    try:
+        return "rliable", version("rliable")
+    except Exception:
+        return "rliable", getattr(rliable, "__version__", "?")
+
+
+def bootstrap_numpy(runs, reps, rng, chunk=1000):
+    """[reps, 3] bootstrap replicates of aggregate_stats: each game's runs resampled with replacement on their own
+    (a stratified bootstrap, rliable's StratifiedBootstrap / StratifiedIndependentBootstrap), in chunks of reps."""
+    out = np.empty((reps, 3))
+    for start in range(0, reps, chunk):
+        n = min(chunk, reps - start)
+        samples = [r[rng.integers(0, len(r), size=(n, len(r)))] for r in runs]  # per game: [n, runs of that game]
+        pooled = np.sort(np.concatenate(samples, axis=1), axis=1)
+        cut = pooled.shape[1] // 4
+        game_means = np.stack([s.mean(axis=1) for s in samples], axis=1)  # [n, games]
+        out[start:start + n] = np.stack([pooled[:, cut:pooled.shape[1] - cut].mean(axis=1),
+                                         np.median(game_means, axis=1), game_means.mean(axis=1)], axis=1)
+    return out
+
+
+def aggregate_with_ci(per_game, reps=20_000, seed=0, backend=None):
+    """(point estimates, 95% CIs as [[low, ...], [high, ...]]) of [IQM, median, mean] over {game: [run scores]}:
+    a stratified bootstrap (runs resampled with replacement within each game), percentile intervals (2.5% and
+    97.5%, numpy's linear interpolation), as rliable's get_interval_estimates. backend 'rliable' uses rliable
+    itself (equal runs per game: its runs x games matrix; unequal, e.g. after a failed run: one array per game),
+    'numpy' the same computation here; None: rliable when it is usable. Seeded: the same data give the same CIs."""
+    backend = backend or bootstrap_backend()[0]
+    runs = [np.asarray(per_game[game], dtype=float).ravel() for game in sorted(per_game)]
+    if backend == "numpy":
+        points = aggregate_stats(*runs)
+        replicates = bootstrap_numpy(runs, reps, np.random.default_rng(seed))
+        return points, np.percentile(replicates, [2.5, 97.5], axis=0)
+    from rliable import library as rly
+    from rliable import metrics
+
+    if len({len(r) for r in runs}) == 1:
+        data = np.stack(runs, axis=1)  # [runs, games]
+        func = lambda m: np.array([metrics.aggregate_iqm(m), metrics.aggregate_median(m), metrics.aggregate_mean(m)])  # noqa: E731
+    else:
+        data, func = [r.reshape(-1, 1) for r in runs], aggregate_stats
+    saved = np.random.get_state()
+    np.random.seed(seed)  # rliable's StratifiedBootstrap draws from numpy's global generator
+    try:
+        points, cis = rly.get_interval_estimates({"x": data}, func, reps=reps)
+    finally:
+        np.random.set_state(saved)
+    return np.asarray(points["x"], dtype=float), np.asarray(cis["x"], dtype=float)
+
+
+def collect(runs):
+    """One row per planned run: state, score and its source, HNS."""
+    table = human_random_table()
+    rows = []
+    for run, state in states_of(runs).items():
+        score, source = run_score(load_result(run)) if state == "done" else (None, "")
+        rows.append({"run": run, "state": state, "score": score, "source": source, "hns": hns(score, run.game, table)})
+    return rows
+
+
+def summarize(rows, reps=20_000, backend=None):
+    """Per (variant, game): runs, mean and sample std of scores, mean HNS; per variant: aggregates with CIs."""
+    per_game, per_variant = {}, {}
+    for row in rows:
+        if row["score"] is not None:
+            per_game.setdefault((row["run"].variant, row["run"].game), []).append(row)
+    games = {}
+    for (variant, game), group in per_game.items():
+        scores = np.array([row["score"] for row in group])
+        sources = sorted({row["source"] for row in group})
+        games[variant, game] = {
+            "n": len(scores), "mean": scores.mean(), "std": scores.std(ddof=1) if len(scores) > 1 else None,
+            "source": sources[0] if len(sources) == 1 else "mixed: " + "; ".join(sources),
+            "hns": None if group[0]["hns"] is None else float(np.mean([row["hns"] for row in group])),
+            "scores": scores}
+    for variant in dict.fromkeys(row["run"].variant for row in rows):
+        normalized = {game: [row["hns"] for row in group] for (v, game), group in per_game.items()
+                      if v == variant and group[0]["hns"] is not None}
+        without = sorted({row["run"].game for row in rows if row["run"].variant == variant and
+                          row["run"].game not in human_random_table()})
+        entry = {"games": len(normalized), "runs": sum(map(len, normalized.values())), "without_human": without}
+        if len(normalized) < MIN_GAMES_FOR_AGGREGATE:
+            entry["skipped"] = (f"{len(normalized)} games with human-normalized scores; aggregates need at least "
+                                f"{MIN_GAMES_FOR_AGGREGATE} (rainbow_der.md section 10)")
+        else:
+            entry["point"], entry["ci"] = aggregate_with_ci(normalized, reps=reps, backend=backend)
+        per_variant[variant] = entry
+    return games, per_variant
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Comparison with reference numbers
+# ---------------------------------------------------------------------------------------------------------------
+def number(text):
+    return float(text) if text not in (None, "") else None
+
+
+def within(value, low, high):
+    return value is not None and (low is None or value >= low) and (high is None or value <= high)
+
+
+def compare(reference_rows, rows, games, per_variant):
+    """[(reference row, variant, verdict, our value as text)] with verdict pass, FAIL or skip."""
+    variants = list(dict.fromkeys(row["run"].variant for row in rows))
+    stat_index = {"iqm_hns": 0, "median_hns": 1, "mean_hns": 2}
+    checks = []
+    for ref in reference_rows:
+        low, high, slack, published = number(ref["low"]), number(ref["high"]), number(ref["slack"]) or 0.0, number(ref["reference"])
+        for variant in variants if ref["variant"] == "*" else [ref["variant"]]:
+            mine = [row for row in rows if row["run"].variant == variant and ref["game"] in ("*", row["run"].game)]
+            if not mine:
+                checks.append((ref, variant, "skip", "not in this run of the suite"))
+                continue
+            if ref["statistic"] == "run_score":
+                unfinished = [row["run"].id for row in mine if row["state"] != "done"]
+                outside = [f"{row['run'].id}: {row['score']}" for row in mine
+                           if row["state"] == "done" and not within(row["score"], low, high)]
+                verdict = "FAIL" if outside or unfinished else "pass"
+                text = "; ".join(outside + [f"{run_id}: not finished" for run_id in unfinished]) or (
+                    f"{len(mine)} runs in range, min {min(r['score'] for r in mine):.1f}, max {max(r['score'] for r in mine):.1f}")
+                checks.append((ref, variant, verdict, text))
+            elif ref["statistic"] == "mean_score":
+                stats = games.get((variant, ref["game"]))
+                if stats is None:
+                    checks.append((ref, variant, "FAIL", "no finished run"))
+                    continue
+                checks.append((ref, variant, "pass" if within(stats["mean"], low, high) else "FAIL",
+                               f"{stats['mean']:.1f} over {stats['n']} runs"))
+            elif ref["statistic"] in stat_index:
+                entry = per_variant.get(variant, {})
+                if "point" not in entry:
+                    checks.append((ref, variant, "skip", entry.get("skipped", "no aggregate")))
+                    continue
+                i = stat_index[ref["statistic"]]
+                value, ci_low, ci_high = entry["point"][i], entry["ci"][0][i], entry["ci"][1][i]
+                ok = (ci_low - slack <= published <= ci_high + slack) if ref["check"] == "ci" else within(value, low, high)
+                checks.append((ref, variant, "pass" if ok else "FAIL", f"{value:.3f} [{ci_low:.3f}, {ci_high:.3f}]"))
+            else:
+                fail(f"references.csv: unknown statistic {ref['statistic']!r}")
+    return checks
+
+
+def tolerance_text(ref):
+    if ref["check"] == "ci":
+        return f"{ref['reference']} inside our 95% CI" + (f" +- {ref['slack']}" if number(ref["slack"]) else "")
+    low, high = ref["low"] or "-inf", ref["high"] or "+inf"
+    return f"in [{low}, {high}]"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report: markdown, learning curves and aggregate plot (PNG), checks; exit 1 when a run failed or a check fails
+# ---------------------------------------------------------------------------------------------------------------
+def episodic_returns(run):
+    """(steps, returns) of charts/episodic_return from the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dirs = sorted(Path(run.dir).glob("runs/*/"))
+    if not run_dirs:
+        return np.zeros(0), np.zeros(0)
+    acc = EventAccumulator(str(run_dirs[0]), size_guidance={"scalars": 0})
+    acc.Reload()
+    if "charts/episodic_return" not in acc.Tags()["scalars"]:
+        return np.zeros(0), np.zeros(0)
+    events = acc.Scalars("charts/episodic_return")
+    return np.array([e.step for e in events]), np.array([e.value for e in events])
+
+
+def plot_curves(rows, out_dir, bins=50):
+    """One PNG per game: per variant, the mean over seeds of the episodic return (averaged in step bins), with the
+    seeds' min-max band."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for game in dict.fromkeys(row["run"].game for row in rows):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for variant in dict.fromkeys(row["run"].variant for row in rows):
+            data = [episodic_returns(row["run"]) for row in rows if row["run"].game == game and row["run"].variant == variant]
+            data = [(steps, returns) for steps, returns in data if len(steps)]
+            if not data:
+                continue
+            edges = np.linspace(0, max(steps.max() for steps, _ in data) + 1, bins + 1)
+            curves = []
+            for steps, returns in data:
+                which = np.clip(np.digitize(steps, edges) - 1, 0, bins - 1)
+                sums, counts = np.bincount(which, returns, bins), np.bincount(which, minlength=bins)
+                curves.append(np.where(counts > 0, sums / np.maximum(counts, 1), np.nan))
+            with warnings.catch_warnings():  # bins where no seed finished an episode stay empty
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, low, high = np.nanmean(curves, 0), np.nanmin(curves, 0), np.nanmax(curves, 0)
+            centers = (edges[1:] + edges[:-1]) / 2
+            line, = ax.plot(centers, mean, marker="." if len(data[0][0]) < 20 else None, label=f"{variant} ({len(data)} seeds)")
+            ax.fill_between(centers, low, high, color=line.get_color(), alpha=0.2)
+        if ax.lines:
+            ax.set(title=game, xlabel="agent steps", ylabel="episodic return (training)")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = out_dir / f"{game}.png"
+            fig.savefig(path, dpi=100)
+            paths.append(path)
+        plt.close(fig)
+    return paths
+
+
+def plot_aggregates(per_variant, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [v for v, entry in per_variant.items() if "point" in entry]
+    if not variants:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(11, 0.5 * len(variants) + 1.6), sharey=True)
+    for i, (ax, name) in enumerate(zip(axes, ("IQM", "Median", "Mean"))):
+        for y, variant in enumerate(variants):
+            point, (low, high) = per_variant[variant]["point"][i], (per_variant[variant]["ci"][0][i], per_variant[variant]["ci"][1][i])
+            ax.errorbar(point, y, xerr=[[point - low], [high - point]], fmt="o", capsize=4)
+        ax.set(title=name, xlabel="human-normalized score", yticks=range(len(variants)), yticklabels=variants)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("95% stratified-bootstrap CIs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plotting_unavailable():
+    """None when matplotlib imports, else why not (the report then has tables and no PNGs)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        return f"no plots: matplotlib is not installed ({error}); pip install \".[benchmark]\" adds it"
+    return None
+
+
+def report(suite, runs, out, reps=20_000):
+    rows = collect(runs)
+    backend, backend_note = bootstrap_backend()
+    games, per_variant = summarize(rows, reps=reps, backend=backend)
+    checks = compare(references(suite["references"]), rows, games, per_variant)
+    out = Path(out)
+    no_plots = plotting_unavailable()
+    curves = [] if no_plots else plot_curves(rows, out / "curves")
+    aggregate_png = None if no_plots else plot_aggregates(per_variant, out / "aggregate.png")
+    states = {row["run"]: row["state"] for row in rows}
+    done = sum(state == "done" for state in states.values())
+    failures = [row for row in rows if row["state"] != "done"]
+    failed_checks = [c for c in checks if c[2] == "FAIL"]
+
+    md = [f"# Benchmark report: {suite['name']}", "", suite.get("description", ""), "",
+          f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {out}: {done}/{len(rows)} runs done. "
+          "Score of a run: its evaluation mean if it has one, else its training return over the last 100 episodes "
+          "(column `score of`). Std: sample standard deviation over seeds.", ""]
+    md += ["## Per game", "", "| variant | game | runs | score (mean ± std) | score of | HNS (mean) |", "|---|---|---|---|---|---|"]
+    for (variant, game), stats in games.items():
+        std = f" ± {stats['std']:,.1f}" if stats["std"] is not None else ""
+        md.append(f"| {variant} | {game} | {stats['n']} | {stats['mean']:,.1f}{std} | {stats['source']} | "
+                  f"{fmt(stats['hns'], 3) if stats['hns'] is not None else 'no human score'} |")
+    md += ["", "## Aggregates (human-normalized)", ""]
+    if any("point" in entry for entry in per_variant.values()):
+        md += [f"IQM over all runs, median and mean over games of the per-game means; 95% stratified-bootstrap CIs "
+               f"({reps:,} resamples, percentile intervals; " + (f"rliable {backend_note})." if backend == "rliable" else
+               f"numpy implementation of rliable's stratified bootstrap: {backend_note}).") + "", "",
+               "| variant | games | runs | IQM [95% CI] | median [95% CI] | mean [95% CI] |", "|---|---|---|---|---|---|"]
+    for variant, entry in per_variant.items():
+        if "point" in entry:
+            cells = [f"{p:.3f} [{lo:.3f}, {hi:.3f}]" for p, lo, hi in zip(entry["point"], *entry["ci"])]
+            md.append(f"| {variant} | {entry['games']} | {entry['runs']} | " + " | ".join(cells) + " |")
+    for variant, entry in per_variant.items():
+        if "skipped" in entry:
+            md.append(f"- {variant}: no aggregates: {entry['skipped']}.")
+        if entry["without_human"]:
+            md.append(f"- {variant}: reported raw, left out of the aggregates (no human score in "
+                      f"benchmark/human_random.csv): {', '.join(entry['without_human'])}.")
+    md += ["", "## Checks against references (benchmark/references.csv)", ""]
+    if checks:
+        md += ["| result | variant | game | statistic | ours | tolerance | source |", "|---|---|---|---|---|---|---|"]
+        md += [f"| {verdict} | {variant} | {ref['game']} | {ref['statistic']} | {text} | {tolerance_text(ref)} | {ref['source']} |"
+               for ref, variant, verdict, text in checks]
+    else:
+        md.append(f"No reference numbers for suite {suite['references']}.")
+    if failures:
+        md += ["", "## Runs not finished", ""]
+        for row in failures:
+            status = read_status(row["run"].dir)
+            md += [f"### {row['run'].id}: {row['state']}" + (f" (exit code {status['exit_code']})" if status.get("exit_code") is not None else ""),
+                   "", f"log: `{Path(row['run'].dir) / 'log.txt'}`", "", "```", log_tail(row["run"]), "```", ""]
+    md += ["", "## Plots", ""]
+    md += [f"![{path.stem}]({path.relative_to(out)})" for path in curves]
+    no_curve = [game for game in dict.fromkeys(row["run"].game for row in rows) if game not in {p.stem for p in curves}]
+    if no_plots:
+        md.append(no_plots + ".")
+    elif no_curve:
+        md.append(f"No learning curve (no training episode ended in any run): {', '.join(no_curve)}.")
+    if aggregate_png:
+        md.append(f"![aggregates]({aggregate_png.relative_to(out)})")
+    text = "\n".join(md) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(text)
+    print(text)
+    verdict = []
+    if failures:
+        verdict.append(f"{len(failures)} runs not finished")
+    if failed_checks:
+        verdict.append(f"{len(failed_checks)} checks outside their tolerance")
+    print(f"report written to {out / 'report.md'}: " + ("; ".join(verdict) if verdict else "all runs done, all checks pass"))
+    return 1 if verdict else 0
+
