@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -48,28 +49,18 @@ def bench(*args, cwd, timeout=300, check=None, env=None):
     ([5, 1, 3], 3.0),  # n = 3: floor(0.75) = 0, the plain mean
 ])
 def test_iqm_hand_values(values, expected):
-    assert report.iqm(values) == pytest.approx(expected)
+    # one game: the report's IQM (rliable's aggregate_iqm, scipy's trim_mean(0.25)) of its runs
+    assert report.aggregate_with_ci({"A": values}, reps=10)[0][0] == pytest.approx(expected)
 
 
-RLIABLE = report.bootstrap_backend()
-
-
-@pytest.fixture(params=["numpy", "rliable"])
-def backend(request):
-    """Both bootstraps: rliable's own (when it is usable here) and the numpy one the report falls back to."""
-    if request.param == "rliable" and RLIABLE[0] != "rliable":
-        pytest.skip(f"{RLIABLE[1]}; pip install \".[benchmark]\" (rliable, matplotlib) to test it")
-    return request.param
-
-
-def test_aggregates_pool_runs_for_iqm_and_average_game_means(backend):
+def test_aggregates_pool_runs_for_iqm_and_average_game_means():
     # equal runs per game (rliable's runs x games matrix)
-    points, _ = report.aggregate_with_ci({"A": [0, 1, 2], "B": [10, 20, 30], "C": [4, 4, 4]}, reps=200, backend=backend)
+    points, _ = report.aggregate_with_ci({"A": [0, 1, 2], "B": [10, 20, 30], "C": [4, 4, 4]}, reps=200)
     # IQM over the 9 runs pooled: sorted 0,1,2,4,4,4,10,20,30, floor(9/4) = 2 cut at each end -> (2+4+4+4+10)/5
     # median and mean over the game means 1, 20, 4
     assert points == pytest.approx([4.8, 4.0, 25 / 3])
     # unequal runs per game (a failed run): each game still counts once in the median and the mean
-    points, _ = report.aggregate_with_ci({"A": [0, 1], "B": [10, 20, 30, 40]}, reps=200, backend=backend)
+    points, _ = report.aggregate_with_ci({"A": [0, 1], "B": [10, 20, 30, 40]}, reps=200)
     assert points == pytest.approx([(1 + 10 + 20 + 30) / 4, 12.75, 12.75])
 
 
@@ -87,37 +78,44 @@ def test_aggregates_pool_runs_for_iqm_and_average_game_means(backend):
     # 2.5%. A percentile interval, not the 'basic' one (2 * point - percentiles: [-4, 0] for the IQM)
     ({"A": [0, 0, 0, 4]}, [0.0, 0.0, 0.0], [4.0, 3.0, 3.0]),
 ])
-def test_stratified_bootstrap_percentile_ci_hand_values(per_game, low, high, backend):
-    _, ci = report.aggregate_with_ci(per_game, reps=2000, backend=backend)
+def test_stratified_bootstrap_percentile_ci_hand_values(per_game, low, high):
+    _, ci = report.aggregate_with_ci(per_game, reps=2000)
     assert ci[0] == pytest.approx(low) and ci[1] == pytest.approx(high)
 
 
-def test_bootstrap_is_reproducible_and_leaves_numpy_alone(backend):
+def test_bootstrap_is_reproducible_and_leaves_numpy_alone():
     state = np.random.get_state()[1].copy()
     per_game = {g: np.random.default_rng(i).random(3) for i, g in enumerate("ABCDE")}
-    first = report.aggregate_with_ci(per_game, reps=500, backend=backend)[1]
-    assert np.array_equal(first, report.aggregate_with_ci(per_game, reps=500, backend=backend)[1])
-    assert not np.array_equal(first, report.aggregate_with_ci(per_game, reps=500, seed=1, backend=backend)[1])
+    first = report.aggregate_with_ci(per_game, reps=500)[1]
+    assert np.array_equal(first, report.aggregate_with_ci(per_game, reps=500)[1])
+    assert not np.array_equal(first, report.aggregate_with_ci(per_game, reps=500, seed=1)[1])
     assert np.array_equal(state, np.random.get_state()[1])
 
 
-def test_numpy_bootstrap_agrees_with_rliable():
-    """The numpy fallback and rliable resample the same way: on data with spread, their 95% CIs agree to within the
-    Monte Carlo error of 4,000 resamples, for equal and unequal runs per game; the IQM agrees with scipy's."""
-    if RLIABLE[0] != "rliable":
-        pytest.skip(f"{RLIABLE[1]}; pip install \".[benchmark]\" (rliable, matplotlib) to test it")
-    from scipy import stats
+def test_cis_contain_the_point_and_are_rliables_own():
+    """On data with spread, for equal and unequal runs per game: each CI contains its point estimate, and both equal
+    what rliable returns when called directly (games in sorted order, numpy's global generator seeded)."""
+    from rliable import library, metrics
+
+    def matrix_aggregates(m):  # rliable's documented use: a runs x games matrix
+        return np.array([metrics.aggregate_iqm(m), metrics.aggregate_median(m), metrics.aggregate_mean(m)])
+
+    def list_aggregates(*games):  # one runs x 1 array per game
+        means = np.array([[g.mean() for g in games]])
+        return np.array([metrics.aggregate_iqm(np.concatenate(games)), np.median(means), np.mean(means)])
 
     rng = np.random.default_rng(0)
     for runs in ([5] * 12, [5, 3, 5, 4, 5, 5, 2, 5, 5, 5, 5, 5]):
-        per_game = {f"g{i}": rng.gamma(1.0 + i / 4, 0.3, size=n) for i, n in enumerate(runs)}
-        pooled = np.concatenate(list(per_game.values()))
-        assert report.iqm(pooled) == pytest.approx(stats.trim_mean(pooled, 0.25))
-        p_np, ci_np = report.aggregate_with_ci(per_game, reps=4000, backend="numpy")
-        p_rl, ci_rl = report.aggregate_with_ci(per_game, reps=4000, backend="rliable")
-        assert p_np == pytest.approx(p_rl)
-        width = ci_rl[1] - ci_rl[0]
-        assert np.all(width > 0.05) and np.all(np.abs(ci_np - ci_rl) < 0.08 * width), (ci_np, ci_rl)
+        per_game = {f"g{i:02d}": rng.gamma(1.0 + i / 4, 0.3, size=n) for i, n in enumerate(runs)}
+        points, ci = report.aggregate_with_ci(per_game, reps=1000, seed=3)
+        assert np.all(ci[0] < points) and np.all(points < ci[1]), (points, ci)
+        games = [per_game[g].reshape(-1, 1) for g in sorted(per_game)]
+        np.random.seed(3)
+        if len(set(runs)) == 1:
+            direct = library.get_interval_estimates({"x": np.concatenate(games, axis=1)}, matrix_aggregates, reps=1000)
+        else:
+            direct = library.get_interval_estimates({"x": games}, list_aggregates, reps=1000)
+        assert np.array_equal(points, direct[0]["x"]) and np.array_equal(ci, direct[1]["x"])
 
 
 # the spec's 26-game table (rainbow_der.md section 7): random and human from Dopamine's normalization_utils.py,
@@ -345,29 +343,26 @@ def test_report_aggregates_and_plots(tmp_path):
         expected.setdefault(run.game, []).append(0.05 * i)
     pooled = np.sort(np.concatenate(list(expected.values())))  # 20 runs: floor(20/4) = 5 cut at each end
     game_means = [np.mean(v) for v in expected.values()]
-    # as installed here, then without rliable and matplotlib (a module that fails to import shadows each)
-    blocked = tmp_path / "blocked"
-    for name in ("rliable", "matplotlib"):
-        (blocked / name).mkdir(parents=True)
-        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} blocked by the test')\n")
-    for without in (False, True):
-        extra = {"PYTHONPATH": str(blocked)} if without else {}
-        proc = bench("report", str(suite), "--out", out, "--reps", 500, cwd=tmp_path, check=0, env=extra)
-        text = (out / "report.md").read_text()
-        row = next(line for line in text.splitlines() if line.startswith("| v | 10 | 20 |"))
-        assert f"{pooled[5:15].mean():.3f} [" in row and f"| {np.median(game_means):.3f} [" in row
-        assert f"| {np.mean(game_means):.3f} [" in row
-        if without or RLIABLE[0] != "rliable":
-            assert "numpy implementation of rliable's stratified bootstrap" in text
-        else:
-            assert f"rliable {RLIABLE[1]})" in text
-        if without or report.plotting_unavailable():
-            assert "no plots: matplotlib is not installed" in text and "![" not in text
-        else:
-            assert (out / "aggregate.png").stat().st_size > 1000 and "![aggregates](aggregate.png)" in text
-            assert "![Alien](curves/Alien.png)" not in text  # fake runs have no TensorBoard events: no curves
-        for path in (out / "report.md", out / "aggregate.png"):
-            path.unlink(missing_ok=True)
+    bench("report", str(suite), "--out", out, "--reps", 500, cwd=tmp_path, check=0)
+    text = (out / "report.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| v | 10 | 20 |"))
+    assert f"{pooled[5:15].mean():.3f} [" in row and f"| {np.median(game_means):.3f} [" in row
+    assert f"| {np.mean(game_means):.3f} [" in row
+    assert f"(500 resamples, percentile intervals; rliable {version('rliable')})." in text
+    assert (out / "aggregate.png").stat().st_size > 1000 and "![aggregates](aggregate.png)" in text
+    assert "![Alien](curves/Alien.png)" not in text  # fake runs have no TensorBoard events: no curves
+
+
+@pytest.mark.parametrize("name", ["rliable", "matplotlib"])
+def test_report_without_rliable_or_matplotlib_says_how_to_add_them(tmp_path, name):
+    blocked = tmp_path / "blocked" / name  # a module that fails to import shadows the installed one
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text(f"raise ImportError('{name} blocked by the test')\n")
+    proc = bench("report", "smoke", "--out", tmp_path / "out", cwd=tmp_path, check=2,
+                 env={"PYTHONPATH": str(blocked.parent)})
+    assert proc.stderr == (f"error: report needs {name}, which does not import here (ImportError: {name} blocked by "
+                           f"the test); cd {BENCH.parent} && pip install \".[benchmark]\" adds it\n")
+    assert proc.stdout == "" and not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -439,8 +434,7 @@ def test_smoke_suite_end_to_end_interrupted_resumed_and_reported(tmp_path):
         assert f"| {run.variant} | Pong | 1 |" in text and f"| pass | {run.variant} | Pong | run_score |" in text
         assert f"| skip | {run.variant} | Breakout | run_score | not in this run of the suite |" in text
     assert text.count("| pass |") == len(runs) and "eval, 1 episode" in text
-    if not report.plotting_unavailable():
-        assert (out / "curves" / "Pong.png").is_file()
+    assert (out / "curves" / "Pong.png").is_file()
 
     again = bench(*args, cwd=tmp_path, check=0)  # finished runs are skipped
     assert f"{len(runs)} of {len(runs)} runs already done: skipped" in again.stdout and "start " not in again.stdout

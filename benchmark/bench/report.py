@@ -3,6 +3,9 @@ CIs (rliable: Agarwal et al. 2021), checks against benchmark/references.csv, lea
 exit 1 when a run is not finished or a check fails."""
 import csv
 import datetime
+import importlib
+import shlex
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -42,72 +45,30 @@ def references(suite_name, path=BENCHMARK / "references.csv"):
 # Aggregation: per game mean and std over seeds; per suite human-normalized IQM, median and mean with 95%
 # stratified-bootstrap CIs (rliable: Agarwal et al. 2021)
 # ---------------------------------------------------------------------------------------------------------------
-def iqm(values):
-    """Interquartile mean: the mean of the middle 50% of the values, as rliable's aggregate_iqm (scipy's
-    trim_mean(0.25): the values sorted, floor(n/4) of them cut at each end)."""
-    values = np.sort(np.asarray(values, dtype=float).ravel())
-    cut = len(values) // 4
-    return float(values[cut:len(values) - cut].mean())
+def aggregates_of_games(*games):
+    """[IQM, median, mean] from one runs x 1 array per game (games with unequal run counts), with rliable's metrics:
+    the IQM over all runs pooled, the median and the mean over games of each game's mean."""
+    from rliable import metrics
+
+    game_means = np.array([[game.mean() for game in games]])  # 1 x games, as rliable's runs x games matrix
+    return np.array([metrics.aggregate_iqm(np.concatenate(games)), metrics.aggregate_median(game_means),
+                     metrics.aggregate_mean(game_means)])
 
 
-def aggregate_stats(*runs):
-    """[IQM, median, mean] from one array of run scores per game: the IQM over all runs pooled, the median and the
-    mean over games of each game's mean (rliable's aggregate_iqm, aggregate_median, aggregate_mean)."""
-    game_means = np.array([np.mean(r) for r in runs])
-    return np.array([iqm(np.concatenate([np.ravel(r) for r in runs])), np.median(game_means), game_means.mean()])
-
-
-def bootstrap_backend():
-    """('rliable', version) when rliable's bootstrap imports, else ('numpy', why not). rliable's library needs the
-    `arch` package, whose 7.x releases (the ones rliable 1.2 accepts) break on import with pandas 3."""
-    try:
-        import rliable
-        from rliable import library  # noqa: F401  (imports arch)
-    except Exception as error:  # ImportError, or arch's TypeError under pandas 3
-        return "numpy", f"rliable unusable here ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
-    from importlib.metadata import version
-
-    try:
-        return "rliable", version("rliable")
-    except Exception:
-        return "rliable", getattr(rliable, "__version__", "?")
-
-
-def bootstrap_numpy(runs, reps, rng, chunk=1000):
-    """[reps, 3] bootstrap replicates of aggregate_stats: each game's runs resampled with replacement on their own
-    (a stratified bootstrap, rliable's StratifiedBootstrap / StratifiedIndependentBootstrap), in chunks of reps."""
-    out = np.empty((reps, 3))
-    for start in range(0, reps, chunk):
-        n = min(chunk, reps - start)
-        samples = [r[rng.integers(0, len(r), size=(n, len(r)))] for r in runs]  # per game: [n, runs of that game]
-        pooled = np.sort(np.concatenate(samples, axis=1), axis=1)
-        cut = pooled.shape[1] // 4
-        game_means = np.stack([s.mean(axis=1) for s in samples], axis=1)  # [n, games]
-        out[start:start + n] = np.stack([pooled[:, cut:pooled.shape[1] - cut].mean(axis=1),
-                                         np.median(game_means, axis=1), game_means.mean(axis=1)], axis=1)
-    return out
-
-
-def aggregate_with_ci(per_game, reps=20_000, seed=0, backend=None):
-    """(point estimates, 95% CIs as [[low, ...], [high, ...]]) of [IQM, median, mean] over {game: [run scores]}:
-    a stratified bootstrap (runs resampled with replacement within each game), percentile intervals (2.5% and
-    97.5%, numpy's linear interpolation), as rliable's get_interval_estimates. backend 'rliable' uses rliable
-    itself (equal runs per game: its runs x games matrix; unequal, e.g. after a failed run: one array per game),
-    'numpy' the same computation here; None: rliable when it is usable. Seeded: the same data give the same CIs."""
-    backend = backend or bootstrap_backend()[0]
-    runs = [np.asarray(per_game[game], dtype=float).ravel() for game in sorted(per_game)]
-    if backend == "numpy":
-        points = aggregate_stats(*runs)
-        replicates = bootstrap_numpy(runs, reps, np.random.default_rng(seed))
-        return points, np.percentile(replicates, [2.5, 97.5], axis=0)
+def aggregate_with_ci(per_game, reps=20_000, seed=0):
+    """(point estimates, 95% CIs as [[low, ...], [high, ...]]) of [IQM, median, mean] over {game: [run scores]}, from
+    rliable's get_interval_estimates: a stratified bootstrap (runs resampled with replacement within each game) and
+    percentile intervals. Equal runs per game: rliable's runs x games matrix; unequal (after a failed run): one
+    array per game, each resampled on its own. Seeded: the same data give the same CIs."""
     from rliable import library as rly
     from rliable import metrics
 
+    runs = [np.asarray(per_game[game], dtype=float).reshape(-1, 1) for game in sorted(per_game)]
     if len({len(r) for r in runs}) == 1:
-        data = np.stack(runs, axis=1)  # [runs, games]
+        data = np.concatenate(runs, axis=1)  # runs x games
         func = lambda m: np.array([metrics.aggregate_iqm(m), metrics.aggregate_median(m), metrics.aggregate_mean(m)])  # noqa: E731
     else:
-        data, func = [r.reshape(-1, 1) for r in runs], aggregate_stats
+        data, func = runs, aggregates_of_games
     saved = np.random.get_state()
     np.random.seed(seed)  # rliable's StratifiedBootstrap draws from numpy's global generator
     try:
@@ -127,7 +88,7 @@ def collect(runs):
     return rows
 
 
-def summarize(rows, reps=20_000, backend=None):
+def summarize(rows, reps=20_000):
     """Per (variant, game): runs, mean and sample std of scores, mean HNS; per variant: aggregates with CIs."""
     per_game, per_variant = {}, {}
     for row in rows:
@@ -140,8 +101,7 @@ def summarize(rows, reps=20_000, backend=None):
         games[variant, game] = {
             "n": len(scores), "mean": scores.mean(), "std": scores.std(ddof=1) if len(scores) > 1 else None,
             "source": sources[0] if len(sources) == 1 else "mixed: " + "; ".join(sources),
-            "hns": None if group[0]["hns"] is None else float(np.mean([row["hns"] for row in group])),
-            "scores": scores}
+            "hns": None if group[0]["hns"] is None else float(np.mean([row["hns"] for row in group]))}
     for variant in dict.fromkeys(row["run"].variant for row in rows):
         normalized = {game: [row["hns"] for row in group] for (v, game), group in per_game.items()
                       if v == variant and group[0]["hns"] is not None}
@@ -152,7 +112,7 @@ def summarize(rows, reps=20_000, backend=None):
             entry["skipped"] = (f"{len(normalized)} games with human-normalized scores; aggregates need at least "
                                 f"{MIN_GAMES_FOR_AGGREGATE} (rainbow_der.md section 10)")
         else:
-            entry["point"], entry["ci"] = aggregate_with_ci(normalized, reps=reps, backend=backend)
+            entry["point"], entry["ci"] = aggregate_with_ci(normalized, reps=reps)
         per_variant[variant] = entry
     return games, per_variant
 
@@ -299,24 +259,25 @@ def plot_aggregates(per_variant, path):
     return path
 
 
-def plotting_unavailable():
-    """None when matplotlib imports, else why not (the report then has tables and no PNGs)."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as error:
-        return f"no plots: matplotlib is not installed ({error}); pip install \".[benchmark]\" adds it"
-    return None
+def require_report_packages():
+    """Stop with one line when rliable (the CIs) or matplotlib (the plots) does not import."""
+    for module in ("rliable.library", "matplotlib"):
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # ImportError; or arch, which rliable imports, raising a TypeError under pandas 3
+            first_line = str(error).split("\n")[0]
+            fail(f"report needs {module.split('.')[0]}, which does not import here ({type(error).__name__}: "
+                 f"{first_line}); cd {shlex.quote(str(BENCHMARK.parent))} && pip install \".[benchmark]\" adds it")
 
 
 def report(suite, runs, out, reps=20_000):
+    require_report_packages()
     rows = collect(runs)
-    backend, backend_note = bootstrap_backend()
-    games, per_variant = summarize(rows, reps=reps, backend=backend)
+    games, per_variant = summarize(rows, reps=reps)
     checks = compare(references(suite["references"]), rows, games, per_variant)
     out = Path(out)
-    no_plots = plotting_unavailable()
-    curves = [] if no_plots else plot_curves(rows, out / "curves")
-    aggregate_png = None if no_plots else plot_aggregates(per_variant, out / "aggregate.png")
+    curves = plot_curves(rows, out / "curves")
+    aggregate_png = plot_aggregates(per_variant, out / "aggregate.png")
     states = {row["run"]: row["state"] for row in rows}
     done = sum(state == "done" for state in states.values())
     failures = [row for row in rows if row["state"] != "done"]
@@ -334,8 +295,7 @@ def report(suite, runs, out, reps=20_000):
     md += ["", "## Aggregates (human-normalized)", ""]
     if any("point" in entry for entry in per_variant.values()):
         md += [f"IQM over all runs, median and mean over games of the per-game means; 95% stratified-bootstrap CIs "
-               f"({reps:,} resamples, percentile intervals; " + (f"rliable {backend_note})." if backend == "rliable" else
-               f"numpy implementation of rliable's stratified bootstrap: {backend_note}).") + "", "",
+               f"({reps:,} resamples, percentile intervals; rliable {version('rliable')}).", "",
                "| variant | games | runs | IQM [95% CI] | median [95% CI] | mean [95% CI] |", "|---|---|---|---|---|---|"]
     for variant, entry in per_variant.items():
         if "point" in entry:
@@ -363,9 +323,7 @@ def report(suite, runs, out, reps=20_000):
     md += ["", "## Plots", ""]
     md += [f"![{path.stem}]({path.relative_to(out)})" for path in curves]
     no_curve = [game for game in dict.fromkeys(row["run"].game for row in rows) if game not in {p.stem for p in curves}]
-    if no_plots:
-        md.append(no_plots + ".")
-    elif no_curve:
+    if no_curve:
         md.append(f"No learning curve (no training episode ended in any run): {', '.join(no_curve)}.")
     if aggregate_png:
         md.append(f"![aggregates]({aggregate_png.relative_to(out)})")
