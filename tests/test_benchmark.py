@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the directory that holds the bench package; a mutation check may point this at a mutated copy of benchmark/
 BENCH = Path(os.environ.get("CLEANRL_MOE_BENCH", ROOT / "benchmark"))
 sys.path.insert(0, str(BENCH))
-from bench import common, local, perf, report, suites  # noqa: E402
+from bench import common, local, machine, perf, report, suites  # noqa: E402
 
 
 def bench_process(*args, env=None):
@@ -372,17 +372,84 @@ def test_default_workers_follow_cpus_ram_and_gpu_memory(monkeypatch):
     GiB = 2**30
     run = common.Run("v", "s", "Pong", 1, (), "/x", total_steps=10, memory_bytes=7068 * 10**6 + suites.RUN_OVERHEAD_BYTES)
     monkeypatch.setattr(local, "cpu_count", lambda: 16)
-    monkeypatch.setattr(local, "available_ram", lambda: 64 * GiB)
+    monkeypatch.setattr(local, "available_ram_bytes", lambda: 64 * GiB)
     monkeypatch.setattr(local, "gpus", lambda: [])
     slots, why = local.worker_slots([run], uses_cuda=True)
     assert slots == [None] * 7, why  # RAM: (64 - 1) GiB / 8.58 GiB per run
-    monkeypatch.setattr(local, "available_ram", lambda: 500 * GiB)
+    monkeypatch.setattr(local, "available_ram_bytes", lambda: 500 * GiB)
     monkeypatch.setattr(local, "gpus", lambda: [(0, 80 * GiB), (1, 20 * GiB)])
     slots, why = local.worker_slots([run], uses_cuda=True)
     # GPU 0 holds 0.9 * 80 / (6.58 + 2) = 8 replay memories, GPU 1 holds 2; the workers alternate between GPUs
     assert sorted(slots) == [0] * 8 + [1] * 2 and slots[:4] == [0, 1, 0, 1], why
     assert local.worker_slots([run], uses_cuda=False)[0] == [None] * 16  # --no-cuda runs: CPUs only
     assert local.worker_slots([run], uses_cuda=True, workers=3)[0] == [0, 1, 0]
+
+
+def test_available_ram_is_the_least_of_memavailable_and_every_cgroup_limit(tmp_path):
+    GiB = 2**30
+    unlimited_v1 = str(2**63 - 4096)  # what cgroup v1 reports without a limit
+
+    def ram(own_cgroup, files, meminfo="MemTotal: 25165824 kB\nMemAvailable: 20971520 kB\n"):  # 20 GiB available
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        for name, text in {"meminfo": meminfo, "cgroup": own_cgroup, **files}.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+        return machine.available_ram_bytes(root / "meminfo", root / "cgroup", root / "sys")
+
+    assert ram("0::/user.slice/session-1.scope\n", {}) == 20 * GiB  # cgroup v2 without memory files
+    assert ram("0::/job\n", {"sys/job/memory.max": f"{8 * GiB}\n", "sys/job/memory.current": f"{3 * GiB}\n"}) == 5 * GiB
+    # Slurm (v2): the limit is on the job, the process sits in a step below it whose memory.max is "max"
+    slurm = {"sys/job_1/memory.max": str(6 * GiB), "sys/job_1/memory.current": str(4 * GiB),
+             "sys/job_1/step_0/memory.max": "max", "sys/job_1/step_0/memory.current": str(3 * GiB)}
+    assert ram("0::/job_1/step_0\n", slurm) == 2 * GiB
+    assert ram("0::/big\n", {"sys/big/memory.max": str(64 * GiB), "sys/big/memory.current": "0"}) == 20 * GiB
+    assert ram("0::/over\n", {"sys/over/memory.max": str(GiB), "sys/over/memory.current": str(2 * GiB)}) == 0
+    # cgroup v1 (and a hybrid layout, whose v2 hierarchy has no memory controller): the memory controller's own
+    # hierarchy, unlimited at its root and on the step, 4 GiB on the job
+    v1 = {"sys/memory/memory.limit_in_bytes": unlimited_v1, "sys/memory/memory.usage_in_bytes": str(9 * GiB),
+          "sys/memory/slurm/job_2/memory.limit_in_bytes": str(4 * GiB),
+          "sys/memory/slurm/job_2/memory.usage_in_bytes": str(GiB),
+          "sys/memory/slurm/job_2/step_0/memory.limit_in_bytes": unlimited_v1,
+          "sys/memory/slurm/job_2/step_0/memory.usage_in_bytes": str(GiB)}
+    assert ram("4:memory:/slurm/job_2/step_0\n3:cpu,cpuacct:/\n0::/\n", v1) == 3 * GiB
+    # a container sees its own cgroup as the hierarchy's root, whatever /proc/self/cgroup names
+    container = {"sys/memory/memory.limit_in_bytes": str(2 * GiB), "sys/memory/memory.usage_in_bytes": str(GiB // 2)}
+    assert ram("4:memory:/docker/0123abcd\n", container) == GiB * 3 // 2
+    assert ram("", {}) == 20 * GiB  # no /proc/self/cgroup
+
+
+def fake_script(directory, name, prioritized):
+    """A script with the surface suites.resolve uses: Args, and replay classes whose sizes tell them apart."""
+    (directory / f"{name}.py").write_text(
+        "import dataclasses\n\n\n@dataclasses.dataclass\nclass Args:\n    env_id: str = ''\n    seed: int = 1\n"
+        "    total_timesteps: int = 10\n    buffer_size: int = 50\n\n\nclass ReplayMemory:\n    @staticmethod\n"
+        "    def bytes_per_slot(frame_shape=(84, 84)):\n        return 1000\n" + (
+            "\n\nclass PrioritizedReplayMemory(ReplayMemory):\n    @staticmethod\n"
+            "    def bytes_per_slot(frame_shape=(84, 84), capacity=1_000_000):\n        return 1000 + 10**6 // capacity\n"
+            if prioritized else ""))
+
+
+def test_runs_are_sized_by_their_scripts_replay_class(tmp_path, monkeypatch, capsys):
+    # the smoke suite's --buffer-size 1000: 7,068 bytes a slot in ReplayMemory, 7,068 + ceil(16,384 / 1,000) with
+    # the sum tree of PrioritizedReplayMemory (2 x 1,024 float64 nodes)
+    runs, _ = suites.resolve(suites.plan(suites.load_suite("smoke"), tmp_path, games=["Pong"], seeds=[1]))
+    assert {run.variant: run.memory_bytes - suites.RUN_OVERHEAD_BYTES for run in runs} == {
+        "dqn_softmoe": 7_068_000, "dqn_redo": 7_068_000, "rainbow_tokenized": 7_085_000, "der_single_expert": 7_085_000}
+    # the script's own classes, asked by name, the prioritized one with the capacity; all --buffer-size slots count,
+    # also beyond --total-timesteps (the scripts allocate them up front)
+    monkeypatch.setattr(suites, "SCRIPTS", tmp_path)
+    fake_script(tmp_path, "uniform", prioritized=False)
+    fake_script(tmp_path, "prioritized", prioritized=True)
+    suite = {"name": "t", "games": ["Pong"], "seeds": [1], "flags": "", "checkpoint_every": 0,
+             "variants": [{"name": "u", "script": "uniform"}, {"name": "p", "script": "prioritized"}]}
+    runs, _ = suites.resolve(suites.plan(suite, tmp_path / "out"))
+    assert [run.memory_bytes - suites.RUN_OVERHEAD_BYTES for run in runs] == [50 * 1000, 50 * (1000 + 20_000)]
+    (tmp_path / "none.py").write_text((tmp_path / "uniform.py").read_text().split("\n\n\nclass ReplayMemory")[0])
+    with pytest.raises(SystemExit):
+        suites.resolve(suites.plan({**suite, "variants": [{"name": "n", "script": "none"}]}, tmp_path / "out"))
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'none.py'}: no class ReplayMemory (or PrioritizedReplayMemory) "
+                                       "with a static bytes_per_slot(), which benchmark.sh asks for the bytes of a "
+                                       "replay slot to size the runs; add one\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------

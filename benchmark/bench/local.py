@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .common import (SCRIPTS, GiB, Progress, find_one, format_seconds, print_done, print_failures, read_status,
                      run_summary, states_of, write_status)
-from .machine import available_ram, cpu_count, gpus
+from .machine import available_ram_bytes, cpu_count, gpus
 from .suites import RUN_OVERHEAD_BYTES
 
 # GPU memory of one run besides its replay memory (the reserve that the scripts' place_replay keeps free)
@@ -77,9 +77,10 @@ def worker_slots(runs, uses_cuda, workers=None):
     """[(gpu index or None)] per parallel worker, and the reason for their number."""
     cpus = cpu_count()
     per_run = max(run.memory_bytes for run in runs)
-    by_ram = max(1, int((available_ram() - GiB) // per_run))
+    free_ram = available_ram_bytes()
+    by_ram = max(1, int((free_ram - GiB) // per_run))
     limits = [cpus, by_ram]
-    why = f"{cpus} CPUs, {available_ram() / GiB:.1f} GiB RAM free / {per_run / GiB:.1f} GiB per run = {by_ram}"
+    why = f"{cpus} CPUs, {free_ram / GiB:.1f} GiB RAM free / {per_run / GiB:.1f} GiB per run = {by_ram}"
     gpu_slots = []
     found = gpus() if uses_cuda else []
     if found:

@@ -14,9 +14,34 @@ def cpu_count():
     return count
 
 
-def available_ram():
-    with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+def available_ram_bytes(meminfo="/proc/meminfo", own_cgroup="/proc/self/cgroup", cgroup_root="/sys/fs/cgroup"):
+    """Bytes of memory this process can still use: MemAvailable, or less where a cgroup limits it (Slurm's --mem, a
+    container): limit - usage of its cgroup and of each ancestor (v2 memory.max - memory.current, v1
+    memory.limit_in_bytes - memory.usage_in_bytes). "max", v1's 2**63 - 4096 and missing files mean no limit."""
+
+    def read(path):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+
+    free = [int(line.split()[1]) * 1024 for line in read(meminfo).splitlines() if line.startswith("MemAvailable:")]
+    for line in read(own_cgroup).splitlines():  # "0::/path" (v2), "4:memory:/path" (v1)
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0":
+            root, limit_file, usage_file = cgroup_root, "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            root, limit_file, usage_file = f"{cgroup_root}/memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        parts = [part for part in path.split("/") if part]
+        for depth in range(len(parts) + 1):  # the hierarchy's root (a container's own cgroup) down to this process's
+            directory = os.path.join(root, *parts[:depth])
+            limit, usage = read(f"{directory}/{limit_file}"), read(f"{directory}/{usage_file}")
+            if limit.isdigit() and usage.isdigit() and int(limit) < 2**60:
+                free.append(max(0, int(limit) - int(usage)))
+    return min(free) if free else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def gpus():

@@ -16,7 +16,6 @@ SUITES = BENCHMARK / "suites"
 # host memory of one run besides its replay memory: 0.5 GiB peak RSS measured for dqn_softmoe on a CPU
 # (`benchmark.sh perf`), plus room for the CUDA libraries on a GPU machine
 RUN_OVERHEAD_BYTES = 2 * 2**30
-DEFAULT_BYTES_PER_TRANSITION = 7068  # frames stored once (dqn_softmoe.py's ReplayMemory.bytes_per_slot())
 
 
 def load_suite(name):
@@ -93,11 +92,24 @@ def load_script(name):
     return module
 
 
+def replay_bytes(module, args):
+    """Bytes of the replay memory a script allocates: --buffer-size slots of its own replay class, the prioritized one
+    (whose sum tree's share of a slot depends on the capacity) when the script has one."""
+    if hasattr(module, "PrioritizedReplayMemory"):
+        return args.buffer_size * module.PrioritizedReplayMemory.bytes_per_slot(capacity=args.buffer_size)
+    if hasattr(module, "ReplayMemory"):
+        return args.buffer_size * module.ReplayMemory.bytes_per_slot()
+    fail(f"{module.__file__}: no class ReplayMemory (or PrioritizedReplayMemory) with a static bytes_per_slot(), "
+         "which benchmark.sh asks for the bytes of a replay slot to size the runs; add one")
+
+
 def resolve(runs):
     """Check every variant's flags with its script's own parser and start-up checks before anything starts, and fill
-    in each run's step count and memory estimate. Returns the runs and {variant: parsed Args}."""
+    in each run's step count and host memory estimate (its replay memory plus RUN_OVERHEAD_BYTES). Returns the runs and {variant: parsed Args}."""
+    import ale_py
     import gymnasium as gym
 
+    gym.register_envs(ale_py)  # the games are checked whether or not a script imports ale_py
     modules, parsed, resolved = {}, {}, []
     for run in runs:
         if run.variant not in parsed:
@@ -110,15 +122,12 @@ def resolve(runs):
                     module.check_args(args)
             except SystemExit:
                 fail(f"variant {run.variant}: {run.script}.py rejects its flags {shlex.join(run.flags)} (above)")
-            replay = getattr(module, "ReplayMemory", None)
-            bytes_per_transition = replay.bytes_per_slot() if hasattr(replay, "bytes_per_slot") else DEFAULT_BYTES_PER_TRANSITION
-            parsed[run.variant] = (args, bytes_per_transition)
-        args, bytes_per_transition = parsed[run.variant]
+            parsed[run.variant] = (args, replay_bytes(module, args))
+        args, memory = parsed[run.variant]
         try:
             gym.spec(f"ALE/{run.game}-v5")
         except gym.error.Error:
             fail(f"game {run.game}: ALE/{run.game}-v5 is not an environment of ale-py")
-        replay_bytes = min(args.buffer_size, args.total_timesteps) * bytes_per_transition
         resolved.append(Run(**{**asdict(run), "flags": run.flags, "total_steps": args.total_timesteps,
-                               "memory_bytes": replay_bytes + RUN_OVERHEAD_BYTES}))
+                               "memory_bytes": memory + RUN_OVERHEAD_BYTES}))
     return resolved, {variant: args for variant, (args, _) in parsed.items()}
