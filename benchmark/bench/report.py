@@ -45,6 +45,13 @@ def references(suite_name, path=BENCHMARK / "references.csv"):
 # Aggregation: per game mean and std over seeds; per suite human-normalized IQM, median and mean with 95%
 # stratified-bootstrap CIs (rliable: Agarwal et al. 2021)
 # ---------------------------------------------------------------------------------------------------------------
+def aggregates_of_matrix(scores):
+    """[IQM, median, mean] of a runs x games matrix: rliable's aggregate_iqm, aggregate_median, aggregate_mean."""
+    from rliable import metrics
+
+    return np.array([metrics.aggregate_iqm(scores), metrics.aggregate_median(scores), metrics.aggregate_mean(scores)])
+
+
 def aggregates_of_games(*games):
     """[IQM, median, mean] from one runs x 1 array per game (games with unequal run counts), with rliable's metrics:
     the IQM over all runs pooled, the median and the mean over games of each game's mean."""
@@ -61,12 +68,10 @@ def aggregate_with_ci(per_game, reps=20_000, seed=0):
     percentile intervals. Equal runs per game: rliable's runs x games matrix; unequal (after a failed run): one
     array per game, each resampled on its own. Seeded: the same data give the same CIs."""
     from rliable import library as rly
-    from rliable import metrics
 
     runs = [np.asarray(per_game[game], dtype=float).reshape(-1, 1) for game in sorted(per_game)]
     if len({len(r) for r in runs}) == 1:
-        data = np.concatenate(runs, axis=1)  # runs x games
-        func = lambda m: np.array([metrics.aggregate_iqm(m), metrics.aggregate_median(m), metrics.aggregate_mean(m)])  # noqa: E731
+        data, func = np.concatenate(runs, axis=1), aggregates_of_matrix
     else:
         data, func = runs, aggregates_of_games
     saved = np.random.get_state()
@@ -134,7 +139,8 @@ def compare(reference_rows, rows, games, per_variant):
     stat_index = {"iqm_hns": 0, "median_hns": 1, "mean_hns": 2}
     checks = []
     for ref in reference_rows:
-        low, high, slack, published = number(ref["low"]), number(ref["high"]), number(ref["slack"]) or 0.0, number(ref["reference"])
+        low, high, published = number(ref["low"]), number(ref["high"]), number(ref["reference"])
+        slack = number(ref["slack"]) or 0.0
         for variant in variants if ref["variant"] == "*" else [ref["variant"]]:
             mine = [row for row in rows if row["run"].variant == variant and ref["game"] in ("*", row["run"].game)]
             if not mine:
@@ -146,7 +152,8 @@ def compare(reference_rows, rows, games, per_variant):
                            if row["state"] == "done" and not within(row["score"], low, high)]
                 verdict = "FAIL" if outside or unfinished else "pass"
                 text = "; ".join(outside + [f"{run_id}: not finished" for run_id in unfinished]) or (
-                    f"{len(mine)} runs in range, min {min(r['score'] for r in mine):.1f}, max {max(r['score'] for r in mine):.1f}")
+                    f"{len(mine)} runs in range, min {min(r['score'] for r in mine):.1f}, "
+                    f"max {max(r['score'] for r in mine):.1f}")
                 checks.append((ref, variant, verdict, text))
             elif ref["statistic"] == "mean_score":
                 stats = games.get((variant, ref["game"]))
@@ -223,7 +230,8 @@ def plot_curves(rows, out_dir, bins=50):
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean, low, high = np.nanmean(curves, 0), np.nanmin(curves, 0), np.nanmax(curves, 0)
             centers = (edges[1:] + edges[:-1]) / 2
-            line, = ax.plot(centers, mean, marker="." if len(data[0][0]) < 20 else None, label=f"{variant} ({len(data)} seeds)")
+            line, = ax.plot(centers, mean, marker="." if len(data[0][0]) < 20 else None,
+                            label=f"{variant} ({len(data)} seeds)")
             ax.fill_between(centers, low, high, color=line.get_color(), alpha=0.2)
         if ax.lines:
             ax.set(title=game, xlabel="agent steps", ylabel="episodic return (training)")
@@ -248,7 +256,8 @@ def plot_aggregates(per_variant, path):
     fig, axes = plt.subplots(1, 3, figsize=(11, 0.5 * len(variants) + 1.6), sharey=True)
     for i, (ax, name) in enumerate(zip(axes, ("IQM", "Median", "Mean"))):
         for y, variant in enumerate(variants):
-            point, (low, high) = per_variant[variant]["point"][i], (per_variant[variant]["ci"][0][i], per_variant[variant]["ci"][1][i])
+            entry = per_variant[variant]
+            point, low, high = entry["point"][i], entry["ci"][0][i], entry["ci"][1][i]
             ax.errorbar(point, y, xerr=[[point - low], [high - point]], fmt="o", capsize=4)
         ax.set(title=name, xlabel="human-normalized score", yticks=range(len(variants)), yticklabels=variants)
         ax.grid(axis="x", alpha=0.3)
@@ -287,7 +296,8 @@ def report(suite, runs, out, reps=20_000):
           f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {out}: {done}/{len(rows)} runs done. "
           "Score of a run: its evaluation mean if it has one, else its training return over the last 100 episodes "
           "(column `score of`). Std: sample standard deviation over seeds.", ""]
-    md += ["## Per game", "", "| variant | game | runs | score (mean ± std) | score of | HNS (mean) |", "|---|---|---|---|---|---|"]
+    md += ["## Per game", "", "| variant | game | runs | score (mean ± std) | score of | HNS (mean) |",
+           "|---|---|---|---|---|---|"]
     for (variant, game), stats in games.items():
         std = f" ± {stats['std']:,.1f}" if stats["std"] is not None else ""
         md.append(f"| {variant} | {game} | {stats['n']} | {stats['mean']:,.1f}{std} | {stats['source']} | "
@@ -310,7 +320,8 @@ def report(suite, runs, out, reps=20_000):
     md += ["", "## Checks against references (benchmark/references.csv)", ""]
     if checks:
         md += ["| result | variant | game | statistic | ours | tolerance | source |", "|---|---|---|---|---|---|---|"]
-        md += [f"| {verdict} | {variant} | {ref['game']} | {ref['statistic']} | {text} | {tolerance_text(ref)} | {ref['source']} |"
+        md += [f"| {verdict} | {variant} | {ref['game']} | {ref['statistic']} | {text} | {tolerance_text(ref)} | "
+               f"{ref['source']} |"
                for ref, variant, verdict, text in checks]
     else:
         md.append(f"No reference numbers for suite {suite['references']}.")
@@ -318,7 +329,8 @@ def report(suite, runs, out, reps=20_000):
         md += ["", "## Runs not finished", ""]
         for row in failures:
             status = read_status(row["run"].dir)
-            md += [f"### {row['run'].id}: {row['state']}" + (f" (exit code {status['exit_code']})" if status.get("exit_code") is not None else ""),
+            code = f" (exit code {status['exit_code']})" if status.get("exit_code") is not None else ""
+            md += [f"### {row['run'].id}: {row['state']}{code}",
                    "", f"log: `{Path(row['run'].dir) / 'log.txt'}`", "", "```", log_tail(row["run"]), "```", ""]
     md += ["", "## Plots", ""]
     md += [f"![{path.stem}]({path.relative_to(out)})" for path in curves]
@@ -338,4 +350,3 @@ def report(suite, runs, out, reps=20_000):
         verdict.append(f"{len(failed_checks)} checks outside their tolerance")
     print(f"report written to {out / 'report.md'}: " + ("; ".join(verdict) if verdict else "all runs done, all checks pass"))
     return 1 if verdict else 0
-

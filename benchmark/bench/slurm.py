@@ -72,7 +72,8 @@ def submit_slurm(suite, runs, opts):
     with open(Path(opts.out) / "slurm" / "jobs.txt", "a") as f:
         f.write(f"{job} {job_dir}\n")
     print(f"submitted {len(todo)} runs as Slurm array job {job} ({job_dir / 'job.sbatch'})")
-    filters = [f"--{key} {' '.join(map(str, getattr(opts, key)))}" for key in ("variants", "games", "seeds") if getattr(opts, key)]
+    filters = [f"--{key} {' '.join(map(str, getattr(opts, key)))}" for key in ("variants", "games", "seeds")
+               if getattr(opts, key)]
     print(f"follow with: {BENCHMARK.parent / 'benchmark.sh'} status {' '.join([opts.suite, *filters])} --wait")
     return wait_slurm(suite["name"], runs) if opts.wait else 0
 

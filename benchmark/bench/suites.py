@@ -105,7 +105,8 @@ def replay_bytes(module, args):
 
 def resolve(runs):
     """Check every variant's flags with its script's own parser and start-up checks before anything starts, and fill
-    in each run's step count and host memory estimate (its replay memory plus RUN_OVERHEAD_BYTES). Returns the runs and {variant: parsed Args}."""
+    in each run's step count and host memory estimate (its replay memory plus RUN_OVERHEAD_BYTES). Returns the runs
+    and {variant: parsed Args}."""
     import ale_py
     import gymnasium as gym
 
