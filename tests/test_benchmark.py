@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the directory that holds the bench package; a mutation check may point this at a mutated copy of benchmark/
 BENCH = Path(os.environ.get("CLEANRL_MOE_BENCH", ROOT / "benchmark"))
 sys.path.insert(0, str(BENCH))
-from bench import common, local, machine, perf, report, suites  # noqa: E402
+from bench import cli, common, local, machine, perf, report, suites  # noqa: E402
 
 
 def bench_process(*args, env=None):
@@ -36,6 +36,12 @@ def bench(*args, cwd, timeout=300, check=None, env=None):
         raise AssertionError(f"benchmark {' '.join(map(str, args))} exited {proc.returncode}, expected {check}:\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def bench_here(*args, capsys):
+    """(exit code, stdout) of `benchmark.sh ARGS` run in this process: its imports (rliable, torch) are paid once."""
+    code = cli.main(list(map(str, args)))
+    return code, capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,7 +207,8 @@ def test_suites_are_valid_data():
     for name in names:
         suite = suites.load_suite(name)
         runs = suites.plan(suite, "/tmp/x")
-        assert len({run.dir for run in runs}) == len(runs) == len(suite["variants"]) * len(suite["games"]) * len(suite["seeds"])
+        count = len(suite["variants"]) * len(suite["games"]) * len(suite["seeds"])
+        assert len({run.dir for run in runs}) == len(runs) == count
         for game in suite["games"]:
             gym.spec(f"ALE/{game}-v5")
         assert {v["script"] for v in suite["variants"]} <= known_scripts, name
@@ -210,6 +217,15 @@ def test_suites_are_valid_data():
         assert (ROOT / "cleanrl_moe" / f"{variant['script']}.py").is_file()
     assert len(suites.load_suite("atari100k_26")["games"]) == 26
     assert len(suites.load_suite("dqn_redo")["games"]) == 17
+
+
+def test_perf_variant_files_are_valid_data():
+    names = sorted(p.stem for p in (ROOT / "benchmark" / "perf").glob("*.toml"))
+    assert "dqn_softmoe_networks" in names
+    for name in names:
+        variants = perf.load_variants(name, ["--seed", "1"])
+        assert all(v["path"].is_file() and v["flags"][:2] == ["--seed", "1"] for v in variants), name
+        assert len({v["name"] for v in variants}) == len(variants), name
 
 
 def test_reference_numbers_follow_their_stated_rules():
@@ -248,24 +264,24 @@ def fake_result(run, eval_mean=None, train_mean=None):
     common.write_status(run.dir, state="done", exit_code=0)
 
 
-def test_regression_check_fails_when_a_result_is_outside_its_tolerance(tmp_path):
+def test_regression_check_fails_when_a_result_is_outside_its_tolerance(tmp_path, capsys):
     out = tmp_path / "out"
     runs = suites.plan(suites.load_suite("smoke"), out)
     for run in runs:  # smoke bounds: Pong in [-21, 21], Breakout in [0, 864]
         fake_result(run, eval_mean=-20.0 if run.game == "Pong" else 3.0)
-    bench("report", "smoke", "--out", out, cwd=tmp_path, check=0)
+    assert bench_here("report", "smoke", "--out", out, capsys=capsys)[0] == 0
     assert "| pass | dqn_softmoe | Pong | run_score |" in (out / "report.md").read_text()
 
     fake_result(runs[0], eval_mean=-22.0)  # outside [-21, 21]
-    proc = bench("report", "smoke", "--out", out, cwd=tmp_path, check=1)
+    code, stdout = bench_here("report", "smoke", "--out", out, capsys=capsys)
     text = (out / "report.md").read_text()
-    assert f"| FAIL | dqn_softmoe | Pong | run_score | {runs[0].id}: -22.0 |" in text
-    assert "1 checks outside their tolerance" in proc.stdout
+    assert code == 1 and f"| FAIL | dqn_softmoe | Pong | run_score | {runs[0].id}: -22.0 |" in text
+    assert "1 checks outside their tolerance" in stdout
     fake_result(runs[0], eval_mean=21.0)  # the bound itself is inside
-    bench("report", "smoke", "--out", out, cwd=tmp_path, check=0)
+    assert bench_here("report", "smoke", "--out", out, capsys=capsys)[0] == 0
 
 
-def test_failed_runs_are_listed_with_their_log_tail(tmp_path):
+def test_failed_runs_are_listed_with_their_log_tail(tmp_path, capsys):
     out = tmp_path / "out"
     runs = suites.plan(suites.load_suite("smoke"), out)
     for run in runs[1:]:
@@ -273,16 +289,16 @@ def test_failed_runs_are_listed_with_their_log_tail(tmp_path):
     Path(runs[0].dir).mkdir(parents=True)
     (Path(runs[0].dir) / "log.txt").write_text("line 1\nTraceback (most recent call last):\nValueError: boom\n")
     common.write_status(runs[0].dir, state="failed", exit_code=1)
-    proc = bench("report", "smoke", "--out", out, cwd=tmp_path, check=1)
+    code, stdout = bench_here("report", "smoke", "--out", out, capsys=capsys)
     text = (out / "report.md").read_text()
-    assert f"### {runs[0].id}: failed (exit code 1)" in text and "ValueError: boom" in text
-    assert f"{runs[0].id}: not finished" in text and "1 runs not finished" in proc.stdout
+    assert code == 1 and f"### {runs[0].id}: failed (exit code 1)" in text and "ValueError: boom" in text
+    assert f"{runs[0].id}: not finished" in text and "1 runs not finished" in stdout
     # a run whose process vanished without recording an exit code is not left as "running"
     common.write_status(runs[0].dir, state="running", exit_code=None, pid=2**22 + 7, host=os.uname().nodename,
-                   script="dqn_softmoe.py")
+                        script="dqn_softmoe.py")
     assert common.run_state(runs[0]) == "lost"
-    status = bench("status", "smoke", "--out", out, cwd=tmp_path, check=0)
-    assert f"{len(runs) - 1}/{len(runs)} done, 1 failed" in status.stdout and "ValueError: boom" in status.stdout
+    code, stdout = bench_here("status", "smoke", "--out", out, capsys=capsys)
+    assert code == 0 and f"{len(runs) - 1}/{len(runs)} done, 1 failed" in stdout and "ValueError: boom" in stdout
 
 
 def test_a_run_is_alive_while_its_process_runs_its_script():
@@ -533,25 +549,112 @@ def test_benchmark_sh_lists_the_suites(tmp_path):
     assert proc.returncode == 0 and "smoke" in proc.stdout and "dqn_redo" in proc.stdout, proc.stderr
 
 
-def test_sps_by_phase_keeps_only_intervals_wholly_inside_a_phase():
-    # an event at step g measures steps p+1..g (p: the previous event); updates happen at steps > learning_starts
-    events = [(99, 10), (199, 30), (299, 5), (399, 2), (499, 4), (599, 9)]
-    assert perf.sps_by_phase(events, 200) == (20.0, 4.0)  # 299 covers 200..299, 200 without update: left out
-    assert perf.sps_by_phase(events, 199) == (20.0, 4.5)  # 299 covers 200..299, all updating: learning
-    assert perf.sps_by_phase(events, 198) == (10.0, 4.5)  # 199 covers 100..199, 199 updates: left out
-    assert perf.sps_by_phase([(99, 10), (199, 30), (299, 5)], 200) == (20.0, None)
-    assert perf.sps_by_phase(events, 1000) == (7.0, None)  # all warm-up: median of 10, 30, 5, 2, 4, 9
+def test_phase_stats_keep_only_intervals_wholly_inside_a_phase():
+    # consecutive charts/SPS events at steps p < g bracket the steps p+1..g; updates happen at steps > learning_starts.
+    # Intervals of 100 steps at 10, 30, 5, 2, 4 and 9 steps per second: their wall times
+    rates = [10, 30, 5, 2, 4, 9]
+    walls = np.cumsum([0.0] + [100 / r for r in rates])
+    events = list(zip(range(99, 700, 100), walls))
+
+    def sps(events, learning_starts):
+        return perf.phase_stats(events, learning_starts, [])[:2]
+
+    assert sps(events, 300) == pytest.approx((20.0, 4.0))  # 299..399 covers 300..399, 300 without update: left out
+    assert sps(events, 299) == pytest.approx((20.0, 4.5))  # 299..399: all updating, learning
+    assert sps(events, 298) == pytest.approx((10.0, 4.5))  # 199..299 covers 200..299, 299 updates: left out
+    assert sps(events[:4], 300) == pytest.approx((20.0, None))
+    assert sps(events, 1000) == pytest.approx((7.0, None))  # all warm-up: median of 10, 30, 5, 2, 4, 9
+    # CPU seconds per 1,000 learning steps: the CPU samples interpolated at the learning intervals' ends
+    cpu = [(0.0, 0.0), (walls[3], 1.0), (walls[6], 4.0)]
+    assert perf.phase_stats(events, 300, cpu)[2] == pytest.approx(1000 * 3.0 / 300)  # 399..699: CPU 1 -> 4
+    assert perf.phase_stats(events, 299, cpu)[2] == pytest.approx(1000 * (4.0 - 0.4) / 400)  # from 299: 0.4
+    assert perf.phase_stats(events, 1000, cpu)[2] is None  # no learning interval
+
+
+FAKE_SCRIPT = """# a stand-in for a training script: perf's flags, charts/SPS events, CPU burnt per learning step
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--env-id")
+parser.add_argument("--total-timesteps", type=int)
+parser.add_argument("--learning-starts", type=int)
+parser.add_argument("--log-frequency", type=int, default=100)
+parser.add_argument("--cpu-per-step", type=float, default=0.0)  # CPU seconds burnt per learning step
+parser.add_argument("--name", default=Path(sys.argv[0]).stem)
+args, _ = parser.parse_known_args()
+with open(os.environ["FAKE_ORDER"], "a") as f:  # the order of the runs and their flags
+    f.write(f"{args.name} {' '.join(sys.argv[1:])}\\n")
+cleanrl = args.env_id.endswith("NoFrameskip-v4")  # as CleanRL: charts/SPS only once learning has started
+writer = EventFileWriter(f"runs/{args.name}")
+for step in range(args.log_frequency - 1, args.total_timesteps, args.log_frequency):
+    if step > args.learning_starts:
+        end = time.process_time() + args.cpu_per_step * args.log_frequency
+        while time.process_time() < end:
+            pass
+    else:
+        time.sleep(0.01)  # the warm-up: no CPU, at most 10,000 steps per second
+    if step > args.learning_starts or not cleanrl:
+        summary = Summary(value=[Summary.Value(tag="charts/SPS", simple_value=0.0)])
+        writer.add_event(Event(wall_time=time.time(), step=step, summary=summary))
+writer.close()
+"""
+
+
+def test_perf_compares_variants_interleaved_with_their_cpu_time(tmp_path):
+    """Variants from a TOML file, --variant and --cleanrl, two rounds, with fake scripts that burn a known CPU time
+    per learning step: A B C A B C, each at perf's configuration (CleanRL at the flags it shares), CPU seconds
+    counted over the learning intervals only (not the start-up, not the warm-up)."""
+    fake = tmp_path / "fake.py"
+    fake.write_text(FAKE_SCRIPT)
+    (tmp_path / "cleanrl").mkdir()
+    (tmp_path / "cleanrl" / "dqn_atari.py").write_text(FAKE_SCRIPT)
+    (tmp_path / "ab.toml").write_text(f'flags = "--log-frequency 100"\nvariants = [{{ name = "A", script = "{fake}", '
+                                      'flags = "--cpu-per-step 0.0005 --name A" }]\n')
+    order = tmp_path / "order.txt"
+    bench("perf", tmp_path / "ab.toml", "--variant", f"B {fake} --cpu-per-step 0.001 --name B",
+          "--cleanrl", tmp_path / "cleanrl" / "dqn_atari.py", "--rounds", 2, "--steps", 800, "--learning-starts", 400,
+          "--buffer-size", 1000, "--train-frequency", 4, "--cpu", "--out", tmp_path / "perf", cwd=tmp_path, check=0,
+          env={"FAKE_ORDER": str(order)})
+    config = ("--env-id ALE/Breakout-v5 --seed 1 --total-timesteps 800 --learning-starts 400 --buffer-size 1000 "
+              "--log-frequency 250 --train-frequency 4 --no-cuda")
+    runs = [f"A {config} --log-frequency 100 --cpu-per-step 0.0005 --name A",
+            f"B {config} --cpu-per-step 0.001 --name B",
+            "dqn_atari --env-id BreakoutNoFrameskip-v4 --seed 1 --total-timesteps 800 --learning-starts 400 "
+            "--buffer-size 1000 --train-frequency 4 --no-cuda"]
+    assert order.read_text().splitlines() == runs + runs
+    rows = {row["variant"]: row for row in json.loads((tmp_path / "perf" / "perf.json").read_text())}
+    a, b, cleanrl = rows["A"], rows["B"], rows["cleanrl_dqn_atari"]
+    assert [len(row["rounds"]) for row in (a, b, cleanrl)] == [2, 2, 2] and "note" not in a | b | cleanrl
+    # B burns twice A's CPU per learning step; the fake scripts' start-up (imports: about 0.5 s) does not count
+    assert 0.4 < a["cpu_s_per_1000_learning_steps"] < 0.65 and 0.85 < b["cpu_s_per_1000_learning_steps"] < 1.2, rows
+    assert cleanrl["cpu_s_per_1000_learning_steps"] < 0.2
+    # SPS from the events' wall times: a learning step of A takes at least 0.5 ms, of B 1 ms, a warm-up step 0.1 ms
+    assert 0 < a["learning_sps"] <= 2000 and 0 < b["learning_sps"] <= 1000 and 0 < a["warmup_sps"] <= 10_000
+    assert cleanrl["warmup_sps"] is None and cleanrl["learning_sps"] > 0  # CleanRL logs SPS only while learning
+    assert 10 * 2**20 < a["peak_rss_bytes"] < 2**30
+    text = (tmp_path / "perf" / "perf.md").read_text()
+    assert f"| A | cpu | {a['warmup_sps']:,.0f} ({min(r['warmup_sps'] for r in a['rounds']):,.0f}-" in text
 
 
 def test_perf_on_the_cpu_skips_absent_scripts(tmp_path):
     out = tmp_path / "perf"
-    bench("perf", "--scripts", "dqn_softmoe", "not_a_script", "--steps", 400, "--learning-starts", 200,
-          "--buffer-size", 1000, "--log-frequency", 100, "--cpu", "--threads", 1, "--flags", "--num-experts 2",
+    bench("perf", "--scripts", "dqn_softmoe", "not_a_script", "--steps", 300, "--learning-starts", 200,
+          "--buffer-size", 1000, "--log-frequency", 50, "--cpu", "--threads", 1, "--flags", "--num-experts 2",
           "--out", "perf", cwd=tmp_path, check=0)  # --out relative to the working directory
-    rows = {row["script"]: row for row in json.loads((out / "perf.json").read_text())}
+    rows = {row["variant"]: row for row in json.loads((out / "perf.json").read_text())}
     assert rows["not_a_script"]["note"] == "not present yet: skipped"
     dqn = rows["dqn_softmoe"]
     assert dqn["exit_code"] == 0 and dqn["device"] == "cpu" and dqn["learning_sps"] > 0 and dqn["warmup_sps"] > 0
     assert dqn["replay_bytes_per_transition"] == {"ReplayMemory": 7068}
     assert 100 * 2**20 < dqn["peak_rss_bytes"] < 8 * 2**30
+    # one torch thread, one learning interval (249..299): at most about one CPU second per wall second
+    assert 0 < dqn["cpu_s_per_1000_learning_steps"] * dqn["learning_sps"] / 1000 < 1.5
     assert "| dqn_softmoe | cpu |" in (out / "perf.md").read_text()

@@ -6,7 +6,8 @@
     ./benchmark.sh dqn_redo --slurm --partition gpu --time 24:00:00 --gpus 1    # one Slurm array job
     ./benchmark.sh status smoke [--wait]         # runs done, failed, running, queued; ETA
     ./benchmark.sh report smoke                  # markdown table, PNG curves, checks against references (exit 1 if off)
-    ./benchmark.sh perf                          # steps/s, peak memory, replay bytes per transition of each script
+    ./benchmark.sh perf                          # steps/s, CPU time, peak memory, replay bytes per transition of each script
+    ./benchmark.sh perf dqn_softmoe_networks --rounds 3    # variants side by side (benchmark/perf/*.toml), interleaved
 
 A suite is a TOML file: games x seeds x variants, a variant being a script with its flags. Every run has its own
 directory `<out>/<variant>/<game>/seed<N>/` (`<out>` = runs/benchmark/<suite>) holding `log.txt` (the run's output,
@@ -20,7 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .common import SCRIPTS, Progress, print_failures
+from .common import SCRIPTS, Progress, fail, print_failures
 from .local import run_local, worker_slots
 from .perf import PERF_SCRIPTS, perf
 from .report import report
@@ -62,20 +63,28 @@ def parser():
     suite_args(status)
     status.add_argument("--wait", action="store_true", help="wait until no run is queued or running")
 
-    rep = sub.add_parser("report", help="tables, curves and checks against references; exit 1 if a run failed or a check fails")
+    rep = sub.add_parser("report", help="tables, curves and checks against references; exit 1 if a run failed or a "
+                         "check fails")
     suite_args(rep)
     rep.add_argument("--reps", type=int, default=20_000, help="bootstrap resamples for the CIs")
 
-    pf = sub.add_parser("perf", help="steps/s, peak memory and replay bytes per transition of each script")
-    pf.add_argument("--scripts", nargs="+", default=PERF_SCRIPTS)
+    pf = sub.add_parser("perf", help="steps/s, CPU time and peak memory of each script, or of named variants side by side")
+    pf.add_argument("file", nargs="?", help="variants to compare: benchmark/perf/<name>.toml or the path of such a file")
+    pf.add_argument("--variant", action="append", metavar="'NAME SCRIPT [FLAGS...]'",
+                    help="a variant to compare (repeatable); SCRIPT: a cleanrl_moe script's name or a .py path")
+    pf.add_argument("--cleanrl", metavar="PATH", help="also CleanRL's dqn_atari.py (patched for gymnasium 1.x) at the "
+                    "flags it shares: env id, seed, steps, learning starts, buffer size, train frequency")
+    pf.add_argument("--rounds", type=int, default=1, help="measure every variant this many times, interleaved")
+    pf.add_argument("--scripts", nargs="+", default=PERF_SCRIPTS, help="the scripts measured without FILE or --variant")
     pf.add_argument("--env-id", default="ALE/Breakout-v5")
     pf.add_argument("--steps", type=int, default=3000, help="--total-timesteps of each measured run")
     pf.add_argument("--learning-starts", type=int, default=1000)
     pf.add_argument("--buffer-size", type=int, default=10_000)
     pf.add_argument("--log-frequency", type=int, default=250, help="steps per charts/SPS interval")
+    pf.add_argument("--train-frequency", type=int, help="--train-frequency of every variant (default: each script's)")
     pf.add_argument("--cpu", action="store_true", help="measure on the CPU even when a GPU is available")
     pf.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the measured runs (default: torch's, one per CPU)")
-    pf.add_argument("--flags", default="", help="extra flags for every measured run")
+    pf.add_argument("--flags", default="", help="extra flags for every measured run (not CleanRL's)")
     pf.add_argument("--out", default="runs/benchmark/perf")
 
     sub.add_parser("list", help="the suites")
@@ -95,6 +104,8 @@ def main(argv=None):
     if opts.command == "task":
         return slurm_task(opts.manifest, opts.index)
     if opts.command == "perf":
+        if opts.rounds < 1:
+            fail(f"--rounds {opts.rounds}: must be at least 1")
         return perf(opts)
     suite = load_suite(opts.suite)
     opts.out = str(Path(opts.out or Path("runs") / "benchmark" / suite["name"]).resolve())
