@@ -21,7 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .common import SCRIPTS, Progress, fail, print_failures
+from .common import SCRIPTS, Progress, print_failures
 from .local import run_local, worker_slots
 from .perf import PERF_SCRIPTS, perf
 from .report import report
@@ -104,8 +104,6 @@ def main(argv=None):
     if opts.command == "task":
         return slurm_task(opts.manifest, opts.index)
     if opts.command == "perf":
-        if opts.rounds < 1:
-            fail(f"--rounds {opts.rounds}: must be at least 1")
         return perf(opts)
     suite = load_suite(opts.suite)
     opts.out = str(Path(opts.out or Path("runs") / "benchmark" / suite["name"]).resolve())

@@ -229,6 +229,8 @@ def cell(row, key, digits):
 
 
 def perf(opts):
+    if opts.rounds < 1:
+        fail(f"--rounds {opts.rounds}: must be at least 1")
     out = Path(opts.out).resolve()  # the runs' working directories are below it
     config = ["--env-id", opts.env_id, "--seed", "1", "--total-timesteps", str(opts.steps),
               "--learning-starts", str(opts.learning_starts), "--buffer-size", str(opts.buffer_size),
