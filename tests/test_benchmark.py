@@ -1,7 +1,6 @@
 """benchmark.sh: aggregation (IQM, stratified-bootstrap CIs, HNS) against hand values, the regression checks, the
 smoke suite end to end on the real ALE (2 local workers, interrupted and resumed), and perf on the CPU."""
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -9,36 +8,40 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# a mutation check may point this at a mutated copy of benchmark/
-BENCH = Path(os.environ.get("CLEANRL_MOE_BENCH", ROOT / "benchmark" / "bench.py"))
+# the directory that holds the bench package; a mutation check may point this at a mutated copy of benchmark/
+BENCH = Path(os.environ.get("CLEANRL_MOE_BENCH", ROOT / "benchmark"))
+sys.path.insert(0, str(BENCH))
+from bench import cli, common, local, machine, perf, report, suites  # noqa: E402
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_under_test", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-b = load_bench()
+def bench_process(*args, env=None):
+    """argv and environment of `benchmark.sh ARGS` run from the package under test."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
+    env["PYTHONPATH"] = os.pathsep.join([str(BENCH), *filter(None, [env.get("PYTHONPATH")])])
+    env.pop("WANDB_API_KEY", None)
+    return [sys.executable, "-m", "bench", *map(str, args)], env
 
 
 def bench(*args, cwd, timeout=300, check=None, env=None):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
-    env.pop("WANDB_API_KEY", None)
-    proc = subprocess.run([sys.executable, str(BENCH), *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    argv, env = bench_process(*args, env=env)
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check is not None and proc.returncode != check:
         raise AssertionError(f"benchmark {' '.join(map(str, args))} exited {proc.returncode}, expected {check}:\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def bench_here(*args, capsys):
+    """(exit code, stdout) of `benchmark.sh ARGS` run in this process: its imports (rliable, torch) are paid once."""
+    code = cli.main(list(map(str, args)))
+    return code, capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -52,28 +55,18 @@ def bench(*args, cwd, timeout=300, check=None, env=None):
     ([5, 1, 3], 3.0),  # n = 3: floor(0.75) = 0, the plain mean
 ])
 def test_iqm_hand_values(values, expected):
-    assert b.iqm(values) == pytest.approx(expected)
+    # one game: the report's IQM (rliable's aggregate_iqm, scipy's trim_mean(0.25)) of its runs
+    assert report.aggregate_with_ci({"A": values}, reps=10)[0][0] == pytest.approx(expected)
 
 
-RLIABLE = b.bootstrap_backend()
-
-
-@pytest.fixture(params=["numpy", "rliable"])
-def backend(request):
-    """Both bootstraps: rliable's own (when it is usable here) and the numpy one the report falls back to."""
-    if request.param == "rliable" and RLIABLE[0] != "rliable":
-        pytest.skip(f"{RLIABLE[1]}; pip install \".[benchmark]\" (rliable, matplotlib) to test it")
-    return request.param
-
-
-def test_aggregates_pool_runs_for_iqm_and_average_game_means(backend):
+def test_aggregates_pool_runs_for_iqm_and_average_game_means():
     # equal runs per game (rliable's runs x games matrix)
-    points, _ = b.aggregate_with_ci({"A": [0, 1, 2], "B": [10, 20, 30], "C": [4, 4, 4]}, reps=200, backend=backend)
+    points, _ = report.aggregate_with_ci({"A": [0, 1, 2], "B": [10, 20, 30], "C": [4, 4, 4]}, reps=200)
     # IQM over the 9 runs pooled: sorted 0,1,2,4,4,4,10,20,30, floor(9/4) = 2 cut at each end -> (2+4+4+4+10)/5
     # median and mean over the game means 1, 20, 4
     assert points == pytest.approx([4.8, 4.0, 25 / 3])
     # unequal runs per game (a failed run): each game still counts once in the median and the mean
-    points, _ = b.aggregate_with_ci({"A": [0, 1], "B": [10, 20, 30, 40]}, reps=200, backend=backend)
+    points, _ = report.aggregate_with_ci({"A": [0, 1], "B": [10, 20, 30, 40]}, reps=200)
     assert points == pytest.approx([(1 + 10 + 20 + 30) / 4, 12.75, 12.75])
 
 
@@ -91,37 +84,44 @@ def test_aggregates_pool_runs_for_iqm_and_average_game_means(backend):
     # 2.5%. A percentile interval, not the 'basic' one (2 * point - percentiles: [-4, 0] for the IQM)
     ({"A": [0, 0, 0, 4]}, [0.0, 0.0, 0.0], [4.0, 3.0, 3.0]),
 ])
-def test_stratified_bootstrap_percentile_ci_hand_values(per_game, low, high, backend):
-    _, ci = b.aggregate_with_ci(per_game, reps=2000, backend=backend)
+def test_stratified_bootstrap_percentile_ci_hand_values(per_game, low, high):
+    _, ci = report.aggregate_with_ci(per_game, reps=2000)
     assert ci[0] == pytest.approx(low) and ci[1] == pytest.approx(high)
 
 
-def test_bootstrap_is_reproducible_and_leaves_numpy_alone(backend):
+def test_bootstrap_is_reproducible_and_leaves_numpy_alone():
     state = np.random.get_state()[1].copy()
     per_game = {g: np.random.default_rng(i).random(3) for i, g in enumerate("ABCDE")}
-    first = b.aggregate_with_ci(per_game, reps=500, backend=backend)[1]
-    assert np.array_equal(first, b.aggregate_with_ci(per_game, reps=500, backend=backend)[1])
-    assert not np.array_equal(first, b.aggregate_with_ci(per_game, reps=500, seed=1, backend=backend)[1])
+    first = report.aggregate_with_ci(per_game, reps=500)[1]
+    assert np.array_equal(first, report.aggregate_with_ci(per_game, reps=500)[1])
+    assert not np.array_equal(first, report.aggregate_with_ci(per_game, reps=500, seed=1)[1])
     assert np.array_equal(state, np.random.get_state()[1])
 
 
-def test_numpy_bootstrap_agrees_with_rliable():
-    """The numpy fallback and rliable resample the same way: on data with spread, their 95% CIs agree to within the
-    Monte Carlo error of 4,000 resamples, for equal and unequal runs per game; the IQM agrees with scipy's."""
-    if RLIABLE[0] != "rliable":
-        pytest.skip(f"{RLIABLE[1]}; pip install \".[benchmark]\" (rliable, matplotlib) to test it")
-    from scipy import stats
+def test_cis_contain_the_point_and_are_rliables_own():
+    """On data with spread, for equal and unequal runs per game: each CI contains its point estimate, and both equal
+    what rliable returns when called directly (games in sorted order, numpy's global generator seeded)."""
+    from rliable import library, metrics
+
+    def matrix_aggregates(m):  # rliable's documented use: a runs x games matrix
+        return np.array([metrics.aggregate_iqm(m), metrics.aggregate_median(m), metrics.aggregate_mean(m)])
+
+    def list_aggregates(*games):  # one runs x 1 array per game
+        means = np.array([[g.mean() for g in games]])
+        return np.array([metrics.aggregate_iqm(np.concatenate(games)), np.median(means), np.mean(means)])
 
     rng = np.random.default_rng(0)
     for runs in ([5] * 12, [5, 3, 5, 4, 5, 5, 2, 5, 5, 5, 5, 5]):
-        per_game = {f"g{i}": rng.gamma(1.0 + i / 4, 0.3, size=n) for i, n in enumerate(runs)}
-        pooled = np.concatenate(list(per_game.values()))
-        assert b.iqm(pooled) == pytest.approx(stats.trim_mean(pooled, 0.25))
-        p_np, ci_np = b.aggregate_with_ci(per_game, reps=4000, backend="numpy")
-        p_rl, ci_rl = b.aggregate_with_ci(per_game, reps=4000, backend="rliable")
-        assert p_np == pytest.approx(p_rl)
-        width = ci_rl[1] - ci_rl[0]
-        assert np.all(width > 0.05) and np.all(np.abs(ci_np - ci_rl) < 0.08 * width), (ci_np, ci_rl)
+        per_game = {f"g{i:02d}": rng.gamma(1.0 + i / 4, 0.3, size=n) for i, n in enumerate(runs)}
+        points, ci = report.aggregate_with_ci(per_game, reps=1000, seed=3)
+        assert np.all(ci[0] < points) and np.all(points < ci[1]), (points, ci)
+        games = [per_game[g].reshape(-1, 1) for g in sorted(per_game)]
+        np.random.seed(3)
+        if len(set(runs)) == 1:
+            direct = library.get_interval_estimates({"x": np.concatenate(games, axis=1)}, matrix_aggregates, reps=1000)
+        else:
+            direct = library.get_interval_estimates({"x": games}, list_aggregates, reps=1000)
+        assert np.array_equal(points, direct[0]["x"]) and np.array_equal(ci, direct[1]["x"])
 
 
 # the spec's 26-game table (rainbow_der.md section 7): random and human from Dopamine's normalization_utils.py,
@@ -157,29 +157,29 @@ UpNDown,533.4,11693.2,2877.4,0.210
 
 
 def test_hns_against_the_spec_table():
-    table = b.human_random_table()
+    table = report.human_random_table()
     rows = list(csv.DictReader(io.StringIO(SPEC_TABLE)))
     scores = []
     for row in rows:
         assert table[row["game"]] == (float(row["random"]), float(row["human"])), row["game"]
-        scores.append(b.hns(float(row["der_vh2019"]), row["game"], table))
+        scores.append(report.hns(float(row["der_vh2019"]), row["game"], table))
         assert round(scores[-1], 3) == float(row["der_vh2019_hns"]), row["game"]
     # the published DER aggregates (van Hasselt et al. 2019): mean 0.285, median 0.161
     assert round(np.mean(scores), 3) == 0.285 and round(np.median(scores), 3) == 0.161
-    assert b.hns(-20.7, "Pong", table) == 0.0 and b.hns(14.6, "Pong", table) == pytest.approx(1.0)
+    assert report.hns(-20.7, "Pong", table) == 0.0 and report.hns(14.6, "Pong", table) == pytest.approx(1.0)
 
 
 def test_games_without_human_scores_are_reported_raw_and_left_out_of_aggregates(tmp_path):
-    table = b.human_random_table()
+    table = report.human_random_table()
     assert len(table) == 55 and "AirRaid" not in table and "Defender" not in table
-    assert b.hns(1000.0, "AirRaid", table) is None
+    assert report.hns(1000.0, "AirRaid", table) is None
     games = ["AirRaid", "Alien", "Amidar", "Assault", "Asterix", "BankHeist", "BattleZone", "Boxing", "Breakout",
              "ChopperCommand", "CrazyClimber"]
     suite = write_suite(tmp_path, games, seeds=[1, 2])
-    runs = b.plan(b.load_suite(str(suite)), tmp_path / "out")
+    runs = suites.plan(suites.load_suite(str(suite)), tmp_path / "out")
     for run in runs:
         fake_result(run, eval_mean=1000.0 + run.seed)
-    games_stats, per_variant = b.summarize(b.collect(runs), reps=200)
+    games_stats, per_variant = report.summarize(report.collect(runs), reps=200)
     entry = per_variant["v"]
     assert entry["without_human"] == ["AirRaid"] and entry["games"] == 10 and entry["runs"] == 20
     assert games_stats["v", "AirRaid"]["hns"] is None and games_stats["v", "AirRaid"]["mean"] == 1001.5
@@ -187,10 +187,10 @@ def test_games_without_human_scores_are_reported_raw_and_left_out_of_aggregates(
 
 
 def test_score_of_a_run_is_the_evaluation_mean_else_the_training_mean():
-    assert b.run_score({"eval_return_mean": 5.0, "eval_returns": [4, 6], "train_return_last100": 1.0}) == (
+    assert common.run_score({"eval_return_mean": 5.0, "eval_returns": [4, 6], "train_return_last100": 1.0}) == (
         5.0, "eval, 2 episodes")
-    assert b.run_score({"eval_return_mean": None, "train_return_last100": 1.5}) == (1.5, "train, last 100 episodes")
-    assert b.run_score({"eval_return_mean": None, "train_return_last100": None})[0] is None
+    assert common.run_score({"eval_return_mean": None, "train_return_last100": 1.5}) == (1.5, "train, last 100 episodes")
+    assert common.run_score({"eval_return_mean": None, "train_return_last100": None})[0] is None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,37 +201,47 @@ def test_suites_are_valid_data():
     import gymnasium as gym
 
     gym.register_envs(ale_py)
-    suites = sorted(p.stem for p in (ROOT / "benchmark" / "suites").glob("*.toml"))
-    assert {"smoke", "atari100k", "atari100k_26", "dqn_softmoe", "rainbow_tokenized", "dqn_redo"} <= set(suites)
+    names = sorted(p.stem for p in (ROOT / "benchmark" / "suites").glob("*.toml"))
+    assert {"smoke", "atari100k", "atari100k_26", "dqn_softmoe", "rainbow_tokenized", "dqn_redo"} <= set(names)
     known_scripts = {"dqn_softmoe", "dqn_redo", "rainbow_tokenized", "der_single_expert"}
-    for name in suites:
-        suite = b.load_suite(name)
-        runs = b.plan(suite, "/tmp/x")
-        assert len({run.dir for run in runs}) == len(runs) == len(suite["variants"]) * len(suite["games"]) * len(suite["seeds"])
+    for name in names:
+        suite = suites.load_suite(name)
+        runs = suites.plan(suite, "/tmp/x")
+        count = len(suite["variants"]) * len(suite["games"]) * len(suite["seeds"])
+        assert len({run.dir for run in runs}) == len(runs) == count
         for game in suite["games"]:
             gym.spec(f"ALE/{game}-v5")
         assert {v["script"] for v in suite["variants"]} <= known_scripts, name
-    smoke = b.load_suite("smoke")
+    smoke = suites.load_suite("smoke")
     for variant in smoke["variants"]:  # the smoke suite runs in CI: its scripts must exist
         assert (ROOT / "cleanrl_moe" / f"{variant['script']}.py").is_file()
-    assert len(b.load_suite("atari100k_26")["games"]) == 26
-    assert len(b.load_suite("dqn_redo")["games"]) == 17
+    assert len(suites.load_suite("atari100k_26")["games"]) == 26
+    assert len(suites.load_suite("dqn_redo")["games"]) == 17
+
+
+def test_perf_variant_files_are_valid_data():
+    names = sorted(p.stem for p in (ROOT / "benchmark" / "perf").glob("*.toml"))
+    assert "dqn_softmoe_networks" in names
+    for name in names:
+        variants = perf.load_variants(name, ["--seed", "1"])
+        assert all(v["path"].is_file() and v["flags"][:2] == ["--seed", "1"] for v in variants), name
+        assert len({v["name"] for v in variants}) == len(variants), name
 
 
 def test_reference_numbers_follow_their_stated_rules():
-    table = b.human_random_table()
+    table = report.human_random_table()
     spec = {row["game"]: float(row["der_vh2019"]) for row in csv.DictReader(io.StringIO(SPEC_TABLE))}
-    rows = b.references("atari100k")
-    assert {row["game"] for row in rows} == set(b.load_suite("atari100k")["games"])
+    rows = report.references("atari100k")
+    assert {row["game"] for row in rows} == set(suites.load_suite("atari100k")["games"])
     for row in rows:  # published DER score, low = half the gain over random
         random_score = table[row["game"]][0]
         assert float(row["reference"]) == spec[row["game"]]
         assert float(row["low"]) == pytest.approx(random_score + (spec[row["game"]] - random_score) / 2, abs=0.01)
-    smoke_rows = b.references("smoke")
-    assert {row["game"] for row in smoke_rows} == set(b.load_suite("smoke")["games"])
+    smoke_rows = report.references("smoke")
+    assert {row["game"] for row in smoke_rows} == set(suites.load_suite("smoke")["games"])
     for suite in ("atari100k", "atari100k_26", "dqn_redo"):
-        variants = {v["name"] for v in b.load_suite(suite)["variants"]}
-        assert all(row["variant"] in variants | {"*"} and row["source"] for row in b.references(suite))
+        variants = {v["name"] for v in suites.load_suite(suite)["variants"]}
+        assert all(row["variant"] in variants | {"*"} and row["source"] for row in report.references(suite))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,61 +261,61 @@ def fake_result(run, eval_mean=None, train_mean=None):
         "script": run.script, "env_id": f"ALE/{run.game}-v5", "seed": run.seed, "steps": 100, "episodes": 3,
         "train_return_last100": train_mean, "eval_returns": None if eval_mean is None else [eval_mean] * 2,
         "eval_return_mean": eval_mean, "wall_time_s": 1.0, "args": {}}))
-    b.write_status(run.dir, state="done", exit_code=0)
+    common.write_status(run.dir, state="done", exit_code=0)
 
 
-def test_regression_check_fails_when_a_result_is_outside_its_tolerance(tmp_path):
+def test_regression_check_fails_when_a_result_is_outside_its_tolerance(tmp_path, capsys):
     out = tmp_path / "out"
-    runs = b.plan(b.load_suite("smoke"), out)
+    runs = suites.plan(suites.load_suite("smoke"), out)
     for run in runs:  # smoke bounds: Pong in [-21, 21], Breakout in [0, 864]
         fake_result(run, eval_mean=-20.0 if run.game == "Pong" else 3.0)
-    bench("report", "smoke", "--out", out, cwd=tmp_path, check=0)
+    assert bench_here("report", "smoke", "--out", out, capsys=capsys)[0] == 0
     assert "| pass | dqn_softmoe | Pong | run_score |" in (out / "report.md").read_text()
 
     fake_result(runs[0], eval_mean=-22.0)  # outside [-21, 21]
-    proc = bench("report", "smoke", "--out", out, cwd=tmp_path, check=1)
+    code, stdout = bench_here("report", "smoke", "--out", out, capsys=capsys)
     text = (out / "report.md").read_text()
-    assert f"| FAIL | dqn_softmoe | Pong | run_score | {runs[0].id}: -22.0 |" in text
-    assert "1 checks outside their tolerance" in proc.stdout
+    assert code == 1 and f"| FAIL | dqn_softmoe | Pong | run_score | {runs[0].id}: -22.0 |" in text
+    assert "1 checks outside their tolerance" in stdout
     fake_result(runs[0], eval_mean=21.0)  # the bound itself is inside
-    bench("report", "smoke", "--out", out, cwd=tmp_path, check=0)
+    assert bench_here("report", "smoke", "--out", out, capsys=capsys)[0] == 0
 
 
-def test_failed_runs_are_listed_with_their_log_tail(tmp_path):
+def test_failed_runs_are_listed_with_their_log_tail(tmp_path, capsys):
     out = tmp_path / "out"
-    runs = b.plan(b.load_suite("smoke"), out)
+    runs = suites.plan(suites.load_suite("smoke"), out)
     for run in runs[1:]:
         fake_result(run, eval_mean=0.0)
     Path(runs[0].dir).mkdir(parents=True)
     (Path(runs[0].dir) / "log.txt").write_text("line 1\nTraceback (most recent call last):\nValueError: boom\n")
-    b.write_status(runs[0].dir, state="failed", exit_code=1)
-    proc = bench("report", "smoke", "--out", out, cwd=tmp_path, check=1)
+    common.write_status(runs[0].dir, state="failed", exit_code=1)
+    code, stdout = bench_here("report", "smoke", "--out", out, capsys=capsys)
     text = (out / "report.md").read_text()
-    assert f"### {runs[0].id}: failed (exit code 1)" in text and "ValueError: boom" in text
-    assert f"{runs[0].id}: not finished" in text and "1 runs not finished" in proc.stdout
+    assert code == 1 and f"### {runs[0].id}: failed (exit code 1)" in text and "ValueError: boom" in text
+    assert f"{runs[0].id}: not finished" in text and "1 runs not finished" in stdout
     # a run whose process vanished without recording an exit code is not left as "running"
-    b.write_status(runs[0].dir, state="running", exit_code=None, pid=2**22 + 7, host=os.uname().nodename,
-                   script="dqn_softmoe.py")
-    assert b.run_state(runs[0]) == "lost"
-    status = bench("status", "smoke", "--out", out, cwd=tmp_path, check=0)
-    assert f"{len(runs) - 1}/{len(runs)} done, 1 failed" in status.stdout and "ValueError: boom" in status.stdout
+    common.write_status(runs[0].dir, state="running", exit_code=None, pid=2**22 + 7, host=os.uname().nodename,
+                        script="dqn_softmoe.py")
+    assert common.run_state(runs[0]) == "lost"
+    code, stdout = bench_here("status", "smoke", "--out", out, capsys=capsys)
+    assert code == 0 and f"{len(runs) - 1}/{len(runs)} done, 1 failed" in stdout and "ValueError: boom" in stdout
 
 
 def test_a_run_is_alive_while_its_process_runs_its_script():
     status = {"host": os.uname().nodename, "script": "sleep"}
     proc = subprocess.Popen(["sleep", "30"])
     try:
-        assert b.is_alive({**status, "pid": proc.pid}, None)  # also while being exec'd (empty cmdline)
+        assert common.is_alive({**status, "pid": proc.pid}, None)  # also while being exec'd (empty cmdline)
         while not Path(f"/proc/{proc.pid}/cmdline").read_bytes():
             time.sleep(0.01)
-        assert not b.is_alive({**status, "pid": proc.pid, "script": "dqn_softmoe.py"}, None)  # a reused pid
+        assert not common.is_alive({**status, "pid": proc.pid, "script": "dqn_softmoe.py"}, None)  # a reused pid
         proc.kill()
         time.sleep(0.3)
-        assert not b.is_alive({**status, "pid": proc.pid}, None)  # a zombie: empty cmdline, state Z
+        assert not common.is_alive({**status, "pid": proc.pid}, None)  # a zombie: empty cmdline, state Z
     finally:
         proc.kill()
         proc.wait()
-    assert not b.is_alive({**status, "pid": proc.pid}, None)  # gone
+    assert not common.is_alive({**status, "pid": proc.pid}, None)  # gone
 
 
 def check_rows(statistic, check, reference="", low="", high="", slack=""):
@@ -314,13 +324,13 @@ def check_rows(statistic, check, reference="", low="", high="", slack=""):
 
 
 def test_mean_score_and_ci_checks():
-    run = b.Run("v", "dqn_softmoe", "Pong", 1, (), "/nonexistent")
+    run = common.Run("v", "dqn_softmoe", "Pong", 1, (), "/nonexistent")
     rows = [{"run": run, "state": "done", "score": 10.0, "source": "eval", "hns": 0.5}]
     games = {("v", "Pong"): {"mean": 10.0, "n": 1}}
     per_variant = {"v": {"point": np.array([0.5, 0.4, 0.6]), "ci": np.array([[0.45, 0.3, 0.5], [0.55, 0.5, 0.7]])}}
 
     def verdict(ref):
-        return b.compare([ref], rows, games, per_variant)[0][2]
+        return report.compare([ref], rows, games, per_variant)[0][2]
 
     assert verdict(check_rows("mean_score", "range", low="9.5")) == "pass"
     assert verdict(check_rows("mean_score", "range", low="10.5")) == "FAIL"
@@ -340,8 +350,8 @@ def test_report_aggregates_and_plots(tmp_path):
              "ChopperCommand", "CrazyClimber"]
     out = tmp_path / "out"
     suite = write_suite(tmp_path, games, seeds=[1, 2])
-    table = b.human_random_table()
-    runs = b.plan(b.load_suite(str(suite)), out)
+    table = report.human_random_table()
+    runs = suites.plan(suites.load_suite(str(suite)), out)
     expected = {}
     for i, run in enumerate(runs):  # human-normalized scores 0.05 * i, as raw game scores
         random_score, human_score = table[run.game]
@@ -349,29 +359,26 @@ def test_report_aggregates_and_plots(tmp_path):
         expected.setdefault(run.game, []).append(0.05 * i)
     pooled = np.sort(np.concatenate(list(expected.values())))  # 20 runs: floor(20/4) = 5 cut at each end
     game_means = [np.mean(v) for v in expected.values()]
-    # as installed here, then without rliable and matplotlib (a module that fails to import shadows each)
-    blocked = tmp_path / "blocked"
-    for name in ("rliable", "matplotlib"):
-        (blocked / name).mkdir(parents=True)
-        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} blocked by the test')\n")
-    for without in (False, True):
-        extra = {"PYTHONPATH": str(blocked)} if without else {}
-        proc = bench("report", str(suite), "--out", out, "--reps", 500, cwd=tmp_path, check=0, env=extra)
-        text = (out / "report.md").read_text()
-        row = next(line for line in text.splitlines() if line.startswith("| v | 10 | 20 |"))
-        assert f"{pooled[5:15].mean():.3f} [" in row and f"| {np.median(game_means):.3f} [" in row
-        assert f"| {np.mean(game_means):.3f} [" in row
-        if without or RLIABLE[0] != "rliable":
-            assert "numpy implementation of rliable's stratified bootstrap" in text
-        else:
-            assert f"rliable {RLIABLE[1]})" in text
-        if without or b.plotting_unavailable():
-            assert "no plots: matplotlib is not installed" in text and "![" not in text
-        else:
-            assert (out / "aggregate.png").stat().st_size > 1000 and "![aggregates](aggregate.png)" in text
-            assert "![Alien](curves/Alien.png)" not in text  # fake runs have no TensorBoard events: no curves
-        for path in (out / "report.md", out / "aggregate.png"):
-            path.unlink(missing_ok=True)
+    bench("report", str(suite), "--out", out, "--reps", 500, cwd=tmp_path, check=0)
+    text = (out / "report.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| v | 10 | 20 |"))
+    assert f"{pooled[5:15].mean():.3f} [" in row and f"| {np.median(game_means):.3f} [" in row
+    assert f"| {np.mean(game_means):.3f} [" in row
+    assert f"(500 resamples, percentile intervals; rliable {version('rliable')})." in text
+    assert (out / "aggregate.png").stat().st_size > 1000 and "![aggregates](aggregate.png)" in text
+    assert "![Alien](curves/Alien.png)" not in text  # fake runs have no TensorBoard events: no curves
+
+
+@pytest.mark.parametrize("name", ["rliable", "matplotlib"])
+def test_report_without_rliable_or_matplotlib_says_how_to_add_them(tmp_path, name):
+    blocked = tmp_path / "blocked" / name  # a module that fails to import shadows the installed one
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text(f"raise ImportError('{name} blocked by the test')\n")
+    proc = bench("report", "smoke", "--out", tmp_path / "out", cwd=tmp_path, check=2,
+                 env={"PYTHONPATH": str(blocked.parent)})
+    assert proc.stderr == (f"error: report needs {name}, which does not import here (ImportError: {name} blocked by "
+                           f"the test); cd {BENCH.parent} && pip install \".[benchmark]\" adds it\n")
+    assert proc.stdout == "" and not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -379,19 +386,86 @@ def test_report_aggregates_and_plots(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 def test_default_workers_follow_cpus_ram_and_gpu_memory(monkeypatch):
     GiB = 2**30
-    run = b.Run("v", "s", "Pong", 1, (), "/x", total_steps=10, memory_bytes=7068 * 10**6 + b.RUN_OVERHEAD_BYTES)
-    monkeypatch.setattr(b, "cpu_count", lambda: 16)
-    monkeypatch.setattr(b, "available_ram", lambda: 64 * GiB)
-    monkeypatch.setattr(b, "gpus", lambda: [])
-    slots, why = b.worker_slots([run], uses_cuda=True)
+    run = common.Run("v", "s", "Pong", 1, (), "/x", total_steps=10, memory_bytes=7068 * 10**6 + suites.RUN_OVERHEAD_BYTES)
+    monkeypatch.setattr(local, "cpu_count", lambda: 16)
+    monkeypatch.setattr(local, "available_ram_bytes", lambda: 64 * GiB)
+    monkeypatch.setattr(local, "gpus", lambda: [])
+    slots, why = local.worker_slots([run], uses_cuda=True)
     assert slots == [None] * 7, why  # RAM: (64 - 1) GiB / 8.58 GiB per run
-    monkeypatch.setattr(b, "available_ram", lambda: 500 * GiB)
-    monkeypatch.setattr(b, "gpus", lambda: [(0, 80 * GiB), (1, 20 * GiB)])
-    slots, why = b.worker_slots([run], uses_cuda=True)
+    monkeypatch.setattr(local, "available_ram_bytes", lambda: 500 * GiB)
+    monkeypatch.setattr(local, "gpus", lambda: [(0, 80 * GiB), (1, 20 * GiB)])
+    slots, why = local.worker_slots([run], uses_cuda=True)
     # GPU 0 holds 0.9 * 80 / (6.58 + 2) = 8 replay memories, GPU 1 holds 2; the workers alternate between GPUs
     assert sorted(slots) == [0] * 8 + [1] * 2 and slots[:4] == [0, 1, 0, 1], why
-    assert b.worker_slots([run], uses_cuda=False)[0] == [None] * 16  # --no-cuda runs: CPUs only
-    assert b.worker_slots([run], uses_cuda=True, workers=3)[0] == [0, 1, 0]
+    assert local.worker_slots([run], uses_cuda=False)[0] == [None] * 16  # --no-cuda runs: CPUs only
+    assert local.worker_slots([run], uses_cuda=True, workers=3)[0] == [0, 1, 0]
+
+
+def test_available_ram_is_the_least_of_memavailable_and_every_cgroup_limit(tmp_path):
+    GiB = 2**30
+    unlimited_v1 = str(2**63 - 4096)  # what cgroup v1 reports without a limit
+
+    def ram(own_cgroup, files, meminfo="MemTotal: 25165824 kB\nMemAvailable: 20971520 kB\n"):  # 20 GiB available
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        for name, text in {"meminfo": meminfo, "cgroup": own_cgroup, **files}.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+        return machine.available_ram_bytes(root / "meminfo", root / "cgroup", root / "sys")
+
+    assert ram("0::/user.slice/session-1.scope\n", {}) == 20 * GiB  # cgroup v2 without memory files
+    assert ram("0::/job\n", {"sys/job/memory.max": f"{8 * GiB}\n", "sys/job/memory.current": f"{3 * GiB}\n"}) == 5 * GiB
+    # Slurm (v2): the limit is on the job, the process sits in a step below it whose memory.max is "max"
+    slurm = {"sys/job_1/memory.max": str(6 * GiB), "sys/job_1/memory.current": str(4 * GiB),
+             "sys/job_1/step_0/memory.max": "max", "sys/job_1/step_0/memory.current": str(3 * GiB)}
+    assert ram("0::/job_1/step_0\n", slurm) == 2 * GiB
+    assert ram("0::/big\n", {"sys/big/memory.max": str(64 * GiB), "sys/big/memory.current": "0"}) == 20 * GiB
+    assert ram("0::/over\n", {"sys/over/memory.max": str(GiB), "sys/over/memory.current": str(2 * GiB)}) == 0
+    # cgroup v1 (and a hybrid layout, whose v2 hierarchy has no memory controller): the memory controller's own
+    # hierarchy, unlimited at its root and on the step, 4 GiB on the job
+    v1 = {"sys/memory/memory.limit_in_bytes": unlimited_v1, "sys/memory/memory.usage_in_bytes": str(9 * GiB),
+          "sys/memory/slurm/job_2/memory.limit_in_bytes": str(4 * GiB),
+          "sys/memory/slurm/job_2/memory.usage_in_bytes": str(GiB),
+          "sys/memory/slurm/job_2/step_0/memory.limit_in_bytes": unlimited_v1,
+          "sys/memory/slurm/job_2/step_0/memory.usage_in_bytes": str(GiB)}
+    assert ram("4:memory:/slurm/job_2/step_0\n3:cpu,cpuacct:/\n0::/\n", v1) == 3 * GiB
+    # a container sees its own cgroup as the hierarchy's root, whatever /proc/self/cgroup names
+    container = {"sys/memory/memory.limit_in_bytes": str(2 * GiB), "sys/memory/memory.usage_in_bytes": str(GiB // 2)}
+    assert ram("4:memory:/docker/0123abcd\n", container) == GiB * 3 // 2
+    assert ram("", {}) == 20 * GiB  # no /proc/self/cgroup
+
+
+def fake_script(directory, name, prioritized):
+    """A script with the surface suites.resolve uses: Args, and replay classes whose sizes tell them apart."""
+    (directory / f"{name}.py").write_text(
+        "import dataclasses\n\n\n@dataclasses.dataclass\nclass Args:\n    env_id: str = ''\n    seed: int = 1\n"
+        "    total_timesteps: int = 10\n    buffer_size: int = 50\n\n\nclass ReplayMemory:\n    @staticmethod\n"
+        "    def bytes_per_slot(frame_shape=(84, 84)):\n        return 1000\n" + (
+            "\n\nclass PrioritizedReplayMemory(ReplayMemory):\n    @staticmethod\n"
+            "    def bytes_per_slot(frame_shape=(84, 84), capacity=1_000_000):\n        return 1000 + 10**6 // capacity\n"
+            if prioritized else ""))
+
+
+def test_runs_are_sized_by_their_scripts_replay_class(tmp_path, monkeypatch, capsys):
+    # the smoke suite's --buffer-size 1000: 7,068 bytes a slot in ReplayMemory, 7,068 + ceil(16,384 / 1,000) with
+    # the sum tree of PrioritizedReplayMemory (2 x 1,024 float64 nodes)
+    runs, _ = suites.resolve(suites.plan(suites.load_suite("smoke"), tmp_path, games=["Pong"], seeds=[1]))
+    assert {run.variant: run.memory_bytes - suites.RUN_OVERHEAD_BYTES for run in runs} == {
+        "dqn_softmoe": 7_068_000, "dqn_redo": 7_068_000, "rainbow_tokenized": 7_085_000, "der_single_expert": 7_085_000}
+    # the script's own classes, asked by name, the prioritized one with the capacity; all --buffer-size slots count,
+    # also beyond --total-timesteps (the scripts allocate them up front)
+    monkeypatch.setattr(suites, "SCRIPTS", tmp_path)
+    fake_script(tmp_path, "uniform", prioritized=False)
+    fake_script(tmp_path, "prioritized", prioritized=True)
+    suite = {"name": "t", "games": ["Pong"], "seeds": [1], "flags": "", "checkpoint_every": 0,
+             "variants": [{"name": "u", "script": "uniform"}, {"name": "p", "script": "prioritized"}]}
+    runs, _ = suites.resolve(suites.plan(suite, tmp_path / "out"))
+    assert [run.memory_bytes - suites.RUN_OVERHEAD_BYTES for run in runs] == [50 * 1000, 50 * (1000 + 20_000)]
+    (tmp_path / "none.py").write_text((tmp_path / "uniform.py").read_text().split("\n\n\nclass ReplayMemory")[0])
+    with pytest.raises(SystemExit):
+        suites.resolve(suites.plan({**suite, "variants": [{"name": "n", "script": "none"}]}, tmp_path / "out"))
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'none.py'}: no class ReplayMemory (or PrioritizedReplayMemory) "
+                                       "with a static bytes_per_slot(), which benchmark.sh asks for the bytes of a "
+                                       "replay slot to size the runs; add one\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,9 +489,8 @@ def test_smoke_suite_end_to_end_interrupted_resumed_and_reported(tmp_path):
     out = tmp_path / "smoke"
     subset = ["--games", "Pong", "--seeds", 1]
     args = ["smoke", *subset, "--workers", 2, "--out", out, "--flags", TINY]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.Popen([sys.executable, str(BENCH), *map(str, args)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv, env = bench_process(*args)
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: list(out.glob("*/*/*/runs/*/checkpoint.pt")), proc)
     proc.send_signal(signal.SIGTERM)  # as Ctrl-C: every run saves a checkpoint and stops
     output = proc.communicate(timeout=120)[0]
@@ -426,8 +499,8 @@ def test_smoke_suite_end_to_end_interrupted_resumed_and_reported(tmp_path):
     assert interrupted and all(json.loads((d / "status.json").read_text())["state"] == "interrupted" for d in interrupted)
 
     proc = bench(*args, cwd=tmp_path, check=0)
-    runs = b.plan(b.load_suite("smoke"), out, games=["Pong"], seeds=[1])
-    assert len(runs) == len(b.load_suite("smoke")["variants"]) >= 3
+    runs = suites.plan(suites.load_suite("smoke"), out, games=["Pong"], seeds=[1])
+    assert len(runs) == len(suites.load_suite("smoke")["variants"]) >= 3
     assert f"{len(runs)}/{len(runs)} runs done" in proc.stdout, proc.stdout
     for run in runs:
         run_dir = Path(run.dir)
@@ -444,8 +517,7 @@ def test_smoke_suite_end_to_end_interrupted_resumed_and_reported(tmp_path):
         assert f"| {run.variant} | Pong | 1 |" in text and f"| pass | {run.variant} | Pong | run_score |" in text
         assert f"| skip | {run.variant} | Breakout | run_score | not in this run of the suite |" in text
     assert text.count("| pass |") == len(runs) and "eval, 1 episode" in text
-    if not b.plotting_unavailable():
-        assert (out / "curves" / "Pong.png").is_file()
+    assert (out / "curves" / "Pong.png").is_file()
 
     again = bench(*args, cwd=tmp_path, check=0)  # finished runs are skipped
     assert f"{len(runs)} of {len(runs)} runs already done: skipped" in again.stdout and "start " not in again.stdout
@@ -477,25 +549,112 @@ def test_benchmark_sh_lists_the_suites(tmp_path):
     assert proc.returncode == 0 and "smoke" in proc.stdout and "dqn_redo" in proc.stdout, proc.stderr
 
 
-def test_sps_by_phase_keeps_only_intervals_wholly_inside_a_phase():
-    # an event at step g measures steps p+1..g (p: the previous event); updates happen at steps > learning_starts
-    events = [(99, 10), (199, 30), (299, 5), (399, 2), (499, 4), (599, 9)]
-    assert b.sps_by_phase(events, 200) == (20.0, 4.0)  # 299 covers 200..299, 200 without update: left out
-    assert b.sps_by_phase(events, 199) == (20.0, 4.5)  # 299 covers 200..299, all updating: learning
-    assert b.sps_by_phase(events, 198) == (10.0, 4.5)  # 199 covers 100..199, 199 updates: left out
-    assert b.sps_by_phase([(99, 10), (199, 30), (299, 5)], 200) == (20.0, None)
-    assert b.sps_by_phase(events, 1000) == (7.0, None)  # all warm-up: median of 10, 30, 5, 2, 4, 9
+def test_phase_stats_keep_only_intervals_wholly_inside_a_phase():
+    # consecutive charts/SPS events at steps p < g bracket the steps p+1..g; updates happen at steps > learning_starts.
+    # Intervals of 100 steps at 10, 30, 5, 2, 4 and 9 steps per second: their wall times
+    rates = [10, 30, 5, 2, 4, 9]
+    walls = np.cumsum([0.0] + [100 / r for r in rates])
+    events = list(zip(range(99, 700, 100), walls))
+
+    def sps(events, learning_starts):
+        return perf.phase_stats(events, learning_starts, [])[:2]
+
+    assert sps(events, 300) == pytest.approx((20.0, 4.0))  # 299..399 covers 300..399, 300 without update: left out
+    assert sps(events, 299) == pytest.approx((20.0, 4.5))  # 299..399: all updating, learning
+    assert sps(events, 298) == pytest.approx((10.0, 4.5))  # 199..299 covers 200..299, 299 updates: left out
+    assert sps(events[:4], 300) == pytest.approx((20.0, None))
+    assert sps(events, 1000) == pytest.approx((7.0, None))  # all warm-up: median of 10, 30, 5, 2, 4, 9
+    # CPU seconds per 1,000 learning steps: the CPU samples interpolated at the learning intervals' ends
+    cpu = [(0.0, 0.0), (walls[3], 1.0), (walls[6], 4.0)]
+    assert perf.phase_stats(events, 300, cpu)[2] == pytest.approx(1000 * 3.0 / 300)  # 399..699: CPU 1 -> 4
+    assert perf.phase_stats(events, 299, cpu)[2] == pytest.approx(1000 * (4.0 - 0.4) / 400)  # from 299: 0.4
+    assert perf.phase_stats(events, 1000, cpu)[2] is None  # no learning interval
+
+
+FAKE_SCRIPT = """# a stand-in for a training script: perf's flags, charts/SPS events, CPU burnt per learning step
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--env-id")
+parser.add_argument("--total-timesteps", type=int)
+parser.add_argument("--learning-starts", type=int)
+parser.add_argument("--log-frequency", type=int, default=100)
+parser.add_argument("--cpu-per-step", type=float, default=0.0)  # CPU seconds burnt per learning step
+parser.add_argument("--name", default=Path(sys.argv[0]).stem)
+args, _ = parser.parse_known_args()
+with open(os.environ["FAKE_ORDER"], "a") as f:  # the order of the runs and their flags
+    f.write(f"{args.name} {' '.join(sys.argv[1:])}\\n")
+cleanrl = args.env_id.endswith("NoFrameskip-v4")  # as CleanRL: charts/SPS only once learning has started
+writer = EventFileWriter(f"runs/{args.name}")
+for step in range(args.log_frequency - 1, args.total_timesteps, args.log_frequency):
+    if step > args.learning_starts:
+        end = time.process_time() + args.cpu_per_step * args.log_frequency
+        while time.process_time() < end:
+            pass
+    else:
+        time.sleep(0.01)  # the warm-up: no CPU, at most 10,000 steps per second
+    if step > args.learning_starts or not cleanrl:
+        summary = Summary(value=[Summary.Value(tag="charts/SPS", simple_value=0.0)])
+        writer.add_event(Event(wall_time=time.time(), step=step, summary=summary))
+writer.close()
+"""
+
+
+def test_perf_compares_variants_interleaved_with_their_cpu_time(tmp_path):
+    """Variants from a TOML file, --variant and --cleanrl, two rounds, with fake scripts that burn a known CPU time
+    per learning step: A B C A B C, each at perf's configuration (CleanRL at the flags it shares), CPU seconds
+    counted over the learning intervals only (not the start-up, not the warm-up)."""
+    fake = tmp_path / "fake.py"
+    fake.write_text(FAKE_SCRIPT)
+    (tmp_path / "cleanrl").mkdir()
+    (tmp_path / "cleanrl" / "dqn_atari.py").write_text(FAKE_SCRIPT)
+    (tmp_path / "ab.toml").write_text(f'flags = "--log-frequency 100"\nvariants = [{{ name = "A", script = "{fake}", '
+                                      'flags = "--cpu-per-step 0.0005 --name A" }]\n')
+    order = tmp_path / "order.txt"
+    bench("perf", tmp_path / "ab.toml", "--variant", f"B {fake} --cpu-per-step 0.001 --name B",
+          "--cleanrl", tmp_path / "cleanrl" / "dqn_atari.py", "--rounds", 2, "--steps", 800, "--learning-starts", 400,
+          "--buffer-size", 1000, "--train-frequency", 4, "--cpu", "--out", tmp_path / "perf", cwd=tmp_path, check=0,
+          env={"FAKE_ORDER": str(order)})
+    config = ("--env-id ALE/Breakout-v5 --seed 1 --total-timesteps 800 --learning-starts 400 --buffer-size 1000 "
+              "--log-frequency 250 --train-frequency 4 --no-cuda")
+    runs = [f"A {config} --log-frequency 100 --cpu-per-step 0.0005 --name A",
+            f"B {config} --cpu-per-step 0.001 --name B",
+            "dqn_atari --env-id BreakoutNoFrameskip-v4 --seed 1 --total-timesteps 800 --learning-starts 400 "
+            "--buffer-size 1000 --train-frequency 4 --no-cuda"]
+    assert order.read_text().splitlines() == runs + runs
+    rows = {row["variant"]: row for row in json.loads((tmp_path / "perf" / "perf.json").read_text())}
+    a, b, cleanrl = rows["A"], rows["B"], rows["cleanrl_dqn_atari"]
+    assert [len(row["rounds"]) for row in (a, b, cleanrl)] == [2, 2, 2] and "note" not in a | b | cleanrl
+    # B burns twice A's CPU per learning step; the fake scripts' start-up (imports: about 0.5 s) does not count
+    assert 0.4 < a["cpu_s_per_1000_learning_steps"] < 0.65 and 0.85 < b["cpu_s_per_1000_learning_steps"] < 1.2, rows
+    assert cleanrl["cpu_s_per_1000_learning_steps"] < 0.2
+    # SPS from the events' wall times: a learning step of A takes at least 0.5 ms, of B 1 ms, a warm-up step 0.1 ms
+    assert 0 < a["learning_sps"] <= 2000 and 0 < b["learning_sps"] <= 1000 and 0 < a["warmup_sps"] <= 10_000
+    assert cleanrl["warmup_sps"] is None and cleanrl["learning_sps"] > 0  # CleanRL logs SPS only while learning
+    assert 10 * 2**20 < a["peak_rss_bytes"] < 2**30
+    text = (tmp_path / "perf" / "perf.md").read_text()
+    assert f"| A | cpu | {a['warmup_sps']:,.0f} ({min(r['warmup_sps'] for r in a['rounds']):,.0f}-" in text
 
 
 def test_perf_on_the_cpu_skips_absent_scripts(tmp_path):
     out = tmp_path / "perf"
-    bench("perf", "--scripts", "dqn_softmoe", "not_a_script", "--steps", 400, "--learning-starts", 200,
-          "--buffer-size", 1000, "--log-frequency", 100, "--cpu", "--threads", 1, "--flags", "--num-experts 2",
+    bench("perf", "--scripts", "dqn_softmoe", "not_a_script", "--steps", 300, "--learning-starts", 200,
+          "--buffer-size", 1000, "--log-frequency", 50, "--cpu", "--threads", 1, "--flags", "--num-experts 2",
           "--out", "perf", cwd=tmp_path, check=0)  # --out relative to the working directory
-    rows = {row["script"]: row for row in json.loads((out / "perf.json").read_text())}
+    rows = {row["variant"]: row for row in json.loads((out / "perf.json").read_text())}
     assert rows["not_a_script"]["note"] == "not present yet: skipped"
     dqn = rows["dqn_softmoe"]
     assert dqn["exit_code"] == 0 and dqn["device"] == "cpu" and dqn["learning_sps"] > 0 and dqn["warmup_sps"] > 0
     assert dqn["replay_bytes_per_transition"] == {"ReplayMemory": 7068}
     assert 100 * 2**20 < dqn["peak_rss_bytes"] < 8 * 2**30
+    # one torch thread, one learning interval (249..299): at most about one CPU second per wall second
+    assert 0 < dqn["cpu_s_per_1000_learning_steps"] * dqn["learning_sps"] / 1000 < 1.5
     assert "| dqn_softmoe | cpu |" in (out / "perf.md").read_text()

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_benchmark import TINY, b, bench
+from test_benchmark import TINY, bench, common, suites
 
 
 def slurm_unavailable():
@@ -42,7 +42,7 @@ def test_slurm_array_job_runs_the_suite_and_resumes_a_requeued_task(tmp_path):
                  TINY.replace("--total-timesteps 300", "--total-timesteps 500"), cwd=tmp_path, check=0)
     assert "submitted 2 runs as Slurm array job" in proc.stdout, proc.stdout
     job = proc.stdout.split("Slurm array job ")[1].split()[0]
-    runs = b.plan(b.load_suite("smoke"), out, variants=["dqn_softmoe"], games=["Pong"])
+    runs = suites.plan(suites.load_suite("smoke"), out, variants=["dqn_softmoe"], games=["Pong"])
     first = Path(runs[0].dir)
     assert json.loads((first / "status.json").read_text())["slurm_job"] in (f"{job}_0", f"{job}_1")
 
@@ -50,7 +50,7 @@ def test_slurm_array_job_runs_the_suite_and_resumes_a_requeued_task(tmp_path):
     wait_until(lambda: list(first.glob("runs/*/checkpoint.pt")), what="a checkpoint")
     task = json.loads((first / "status.json").read_text())["slurm_job"]
     subprocess.run(["scancel", "--batch", "--signal=USR1", task], check=True)
-    wait_until(lambda: b.read_status(first).get("exit_code") == 143, what="the run to stop with a checkpoint")
+    wait_until(lambda: common.read_status(first).get("exit_code") == 143, what="the run to stop with a checkpoint")
     # Slurm holds a requeued job for about 2 minutes (BeginTime); release it now, but only once the old instance is
     # gone: a requeued job started at once is killed ("Job credential revoked") and looks lost
     wait_until(lambda: "PENDING" in subprocess.run(["squeue", "-h", "-r", "-j", task, "-o", "%T"], capture_output=True,

@@ -1,0 +1,352 @@
+"""The report: per game mean and std over seeds, human-normalized IQM, median and mean with 95% stratified-bootstrap
+CIs (rliable: Agarwal et al. 2021), checks against benchmark/references.csv, learning curves and an aggregate plot;
+exit 1 when a run is not finished or a check fails."""
+import csv
+import datetime
+import importlib
+import shlex
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+from .common import BENCHMARK, fail, fmt, load_result, log_tail, read_status, run_score, states_of
+
+MIN_GAMES_FOR_AGGREGATE = 10  # rainbow_der.md section 10: no HNS aggregates from a handful of games
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: human/random scores, reference numbers
+# ---------------------------------------------------------------------------------------------------------------
+def read_csv(path):
+    """Rows of a CSV file whose lines starting with # are comments."""
+    with open(path) as f:
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
+def human_random_table(path=BENCHMARK / "human_random.csv"):
+    """{game: (random, human)} from benchmark/human_random.csv (Dopamine's normalization_utils.py)."""
+    return {row["game"]: (float(row["random"]), float(row["human"])) for row in read_csv(path)}
+
+
+def hns(score, game, table):
+    """Human-normalized score (score - random) / (human - random); None for a game without human and random scores."""
+    if game not in table or score is None:
+        return None
+    random_score, human_score = table[game]
+    return (score - random_score) / (human_score - random_score)
+
+
+def references(suite_name, path=BENCHMARK / "references.csv"):
+    return [row for row in read_csv(path) if row["suite"] == suite_name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Aggregation: per game mean and std over seeds; per suite human-normalized IQM, median and mean with 95%
+# stratified-bootstrap CIs (rliable: Agarwal et al. 2021)
+# ---------------------------------------------------------------------------------------------------------------
+def aggregates_of_matrix(scores):
+    """[IQM, median, mean] of a runs x games matrix: rliable's aggregate_iqm, aggregate_median, aggregate_mean."""
+    from rliable import metrics
+
+    return np.array([metrics.aggregate_iqm(scores), metrics.aggregate_median(scores), metrics.aggregate_mean(scores)])
+
+
+def aggregates_of_games(*games):
+    """[IQM, median, mean] from one runs x 1 array per game (games with unequal run counts), with rliable's metrics:
+    the IQM over all runs pooled, the median and the mean over games of each game's mean."""
+    from rliable import metrics
+
+    game_means = np.array([[game.mean() for game in games]])  # 1 x games, as rliable's runs x games matrix
+    return np.array([metrics.aggregate_iqm(np.concatenate(games)), metrics.aggregate_median(game_means),
+                     metrics.aggregate_mean(game_means)])
+
+
+def aggregate_with_ci(per_game, reps=20_000, seed=0):
+    """(point estimates, 95% CIs as [[low, ...], [high, ...]]) of [IQM, median, mean] over {game: [run scores]}, from
+    rliable's get_interval_estimates: a stratified bootstrap (runs resampled with replacement within each game) and
+    percentile intervals. Equal runs per game: rliable's runs x games matrix; unequal (after a failed run): one
+    array per game, each resampled on its own. Seeded: the same data give the same CIs."""
+    from rliable import library as rly
+
+    runs = [np.asarray(per_game[game], dtype=float).reshape(-1, 1) for game in sorted(per_game)]
+    if len({len(r) for r in runs}) == 1:
+        data, func = np.concatenate(runs, axis=1), aggregates_of_matrix
+    else:
+        data, func = runs, aggregates_of_games
+    saved = np.random.get_state()
+    np.random.seed(seed)  # rliable's StratifiedBootstrap draws from numpy's global generator
+    try:
+        points, cis = rly.get_interval_estimates({"x": data}, func, reps=reps)
+    finally:
+        np.random.set_state(saved)
+    return np.asarray(points["x"], dtype=float), np.asarray(cis["x"], dtype=float)
+
+
+def collect(runs):
+    """One row per planned run: state, score and its source, HNS."""
+    table = human_random_table()
+    rows = []
+    for run, state in states_of(runs).items():
+        score, source = run_score(load_result(run)) if state == "done" else (None, "")
+        rows.append({"run": run, "state": state, "score": score, "source": source, "hns": hns(score, run.game, table)})
+    return rows
+
+
+def summarize(rows, reps=20_000):
+    """Per (variant, game): runs, mean and sample std of scores, mean HNS; per variant: aggregates with CIs."""
+    per_game, per_variant = {}, {}
+    for row in rows:
+        if row["score"] is not None:
+            per_game.setdefault((row["run"].variant, row["run"].game), []).append(row)
+    games = {}
+    for (variant, game), group in per_game.items():
+        scores = np.array([row["score"] for row in group])
+        sources = sorted({row["source"] for row in group})
+        games[variant, game] = {
+            "n": len(scores), "mean": scores.mean(), "std": scores.std(ddof=1) if len(scores) > 1 else None,
+            "source": sources[0] if len(sources) == 1 else "mixed: " + "; ".join(sources),
+            "hns": None if group[0]["hns"] is None else float(np.mean([row["hns"] for row in group]))}
+    for variant in dict.fromkeys(row["run"].variant for row in rows):
+        normalized = {game: [row["hns"] for row in group] for (v, game), group in per_game.items()
+                      if v == variant and group[0]["hns"] is not None}
+        without = sorted({row["run"].game for row in rows if row["run"].variant == variant and
+                          row["run"].game not in human_random_table()})
+        entry = {"games": len(normalized), "runs": sum(map(len, normalized.values())), "without_human": without}
+        if len(normalized) < MIN_GAMES_FOR_AGGREGATE:
+            entry["skipped"] = (f"{len(normalized)} games with human-normalized scores; aggregates need at least "
+                                f"{MIN_GAMES_FOR_AGGREGATE} (rainbow_der.md section 10)")
+        else:
+            entry["point"], entry["ci"] = aggregate_with_ci(normalized, reps=reps)
+        per_variant[variant] = entry
+    return games, per_variant
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Comparison with reference numbers
+# ---------------------------------------------------------------------------------------------------------------
+def number(text):
+    return float(text) if text not in (None, "") else None
+
+
+def within(value, low, high):
+    return value is not None and (low is None or value >= low) and (high is None or value <= high)
+
+
+def compare(reference_rows, rows, games, per_variant):
+    """[(reference row, variant, verdict, our value as text)] with verdict pass, FAIL or skip."""
+    variants = list(dict.fromkeys(row["run"].variant for row in rows))
+    stat_index = {"iqm_hns": 0, "median_hns": 1, "mean_hns": 2}
+    checks = []
+    for ref in reference_rows:
+        low, high, published = number(ref["low"]), number(ref["high"]), number(ref["reference"])
+        slack = number(ref["slack"]) or 0.0
+        for variant in variants if ref["variant"] == "*" else [ref["variant"]]:
+            mine = [row for row in rows if row["run"].variant == variant and ref["game"] in ("*", row["run"].game)]
+            if not mine:
+                checks.append((ref, variant, "skip", "not in this run of the suite"))
+                continue
+            if ref["statistic"] == "run_score":
+                unfinished = [row["run"].id for row in mine if row["state"] != "done"]
+                outside = [f"{row['run'].id}: {row['score']}" for row in mine
+                           if row["state"] == "done" and not within(row["score"], low, high)]
+                verdict = "FAIL" if outside or unfinished else "pass"
+                text = "; ".join(outside + [f"{run_id}: not finished" for run_id in unfinished]) or (
+                    f"{len(mine)} runs in range, min {min(r['score'] for r in mine):.1f}, "
+                    f"max {max(r['score'] for r in mine):.1f}")
+                checks.append((ref, variant, verdict, text))
+            elif ref["statistic"] == "mean_score":
+                stats = games.get((variant, ref["game"]))
+                if stats is None:
+                    checks.append((ref, variant, "FAIL", "no finished run"))
+                    continue
+                checks.append((ref, variant, "pass" if within(stats["mean"], low, high) else "FAIL",
+                               f"{stats['mean']:.1f} over {stats['n']} runs"))
+            elif ref["statistic"] in stat_index:
+                entry = per_variant.get(variant, {})
+                if "point" not in entry:
+                    checks.append((ref, variant, "skip", entry.get("skipped", "no aggregate")))
+                    continue
+                i = stat_index[ref["statistic"]]
+                value, ci_low, ci_high = entry["point"][i], entry["ci"][0][i], entry["ci"][1][i]
+                ok = (ci_low - slack <= published <= ci_high + slack) if ref["check"] == "ci" else within(value, low, high)
+                checks.append((ref, variant, "pass" if ok else "FAIL", f"{value:.3f} [{ci_low:.3f}, {ci_high:.3f}]"))
+            else:
+                fail(f"references.csv: unknown statistic {ref['statistic']!r}")
+    return checks
+
+
+def tolerance_text(ref):
+    if ref["check"] == "ci":
+        return f"{ref['reference']} inside our 95% CI" + (f" +- {ref['slack']}" if number(ref["slack"]) else "")
+    low, high = ref["low"] or "-inf", ref["high"] or "+inf"
+    return f"in [{low}, {high}]"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report: markdown, learning curves and aggregate plot (PNG), checks; exit 1 when a run failed or a check fails
+# ---------------------------------------------------------------------------------------------------------------
+def episodic_returns(run):
+    """(steps, returns) of charts/episodic_return from the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dirs = sorted(Path(run.dir).glob("runs/*/"))
+    if not run_dirs:
+        return np.zeros(0), np.zeros(0)
+    acc = EventAccumulator(str(run_dirs[0]), size_guidance={"scalars": 0})
+    acc.Reload()
+    if "charts/episodic_return" not in acc.Tags()["scalars"]:
+        return np.zeros(0), np.zeros(0)
+    events = acc.Scalars("charts/episodic_return")
+    return np.array([e.step for e in events]), np.array([e.value for e in events])
+
+
+def plot_curves(rows, out_dir, bins=50):
+    """One PNG per game: per variant, the mean over seeds of the episodic return (averaged in step bins), with the
+    seeds' min-max band."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for game in dict.fromkeys(row["run"].game for row in rows):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for variant in dict.fromkeys(row["run"].variant for row in rows):
+            data = [episodic_returns(row["run"]) for row in rows if row["run"].game == game and row["run"].variant == variant]
+            data = [(steps, returns) for steps, returns in data if len(steps)]
+            if not data:
+                continue
+            edges = np.linspace(0, max(steps.max() for steps, _ in data) + 1, bins + 1)
+            curves = []
+            for steps, returns in data:
+                which = np.clip(np.digitize(steps, edges) - 1, 0, bins - 1)
+                sums, counts = np.bincount(which, returns, bins), np.bincount(which, minlength=bins)
+                curves.append(np.where(counts > 0, sums / np.maximum(counts, 1), np.nan))
+            with warnings.catch_warnings():  # bins where no seed finished an episode stay empty
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, low, high = np.nanmean(curves, 0), np.nanmin(curves, 0), np.nanmax(curves, 0)
+            centers = (edges[1:] + edges[:-1]) / 2
+            line, = ax.plot(centers, mean, marker="." if len(data[0][0]) < 20 else None,
+                            label=f"{variant} ({len(data)} seeds)")
+            ax.fill_between(centers, low, high, color=line.get_color(), alpha=0.2)
+        if ax.lines:
+            ax.set(title=game, xlabel="agent steps", ylabel="episodic return (training)")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = out_dir / f"{game}.png"
+            fig.savefig(path, dpi=100)
+            paths.append(path)
+        plt.close(fig)
+    return paths
+
+
+def plot_aggregates(per_variant, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [v for v, entry in per_variant.items() if "point" in entry]
+    if not variants:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(11, 0.5 * len(variants) + 1.6), sharey=True)
+    for i, (ax, name) in enumerate(zip(axes, ("IQM", "Median", "Mean"))):
+        for y, variant in enumerate(variants):
+            entry = per_variant[variant]
+            point, low, high = entry["point"][i], entry["ci"][0][i], entry["ci"][1][i]
+            ax.errorbar(point, y, xerr=[[point - low], [high - point]], fmt="o", capsize=4)
+        ax.set(title=name, xlabel="human-normalized score", yticks=range(len(variants)), yticklabels=variants)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("95% stratified-bootstrap CIs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def require_report_packages():
+    """Stop with one line when rliable (the CIs) or matplotlib (the plots) does not import."""
+    for module in ("rliable.library", "matplotlib"):
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # ImportError; or arch, which rliable imports, raising a TypeError under pandas 3
+            first_line = str(error).split("\n")[0]
+            fail(f"report needs {module.split('.')[0]}, which does not import here ({type(error).__name__}: "
+                 f"{first_line}); cd {shlex.quote(str(BENCHMARK.parent))} && pip install \".[benchmark]\" adds it")
+
+
+def report(suite, runs, out, reps=20_000):
+    require_report_packages()
+    rows = collect(runs)
+    games, per_variant = summarize(rows, reps=reps)
+    checks = compare(references(suite["references"]), rows, games, per_variant)
+    out = Path(out)
+    curves = plot_curves(rows, out / "curves")
+    aggregate_png = plot_aggregates(per_variant, out / "aggregate.png")
+    states = {row["run"]: row["state"] for row in rows}
+    done = sum(state == "done" for state in states.values())
+    failures = [row for row in rows if row["state"] != "done"]
+    failed_checks = [c for c in checks if c[2] == "FAIL"]
+
+    md = [f"# Benchmark report: {suite['name']}", "", suite.get("description", ""), "",
+          f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {out}: {done}/{len(rows)} runs done. "
+          "Score of a run: its evaluation mean if it has one, else its training return over the last 100 episodes "
+          "(column `score of`). Std: sample standard deviation over seeds.", ""]
+    md += ["## Per game", "", "| variant | game | runs | score (mean ± std) | score of | HNS (mean) |",
+           "|---|---|---|---|---|---|"]
+    for (variant, game), stats in games.items():
+        std = f" ± {stats['std']:,.1f}" if stats["std"] is not None else ""
+        md.append(f"| {variant} | {game} | {stats['n']} | {stats['mean']:,.1f}{std} | {stats['source']} | "
+                  f"{fmt(stats['hns'], 3) if stats['hns'] is not None else 'no human score'} |")
+    md += ["", "## Aggregates (human-normalized)", ""]
+    if any("point" in entry for entry in per_variant.values()):
+        md += [f"IQM over all runs, median and mean over games of the per-game means; 95% stratified-bootstrap CIs "
+               f"({reps:,} resamples, percentile intervals; rliable {version('rliable')}).", "",
+               "| variant | games | runs | IQM [95% CI] | median [95% CI] | mean [95% CI] |", "|---|---|---|---|---|---|"]
+    for variant, entry in per_variant.items():
+        if "point" in entry:
+            cells = [f"{p:.3f} [{lo:.3f}, {hi:.3f}]" for p, lo, hi in zip(entry["point"], *entry["ci"])]
+            md.append(f"| {variant} | {entry['games']} | {entry['runs']} | " + " | ".join(cells) + " |")
+    for variant, entry in per_variant.items():
+        if "skipped" in entry:
+            md.append(f"- {variant}: no aggregates: {entry['skipped']}.")
+        if entry["without_human"]:
+            md.append(f"- {variant}: reported raw, left out of the aggregates (no human score in "
+                      f"benchmark/human_random.csv): {', '.join(entry['without_human'])}.")
+    md += ["", "## Checks against references (benchmark/references.csv)", ""]
+    if checks:
+        md += ["| result | variant | game | statistic | ours | tolerance | source |", "|---|---|---|---|---|---|---|"]
+        md += [f"| {verdict} | {variant} | {ref['game']} | {ref['statistic']} | {text} | {tolerance_text(ref)} | "
+               f"{ref['source']} |"
+               for ref, variant, verdict, text in checks]
+    else:
+        md.append(f"No reference numbers for suite {suite['references']}.")
+    if failures:
+        md += ["", "## Runs not finished", ""]
+        for row in failures:
+            status = read_status(row["run"].dir)
+            code = f" (exit code {status['exit_code']})" if status.get("exit_code") is not None else ""
+            md += [f"### {row['run'].id}: {row['state']}{code}",
+                   "", f"log: `{Path(row['run'].dir) / 'log.txt'}`", "", "```", log_tail(row["run"]), "```", ""]
+    md += ["", "## Plots", ""]
+    md += [f"![{path.stem}]({path.relative_to(out)})" for path in curves]
+    no_curve = [game for game in dict.fromkeys(row["run"].game for row in rows) if game not in {p.stem for p in curves}]
+    if no_curve:
+        md.append(f"No learning curve (no training episode ended in any run): {', '.join(no_curve)}.")
+    if aggregate_png:
+        md.append(f"![aggregates]({aggregate_png.relative_to(out)})")
+    text = "\n".join(md) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(text)
+    print(text)
+    verdict = []
+    if failures:
+        verdict.append(f"{len(failures)} runs not finished")
+    if failed_checks:
+        verdict.append(f"{len(failed_checks)} checks outside their tolerance")
+    print(f"report written to {out / 'report.md'}: " + ("; ".join(verdict) if verdict else "all runs done, all checks pass"))
+    return 1 if verdict else 0
