@@ -491,11 +491,11 @@ def test_smoke_suite_end_to_end_interrupted_resumed_and_reported(tmp_path):
     args = ["smoke", *subset, "--workers", 2, "--out", out, "--flags", TINY]
     argv, env = bench_process(*args)
     proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: list(out.glob("*/*/*/runs/*/checkpoint.pt")), proc)
+    wait_for(lambda: list(out.glob("*/*/*/runs/*/checkpoint/state.pt")), proc)
     proc.send_signal(signal.SIGTERM)  # as Ctrl-C: every run saves a checkpoint and stops
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, output
-    interrupted = [p.parents[2] for p in out.glob("*/*/*/runs/*/checkpoint.pt")]
+    interrupted = [p.parents[3] for p in out.glob("*/*/*/runs/*/checkpoint/state.pt")]
     assert interrupted and all(json.loads((d / "status.json").read_text())["state"] == "interrupted" for d in interrupted)
 
     proc = bench(*args, cwd=tmp_path, check=0)
@@ -506,7 +506,7 @@ def test_smoke_suite_end_to_end_interrupted_resumed_and_reported(tmp_path):
         run_dir = Path(run.dir)
         log = (run_dir / "log.txt").read_text()
         assert (f"resumed ALE-{run.game}-v5" in log) == (run_dir in interrupted), log
-        assert list(run_dir.glob("runs/*/events.out.tfevents.*")) and not list(run_dir.glob("runs/*/checkpoint.pt"))
+        assert list(run_dir.glob("runs/*/events.out.tfevents.*")) and not list(run_dir.glob("runs/*/checkpoint"))
         result = json.loads(next(run_dir.glob("runs/*/result.json")).read_text())
         assert result["steps"] == 300 and result["env_id"] == f"ALE/{run.game}-v5" and result["seed"] == run.seed
         assert len(result["eval_returns"]) == 1

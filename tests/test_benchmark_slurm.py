@@ -47,7 +47,7 @@ def test_slurm_array_job_runs_the_suite_and_resumes_a_requeued_task(tmp_path):
     assert json.loads((first / "status.json").read_text())["slurm_job"] in (f"{job}_0", f"{job}_1")
 
     # the time limit approaches (sbatch --signal=B:USR1): the task checkpoints its run and requeues itself
-    wait_until(lambda: list(first.glob("runs/*/checkpoint.pt")), what="a checkpoint")
+    wait_until(lambda: list(first.glob("runs/*/checkpoint/state.pt")), what="a checkpoint")
     task = json.loads((first / "status.json").read_text())["slurm_job"]
     subprocess.run(["scancel", "--batch", "--signal=USR1", task], check=True)
     wait_until(lambda: common.read_status(first).get("exit_code") == 143, what="the run to stop with a checkpoint")

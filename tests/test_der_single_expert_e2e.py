@@ -1,8 +1,6 @@
 """der_single_expert.py end to end on the real ALE with tiny budgets: the JSON result of the Atari 100k protocol,
 life loss terminal for learning only, a resumed run, bad flags."""
-import json
 import signal
-import time
 
 import numpy as np
 import pytest

@@ -2,7 +2,6 @@
 bit-identical resume across ReDo events, non-finite loss, bad input."""
 import math
 import signal
-import time
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 import signal
 import time
 
-import numpy as np
 import pytest
 import torch
 from harness import (assert_same_scalars, fake_checkpoint, load_script, only_run_dir, read_checkpoint, result,

@@ -8,7 +8,7 @@ from harness import ROOT, SCRIPTS
 
 BANNER = "# Run plumbing:"
 METHOD_LAST = "train_step"  # the method ends with the training step
-PLUMBING = ("get_env_state", "fail", "place_replay", "save_checkpoint", "parse_args", "Progress", "CudaGraph",
+PLUMBING = ("get_env_state", "fail", "place_replay", "Checkpoint", "parse_args", "Progress", "CudaGraph",
             "check_args", "evaluate")
 
 

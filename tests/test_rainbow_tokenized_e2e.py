@@ -1,7 +1,6 @@
 """rainbow_tokenized.py end to end on the real ALE with tiny budgets: logging, priorities, evaluation,
 checkpoint/resume (sum tree and noise generator included), bad input."""
 import signal
-import time
 
 import numpy as np
 import pytest

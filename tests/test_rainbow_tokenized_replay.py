@@ -3,7 +3,6 @@ tree (sampling frequencies, updates, checkpoint), priorities that follow the mem
 weights, and the whole n-step double-Q target against a brute force over episodes with terminations and
 truncations."""
 import copy
-import math
 from types import SimpleNamespace
 
 import numpy as np

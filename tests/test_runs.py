@@ -1,7 +1,6 @@
 """Runs as a cluster user has them: checkpoints that grow with what is stored, signals in every phase (training and
 evaluation, SIGTERM and Ctrl-C), unique run directories, resume edge cases, bad flag values, storage faults, memory
 limits from cgroups, and tracking with wandb (offline) plus evaluation videos, for the four scripts."""
-import json
 import math
 import os
 import shutil
@@ -10,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import harness

@@ -10,11 +10,12 @@ from harness import SCRIPTS
 BLOCK = re.compile(r"^# >>> shared block: (\S+)\n(.*?)^# <<< shared block: \1$", re.M | re.S)
 
 # blocks of every script; the method's encoders, MoE layers and replay, and the run plumbing
-COMMON = {"env", "nature", "replay", "optimizer", "envstate", "dormant", "runtime", "cudagraph"}
+COMMON = {"env", "nature", "replay", "optimizer", "envstate", "dormant", "runtime", "checkpoint", "tracking", "progress",
+          "cudagraph"}
 MOE = {"impala", "tokenizer", "softmoe", "top1moe", "routing"}
 # the Rainbow machinery that rainbow_tokenized.py and der_single_expert.py share (their tests cover one another's copy)
 RAINBOW = COMMON | MOE | {"noisy", "noisyexperts", "sumtree", "prioritized", "categorical", "rainbow_update"}
-DQN = COMMON | {"epsilon_greedy", "dqn_update"}
+DQN = COMMON | {"epsilon_greedy", "dqn_update", "dqn_evaluate"}
 # the blocks each script must carry
 EXPECTED = {
     "dqn_softmoe": DQN | MOE,
@@ -34,7 +35,8 @@ def blocks(path):
     found = BLOCK.findall(text)
     names = [name for name, _ in found]
     assert len(names) == len(set(names)), f"{path.name} repeats a shared block"
-    assert text.count(">>> shared block:") == text.count("<<< shared block:") == len(found), f"unbalanced markers in {path.name}"
+    assert text.count(">>> shared block:") == text.count("<<< shared block:") == len(found), \
+        f"unbalanced markers in {path.name}"
     return dict(found)
 
 

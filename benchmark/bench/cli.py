@@ -12,7 +12,7 @@
 A suite is a TOML file: games x seeds x variants, a variant being a script with its flags. Every run has its own
 directory `<out>/<variant>/<game>/seed<N>/` (`<out>` = runs/benchmark/<suite>) holding `log.txt` (the run's output,
 written as it comes), `status.json` (state, exit code, attempts) and the script's own `runs/<run_name>/` (TensorBoard
-events, result.json, checkpoint.pt). Running a suite again skips finished runs, resumes interrupted ones from their
+events, result.json, checkpoint/). Running a suite again skips finished runs, resumes interrupted ones from their
 checkpoints and retries failed ones. A run's score is its evaluation mean when it has one, else its training return
 over the last 100 episodes; the report says which.
 """
@@ -46,7 +46,7 @@ def parser():
     run.add_argument("--flags", default="", help="extra flags for every run, after the suite's (e.g. '--no-cuda')")
     run.add_argument("--workers", type=int, help="parallel runs here (default: what CPUs, RAM and GPU memory hold)")
     run.add_argument("--dry-run", action="store_true", help="print the plan (or the sbatch script) and start nothing")
-    run.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' checkpoint.pt")
+    run.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' checkpoint folders")
     slurm = run.add_argument_group("Slurm (one array job, a task per unfinished run)")
     slurm.add_argument("--slurm", action="store_true", help="submit to Slurm instead of running here")
     slurm.add_argument("--partition", help="sbatch --partition")

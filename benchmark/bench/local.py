@@ -34,7 +34,8 @@ def run_env(threads, gpu=None):
 def start_run(run, env, slurm_job=None):
     run_dir = Path(run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = find_one(run_dir, "checkpoint.pt")
+    checkpoint = find_one(run_dir, "checkpoint/state.pt")
+    checkpoint = checkpoint and checkpoint.parent  # the script's checkpoint folder: state.pt and replay segments
     argv = [sys.executable, str(SCRIPTS / f"{run.script}.py"), *run.flags]
     if checkpoint:
         argv += ["--resume", str(checkpoint.relative_to(run_dir))]
@@ -59,10 +60,10 @@ def finish_run(run, exit_code, keep_checkpoints=False):
     """Record how a run ended: done (exit 0 and a result.json), interrupted (SIGTERM: it saved a checkpoint) or failed."""
     if exit_code == 0 and find_one(run.dir, "result.json"):
         state = "done"
-        checkpoint = find_one(run.dir, "checkpoint.pt")
+        checkpoint = find_one(run.dir, "checkpoint/state.pt")
         if checkpoint and not keep_checkpoints:  # up to 7 GB each with a 1M replay memory
-            checkpoint.unlink()
-    elif exit_code in (143, -signal.SIGTERM):
+            shutil.rmtree(checkpoint.parent)
+    elif exit_code in (143, -signal.SIGTERM, 130, -signal.SIGINT):
         state = "interrupted"
     else:
         state = "failed"

@@ -1,0 +1,77 @@
+"""How long a run takes to leave after SIGTERM with a full replay memory (Slurm's KillWait is 30 s by default).
+
+    python benchmark/sigterm_exit.py                        # dqn_softmoe, 1M transitions, a checkpoint every 100k
+    python benchmark/sigterm_exit.py --script der_single_expert --buffer-size 200000 --checkpoint-every 20000
+
+The script runs with a warm-up longer than the run (random actions, no learning: the memory fills at full speed) until
+the memory is full and a little more, then gets SIGTERM just after a periodic checkpoint plus `--margin` steps (the
+worst case is a signal just before the next periodic checkpoint: --margin close to --checkpoint-every). It prints the
+seconds from the signal to the process's exit, what the signal's save wrote, and the checkpoint's size on disk.
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def folder_bytes(folder):
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--script", default="dqn_softmoe")
+    parser.add_argument("--buffer-size", type=int, default=1_000_000)
+    parser.add_argument("--checkpoint-every", type=int, default=100_000)
+    parser.add_argument("--margin", type=int, default=90_000, help="steps after the last periodic checkpoint")
+    parser.add_argument("--workdir", default=None, help="where the run writes (default: a temporary directory)")
+    opts = parser.parse_args()
+    full = opts.buffer_size + opts.checkpoint_every  # a full memory with at least one save of it behind
+    full = (full // opts.checkpoint_every + 1) * opts.checkpoint_every
+    stop_at = full + opts.margin
+    workdir = Path(opts.workdir or tempfile.mkdtemp(prefix="sigterm_exit_"))
+    command = [sys.executable, str(ROOT / "cleanrl_moe" / f"{opts.script}.py"), "--no-cuda",
+               "--buffer-size", str(opts.buffer_size), "--checkpoint-every", str(opts.checkpoint_every),
+               "--total-timesteps", str(stop_at * 2), "--learning-starts", str(stop_at * 2 - 10)]
+    print(f"$ cd {workdir} && {' '.join(command)}", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    state_path = None
+    for line in proc.stdout:  # the progress line tells the step; it is printed every 30 s into a pipe
+        if "step " in line and "/" in line:
+            step = int(line.split("step ")[1].split("/")[0].replace(",", ""))
+            print(line.rstrip(), flush=True)
+            if step >= stop_at - 20_000:
+                break
+    state_path = next(workdir.glob("runs/*/checkpoint/state.pt"))
+    while torch.load(state_path, weights_only=True, mmap=True)["global_step"] < full:
+        time.sleep(1)
+    time.sleep(opts.margin / 1500)  # about `margin` steps at a warm-up speed of ~1,500 SPS
+    start = time.time()
+    proc.send_signal(signal.SIGTERM)
+    tail = proc.stdout.read()
+    code = proc.wait()
+    seconds = time.time() - start
+    state = torch.load(state_path, weights_only=True, mmap=True)
+    after = folder_bytes(state_path.parent)
+    written = sum(p.stat().st_size for p in state_path.parent.iterdir() if p.stat().st_mtime >= start)
+    report = {"script": opts.script, "buffer_size": opts.buffer_size, "checkpoint_every": opts.checkpoint_every,
+              "signal_at_step": state["global_step"], "exit_code": code, "sigterm_to_exit_s": round(seconds, 2),
+              "written_by_the_signal_mb": round(written / 1e6, 1),
+              "checkpoint_size_gb": round(after / 1e9, 2), "stored_transitions": min(state["replay"]["cursor"],
+                                                                                      opts.buffer_size)}
+    print(tail.strip()[-400:])
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
