@@ -348,6 +348,7 @@ class ReplayMemory:
 
 # >>> shared block: epsilon_greedy
 def linear_schedule(start_e, end_e, duration, t):
+    """start_e at t = 0, linear to end_e at t = duration, end_e after."""
     slope = (end_e - start_e) / duration
     return max(slope * t + start_e, end_e)
 
