@@ -11,6 +11,7 @@ import functools
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -131,13 +132,33 @@ def test_dormant_scores_and_masks_match_the_official_recycler():
 
 
 @functools.cache
-def official_masks():
-    """NeuronRecycler.create_masks: {kernel: incoming mask}, {kernel: outgoing mask}, params with biases zeroed."""
+def official_recycling():
+    """One official NeuronRecycler.recycle_dead_neurons step on the setup's params, with every Adam moment at 1:
+    (incoming masks, outgoing masks) {kernel path: mask} as its create_masks made them, the new params and the new
+    Adam moments mu."""
     _, _, _, _, params, _, intermediates = setup()
+    params = flax.core.freeze(params)  # as Flax's init returned them when the lab was written (it freezes them itself)
+    rec = recycler()
+    masks = []
+
+    def create_masks(*args):
+        result = weight_recyclers.NeuronRecycler.create_masks(rec, *args)
+        masks.append(result[:2])
+        return result
+
+    rec.create_masks = create_masks
+
+    def step(intermediates, params):
+        state = optax.adam(1e-4).init(params)
+        ones = jax.tree_util.tree_map(jnp.ones_like, params)
+        state = (state[0]._replace(mu=ones, nu=ones),) + tuple(state[1:])
+        new_params, new_state = rec.recycle_dead_neurons(intermediates, params, jax.random.PRNGKey(0), state)
+        return masks[0], new_params, new_state[0].mu
+
     with x64(True):
-        incoming, outgoing, _, _, new_params = recycler().create_masks(
-            flax.traverse_util.flatten_dict(params, sep="/"), activations(intermediates), jax.random.PRNGKey(0))
-    return incoming, outgoing, new_params
+        (incoming, outgoing), new_params, mu = jax.jit(step)(intermediates, params)
+    flat = functools.partial(flax.traverse_util.flatten_dict, sep="/")
+    return incoming, outgoing, flat(params), flat(new_params), flat(mu)
 
 
 def script_touched(net, masks, only=None):
@@ -162,7 +183,7 @@ def test_incoming_and_outgoing_masks_match_the_official_recycler_away_from_the_f
     net, obs, *_ = setup()
     masks, _ = script_masks(net, obs)
     touched, _ = script_touched(net, masks, only=name)
-    incoming, outgoing, _ = official_masks()
+    incoming, outgoing, *_ = official_recycling()
     official_in = np.asarray(incoming[f"params/{official_name}/kernel"]) == 1
     assert official_in.any()
     np.testing.assert_array_equal(kernel_layout(name, touched[name]), official_in)  # incoming: always the same
@@ -178,18 +199,10 @@ def test_incoming_and_outgoing_masks_match_the_official_recycler_away_from_the_f
 def test_one_recycling_step_matches_the_official_recycler_away_from_the_flatten():
     """The whole step (all masks first, re-init, then zeros, which win, then the Adam moments): the same biases, the
     same entries redrawn, zeroed and left alone, the same moments zeroed; the redrawn values come from other RNGs."""
-    net, obs, _, _, params, _, intermediates = setup()
+    net, obs, *_ = setup()
     masks, _ = script_masks(net, obs)
     touched, recycled = script_touched(net, masks)
-    params = flax.core.freeze(params)  # as Flax's init returned them when the lab was written (it freezes them itself)
-    with x64(True):
-        state = optax.adam(1e-4).init(params)
-        ones = jax.tree_util.tree_map(np.ones_like, params)
-        state = (state[0]._replace(mu=ones, nu=ones),) + tuple(state[1:])
-        new_params, new_state = recycler().recycle_dead_neurons(intermediates, params, jax.random.PRNGKey(0), state)
-    before = flax.traverse_util.flatten_dict(params, sep="/")
-    after = flax.traverse_util.flatten_dict(new_params, sep="/")
-    mu = flax.traverse_util.flatten_dict(new_state[0].mu, sep="/")
+    _, _, before, after, mu = official_recycling()
     ours = to_official(recycled).out
     for name, official_name in [(n, o) for n, o, _ in LAYERS] + [("head", "final_layer")]:
         bias = f"params/{official_name}/bias"
@@ -224,7 +237,7 @@ def test_the_official_flatten_boundary_zeroes_other_inputs_than_the_dormant_chan
 
     touched, _ = script_touched(net, masks, only="conv3")
     ours = rows(kernel_layout("hidden", touched["hidden"]))
-    _, outgoing, _ = official_masks()
+    _, outgoing, *_ = official_recycling()
     official = rows(outgoing["params/Dense_0/kernel"])
     np.testing.assert_array_equal(ours, dormant[nhwc_channel])  # every input of a dormant channel, and no other
     np.testing.assert_array_equal(official, np.repeat(dormant, 121))

@@ -75,6 +75,14 @@ def run_official(official, params, x):
     return jax.jit(lambda p, x: jax.vmap(lambda s: official.apply(p, s, key=jax.random.PRNGKey(0)))(x))(params, x)
 
 
+@functools.cache
+def official_shapes(config):
+    _, cls, attributes = CONFIGS[config]
+    official = cls(num_actions=NUM_ACTIONS, inputs_preprocessed=True, **attributes)
+    return jax.eval_shape(lambda: official.init(jax.random.PRNGKey(0), np.zeros((84, 84, 4), np.float32),
+                                                key=jax.random.PRNGKey(0)))
+
+
 def run_both(config, dtype):
     flags, cls, attributes = CONFIGS[config]
     obs = frames(BATCH)
@@ -82,8 +90,8 @@ def run_both(config, dtype):
     exact = dtype == np.float64  # float64: the same float64 frames / 255 on both sides
     official = cls(num_actions=NUM_ACTIONS, inputs_preprocessed=exact, **attributes)
     x = preprocessed(obs, dtype) if exact else nhwc(obs)
+    shapes = official_shapes(config)
     with x64(exact):
-        shapes = jax.eval_shape(lambda: official.init(jax.random.PRNGKey(0), x[0], key=jax.random.PRNGKey(0)))
         out = run_official(official, official_params(net, flags, shapes, dtype), x)
     record = {}
     with torch.no_grad(), encoder_input(net, obs.double() / 255.0) if exact else contextlib.nullcontext():

@@ -71,16 +71,20 @@ def official_module(config, exact):
                                               inputs_preprocessed=exact, **CONFIGS[config][2])
 
 
+@functools.cache
+def official_shapes(config):
+    x, support = np.zeros((84, 84, 4), np.float32), np.zeros(NUM_ATOMS, np.float32)
+    return jax.eval_shape(lambda: official_module(config, True).init(jax.random.PRNGKey(0), x, support,
+                                                                     key=jax.random.PRNGKey(0)))
+
+
 def prepare(config, dtype):
     obs = frames(BATCH, seed=2)
     net = script_network(config) if dtype == np.float64 else copy.deepcopy(script_network(config)).float()
     exact = dtype == np.float64
     x = preprocessed(obs, dtype) if exact else nhwc(obs)
     support = net.support.numpy()  # the same atoms on both sides (torch's and jnp's float32 linspace differ by 1 ulp)
-    official = official_module(config, exact)
-    with x64(exact):
-        shapes = jax.eval_shape(lambda: official.init(jax.random.PRNGKey(0), x[0], support, key=jax.random.PRNGKey(0)))
-    return net, obs, x, support, official, shapes
+    return net, obs, x, support, official_module(config, exact), official_shapes(config)
 
 
 def script_outputs(net, obs, dtype):
@@ -138,10 +142,12 @@ def test_the_official_heads_draw_their_noise_from_one_key(partitionable):
     q = normal(rng_q, [1, out]). Hence: the two heads' eps_in = f(p) are identical, always; their eps_out = f(q) come
     from one key with different shapes: under jax_threefry_partitionable (JAX's default since 0.5.0) the value head's
     51 draws equal the advantage head's first 51 (those of action 0); under the original threefry (the default of the
-    JAX releases contemporary with dopamine-rl 4.1.2) they differ. The scripts draw the two heads independently."""
-    config = "der_single_expert DER.gin (Nature CNN, SoftMoE-4 x512)"
+    JAX releases contemporary with dopamine-rl 4.1.2) they differ. The scripts draw the two heads independently.
+    (A small network, to compile fast: the keys are split and passed the same way for any encoder and expert size.)"""
     with jax.threefry_partitionable(partitionable):
-        official = official_module(config, exact=True)
+        official = moe_networks.FullRainbowMoENetwork(num_actions=NUM_ACTIONS, num_atoms=NUM_ATOMS, nn_scale=1,
+                                                      inputs_preprocessed=True, encoder_type="CNN", num_experts=4,
+                                                      expert_hidden_units=16)
         x = np.zeros((84, 84, 4), np.float32)
         support = np.linspace(-10, 10, NUM_ATOMS, dtype=np.float32)
         shapes = jax.eval_shape(lambda: official.init(jax.random.PRNGKey(0), x, support, key=jax.random.PRNGKey(1)))
@@ -154,4 +160,4 @@ def test_the_official_heads_draw_their_noise_from_one_key(partitionable):
     assert np.array_equal(q_adv[:, :NUM_ATOMS], q_value) == partitionable  # eps_out: a prefix, or not
     # and every expert gets the same noise: one draw for all four
     p_expert, q_expert = draws["ExpertModel_0/net"]
-    assert p_expert.shape == (64, 1) and q_expert.shape == (1, 512)
+    assert p_expert.shape == (64, 1) and q_expert.shape == (1, 16)
