@@ -11,7 +11,6 @@ Layouts (PyTorch -> Flax):
 - NoisyLinear mu/sigma [out, in] -> NoisyNetwork kernel_mu/kernel_sigma [in, out]; eps_in = f(p), eps_out = f(q) for
   the official draws p [in, 1] and q [1, out]."""
 import contextlib
-import functools
 import math
 
 import dopamine.jax.networks as base_networks
@@ -187,9 +186,11 @@ def assert_close(name, ours, official, dtype):
 
 @contextlib.contextmanager
 def official_noise_draws():
-    """Record what dopamine's NoisyNetwork draws, as {module path: [p, q]} with p of shape [in, 1] and q of shape
-    [1, out]: the standard normals from which it builds its factorized noise f(p) f(q). The values are read back with
-    jax.debug.callback, so this works under jit and vmap (a draw that does not depend on the batch is made once)."""
+    """Record what dopamine's NoisyNetwork draws, as {module path: [p, q]}, each a pair (draw, f(draw)): the standard
+    normals p of shape [in, 1] and q of shape [1, out], and dopamine's f(x) = sign(x) sqrt(|x|) of them, from which it
+    builds its factorized noise f(p) f(q) (so f(p) is eps_in and f(q) eps_out). f is applied by dopamine's own
+    NoisyNetwork.f inside the traced call; the values are read back with jax.debug.callback, so this works under jit
+    and vmap (a draw that does not depend on the batch is made once)."""
     draws, current = {}, []
     original = base_networks.NoisyNetwork.sample_noise
 
@@ -198,7 +199,9 @@ def official_noise_draws():
         if current:  # inside a NoisyNetwork's __call__, not at init
             slots = draws.setdefault(current[-1], [])
             slots.append(None)
-            jax.debug.callback(functools.partial(slots.__setitem__, len(slots) - 1), value)
+            index = len(slots) - 1
+            jax.debug.callback(lambda v, f: slots.__setitem__(index, (np.array(v), np.array(f))), value,
+                               base_networks.NoisyNetwork.f(value))
         return value
 
     def interceptor(next_fun, args, kwargs, context):
@@ -219,12 +222,8 @@ def official_noise_draws():
         base_networks.NoisyNetwork.sample_noise = staticmethod(original)
     for path, slots in draws.items():
         assert all(d is not None for d in slots), f"{path}: a draw was not read back"
-        slots[:] = [np.asarray(d) for d in slots]
 
 
-def factorized(draw):
-    """dopamine's f(x) = sign(x) sqrt(|x|) of a recorded draw, flattened, as a torch tensor of the draw's dtype."""
-    with x64(draw.dtype == np.float64):
-        eps = np.array(base_networks.NoisyNetwork.f(jnp.asarray(draw)))
-    assert eps.dtype == draw.dtype
-    return torch.from_numpy(eps.reshape(-1))
+def eps(draw):
+    """f(draw) of a recorded draw, flattened, as a torch tensor (of the draw's dtype)."""
+    return torch.from_numpy(draw[1].reshape(-1))

@@ -89,7 +89,7 @@ def official_input(obs):
     """The frames / 255 that the official network computes from uint8 frames itself (`x.astype(float32) / 255`, then
     promoted to float64 by its float64 params), made by dopamine's preprocess_atari_inputs, which is the same
     expression: XLA rounds this float32 division differently from torch (1 ulp for about half of the 256 values)."""
-    x = np.asarray(jax.jit(base_networks.preprocess_atari_inputs)(obs.numpy()))
+    x = np.array(jax.jit(base_networks.preprocess_atari_inputs)(obs.numpy()))
     assert x.dtype == np.float32
     return torch.from_numpy(x).double()
 

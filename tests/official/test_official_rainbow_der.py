@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from harness import load_script
-from official_mapping import (Mapper, assert_close, encoder_input, factorized, frames, moe_networks, nhwc, x64,
+from official_mapping import (Mapper, assert_close, encoder_input, eps, frames, moe_networks, nhwc, x64,
                               num_official_params, num_params, official_noise_draws, perturb_, preprocessed)
 
 NUM_ACTIONS = 6
@@ -121,11 +121,11 @@ def test_noise_on_matches_the_official_module_given_its_draws(config, dtype):
     assert {k: len(v) for k, v in draws.items()} == {"ExpertModel_0/net": 2, "NoisyNetwork_0": 2, "NoisyNetwork_1": 2}
     with torch.no_grad():
         experts = net.moe.experts
-        experts.eps_in.copy_(factorized(draws["ExpertModel_0/net"][0]).expand_as(experts.eps_in))
-        experts.eps_out.copy_(factorized(draws["ExpertModel_0/net"][1]).expand_as(experts.eps_out))
+        experts.eps_in.copy_(eps(draws["ExpertModel_0/net"][0]).expand_as(experts.eps_in))
+        experts.eps_out.copy_(eps(draws["ExpertModel_0/net"][1]).expand_as(experts.eps_out))
         for layer, path in ((net.advantage, "NoisyNetwork_0"), (net.value, "NoisyNetwork_1")):
-            layer.eps_in.copy_(factorized(draws[path][0]))
-            layer.eps_out.copy_(factorized(draws[path][1]))
+            layer.eps_in.copy_(eps(draws[path][0]))
+            layer.eps_out.copy_(eps(draws[path][1]))
     net.train()
     probs, q = script_outputs(net, obs, dtype)
     assert_close(f"{config} noise on, Q", q, out.q_values, dtype)
@@ -154,10 +154,10 @@ def test_the_official_heads_draw_their_noise_from_one_key(partitionable):
         params = jax.tree_util.tree_map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes)  # the draws need none
         with official_noise_draws() as draws:
             jax.jit(lambda p: official.apply(p, x, support, eval_mode=False, key=jax.random.PRNGKey(3)))(params)
-    (p_adv, q_adv), (p_value, q_value) = draws["NoisyNetwork_0"], draws["NoisyNetwork_1"]
+    (p_adv, q_adv), (p_value, q_value) = ([draw for draw, _ in draws[path]] for path in ("NoisyNetwork_0", "NoisyNetwork_1"))
     assert p_adv.shape == p_value.shape == (7744, 1) and q_adv.shape == (1, NUM_ACTIONS * NUM_ATOMS)
     np.testing.assert_array_equal(p_adv, p_value)  # eps_in: equal
     assert np.array_equal(q_adv[:, :NUM_ATOMS], q_value) == partitionable  # eps_out: a prefix, or not
     # and every expert gets the same noise: one draw for all four
-    p_expert, q_expert = draws["ExpertModel_0/net"]
+    (p_expert, _), (q_expert, _) = draws["ExpertModel_0/net"]
     assert p_expert.shape == (64, 1) and q_expert.shape == (1, 16)
