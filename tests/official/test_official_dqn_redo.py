@@ -17,8 +17,8 @@ import optax
 import pytest
 import torch
 from harness import load_script
-from official_mapping import (Mapper, assert_close, base_networks, encoder_input, frames, num_official_params, num_params, perturb_,
-                              redo_networks, weight_recyclers, x64)
+from official_mapping import (Mapper, assert_close, base_networks, encoder_input, frames, num_official_params,
+                              num_params, perturb_, redo_networks, weight_recyclers, x64)
 
 m = load_script("dqn_redo")
 NUM_ACTIONS = 6

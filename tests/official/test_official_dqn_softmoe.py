@@ -83,6 +83,7 @@ def official_shapes(config):
                                                 key=jax.random.PRNGKey(0)))
 
 
+@functools.cache
 def run_both(config, dtype):
     flags, cls, attributes = CONFIGS[config]
     obs = frames(BATCH)
