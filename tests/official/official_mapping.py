@@ -181,7 +181,7 @@ def assert_close(name, ours, official, dtype):
         assert diff <= 1e-12, f"{name}: max |difference| {diff:.3g} > 1e-12"
     else:
         rel = diff / np.abs(official).max()
-        record(f"{name} [float32, max abs / max |Q|]", rel)
+        record(f"{name} [float32, max abs / max |official|]", rel)
         assert rel <= 1e-5, f"{name}: max |difference| / max |official| = {rel:.3g} > 1e-5"
 
 
