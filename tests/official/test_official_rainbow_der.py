@@ -1,0 +1,163 @@
+"""rainbow_tokenized.py and der_single_expert.py against dopamine's FullRainbowMoENetwork
+(labs/moes/architectures/networks.py) with its NoisyNetwork layers (dopamine/jax/networks.py): every weight perturbed,
+copied into the official module; the same Q-values and atom probabilities with the noise off, and with the noise on,
+the script's noise buffers set to the draws that the official module makes from its key. float64: <= 1e-12 on the
+same float64 frames / 255; float32: <= 1e-5 relative.
+
+Noise, as the official code draws it, and how the comparisons feed it to the script:
+- one key per network call (the official agents split one key per sample and vmap; here one key serves the whole
+  batch, which is how the scripts draw noise: once per forward, shared by the batch);
+- the experts' first layer draws from one key for all experts (nn.vmap does not split a module attribute), and its
+  `eval_mode` is never set, so its noise stays on in evaluation (softmoe.md section 10.3). The scripts switch all noise
+  off in evaluation and draw each expert's noise independently; the comparison with the noise off therefore zeroes the
+  official experts' sigma, and the comparison with the noise on gives every expert of the script the official draw;
+- the advantage and value heads are two NoisyNetwork modules built from one key (`feature_layer(key_1, ...)`): see
+  test_the_official_heads_draw_their_noise_from_one_key."""
+import contextlib
+import copy
+import functools
+
+import jax
+import numpy as np
+import pytest
+import torch
+from harness import load_script
+from official_mapping import (Mapper, assert_close, encoder_input, eps, frames, moe_networks, nhwc, x64,
+                              num_official_params, num_params, official_noise_draws, perturb_, preprocessed)
+
+NUM_ACTIONS = 6
+NUM_ATOMS = 51
+BATCH = 2
+
+# name: (script, script flags, official attributes)
+CONFIGS = {
+    "rainbow_tokenized defaults (Impala, SoftMoE-4)": (
+        "rainbow_tokenized", dict(), dict(encoder_type="IMPALA", num_experts=4, expert_hidden_units=512)),
+    "der_single_expert defaults (Nature CNN, SoftMoE-1 x2048)": (
+        "der_single_expert", dict(), dict(encoder_type="CNN", num_experts=1, expert_hidden_units=2048)),
+    "der_single_expert DER.gin (Nature CNN, SoftMoE-4 x512)": (
+        "der_single_expert", dict(num_experts=4, expert_hidden_units=512),
+        dict(encoder_type="CNN", num_experts=4, expert_hidden_units=512)),
+}
+
+
+@functools.cache
+def script_network(config):
+    script, flags, _ = CONFIGS[config]
+    m = load_script(script)
+    torch.manual_seed(0)
+    return perturb_(m.QNetwork(m.Args(**flags), NUM_ACTIONS), seed=1).double()
+
+
+def official_params(net, attributes, shapes, dtype, zero_expert_sigma=False):
+    mp = Mapper(net, dtype)
+    if attributes["encoder_type"] == "IMPALA":
+        mp.impala("encoder/")
+    else:
+        mp.nature("encoder/")
+    mp.put("SoftMoE_0/phi_weights", mp.take("moe.phi"))
+    mp.experts(noisy=True)
+    mp.noisy("NoisyNetwork_0", "advantage")  # the first head built: adv = net(x, num_actions * num_atoms)
+    mp.noisy("NoisyNetwork_1", "value")
+    params = mp.finish(shapes, {"SoftMoE_0/scalar": np.array([3.7])})  # unused without normalization
+    if zero_expert_sigma:  # the official experts ignore eval_mode: without noise is with sigma = 0
+        experts = params["params"]["ExpertModel_0"]["net"]
+        experts["kernel_sigma"], experts["bias_sigma"] = 0 * experts["kernel_sigma"], 0 * experts["bias_sigma"]
+    return params
+
+
+def official_module(config, exact):
+    return moe_networks.FullRainbowMoENetwork(num_actions=NUM_ACTIONS, num_atoms=NUM_ATOMS, nn_scale=1,
+                                              inputs_preprocessed=exact, **CONFIGS[config][2])
+
+
+@functools.cache
+def official_shapes(config):
+    x, support = np.zeros((84, 84, 4), np.float32), np.zeros(NUM_ATOMS, np.float32)
+    return jax.eval_shape(lambda: official_module(config, True).init(jax.random.PRNGKey(0), x, support,
+                                                                     key=jax.random.PRNGKey(0)))
+
+
+def prepare(config, dtype):
+    obs = frames(BATCH, seed=2)
+    net = script_network(config) if dtype == np.float64 else copy.deepcopy(script_network(config)).float()
+    exact = dtype == np.float64
+    x = preprocessed(obs, dtype) if exact else nhwc(obs)
+    support = net.support.numpy()  # the same atoms on both sides (torch's and jnp's float32 linspace differ by 1 ulp)
+    return net, obs, x, support, official_module(config, exact), official_shapes(config)
+
+
+def script_outputs(net, obs, dtype):
+    with torch.no_grad(), encoder_input(net, obs.double() / 255.0) if dtype == np.float64 else contextlib.nullcontext():
+        log_probs, q = net(obs)
+    return log_probs.exp().numpy(), q.numpy()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_noise_off_matches_the_official_eval_mode(config, dtype):
+    net, obs, x, support, official, shapes = prepare(config, dtype)
+    with x64(dtype == np.float64):
+        params = official_params(net, CONFIGS[config][2], shapes, dtype, zero_expert_sigma=True)
+        out = jax.jit(lambda p, x: jax.vmap(
+            lambda s: official.apply(p, s, support, eval_mode=True, key=jax.random.PRNGKey(5)))(x))(params, x)
+    net.eval()
+    probs, q = script_outputs(net, obs, dtype)
+    assert_close(f"{config} noise off, Q", q, out.q_values, dtype)
+    assert_close(f"{config} noise off, atom probabilities", probs, out.probabilities, dtype)
+    assert num_official_params(shapes) == num_params(net) + 1  # + SoftMoE's unused scalar
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_noise_on_matches_the_official_module_given_its_draws(config, dtype):
+    net, obs, x, support, official, shapes = prepare(config, dtype)
+    with x64(dtype == np.float64):
+        params = official_params(net, CONFIGS[config][2], shapes, dtype)
+        key = jax.random.PRNGKey(7)
+        with official_noise_draws() as draws:
+            out = jax.jit(lambda p, x: jax.vmap(
+                lambda s: official.apply(p, s, support, eval_mode=False, key=key))(x))(params, x)
+    assert {k: len(v) for k, v in draws.items()} == {"ExpertModel_0/net": 2, "NoisyNetwork_0": 2, "NoisyNetwork_1": 2}
+    with torch.no_grad():
+        experts = net.moe.experts
+        experts.eps_in.copy_(eps(draws["ExpertModel_0/net"][0]).expand_as(experts.eps_in))
+        experts.eps_out.copy_(eps(draws["ExpertModel_0/net"][1]).expand_as(experts.eps_out))
+        for layer, path in ((net.advantage, "NoisyNetwork_0"), (net.value, "NoisyNetwork_1")):
+            layer.eps_in.copy_(eps(draws[path][0]))
+            layer.eps_out.copy_(eps(draws[path][1]))
+    net.train()
+    probs, q = script_outputs(net, obs, dtype)
+    assert_close(f"{config} noise on, Q", q, out.q_values, dtype)
+    assert_close(f"{config} noise on, atom probabilities", probs, out.probabilities, dtype)
+    net.eval()  # and the noise really mattered
+    assert np.abs(script_outputs(net, obs, dtype)[1] - q).max() > 1e-3
+
+
+@pytest.mark.parametrize("partitionable", [True, False], ids=["threefry-partitionable", "threefry-original"])
+def test_the_official_heads_draw_their_noise_from_one_key(partitionable):
+    """Issue 13.5. FullRainbowMoENetwork.__call__ splits its key into key_1, key_2, key_3 and builds both dueling heads
+    with `net = feature_layer(key_1, ...)`: `adv = net(x, A * atoms)` and `value = net(x, atoms)` are two NoisyNetwork
+    modules with the same rng_key. Each splits it into (rng_p, rng_q) and draws p = normal(rng_p, [in, 1]) and
+    q = normal(rng_q, [1, out]). Hence: the two heads' eps_in = f(p) are identical, always; their eps_out = f(q) come
+    from one key with different shapes: under jax_threefry_partitionable (JAX's default since 0.5.0) the value head's
+    51 draws equal the advantage head's first 51 (those of action 0); under the original threefry (the default of the
+    JAX releases contemporary with dopamine-rl 4.1.2) they differ. The scripts draw the two heads independently.
+    (A small network, to compile fast: the keys are split and passed the same way for any encoder and expert size.)"""
+    with jax.threefry_partitionable(partitionable):
+        official = moe_networks.FullRainbowMoENetwork(num_actions=NUM_ACTIONS, num_atoms=NUM_ATOMS, nn_scale=1,
+                                                      inputs_preprocessed=True, encoder_type="CNN", num_experts=4,
+                                                      expert_hidden_units=16)
+        x = np.zeros((84, 84, 4), np.float32)
+        support = np.linspace(-10, 10, NUM_ATOMS, dtype=np.float32)
+        shapes = jax.eval_shape(lambda: official.init(jax.random.PRNGKey(0), x, support, key=jax.random.PRNGKey(1)))
+        params = jax.tree_util.tree_map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes)  # the draws need none
+        with official_noise_draws() as draws:
+            jax.jit(lambda p: official.apply(p, x, support, eval_mode=False, key=jax.random.PRNGKey(3)))(params)
+    (p_adv, q_adv), (p_value, q_value) = ([draw for draw, _ in draws[path]] for path in ("NoisyNetwork_0", "NoisyNetwork_1"))
+    assert p_adv.shape == p_value.shape == (7744, 1) and q_adv.shape == (1, NUM_ACTIONS * NUM_ATOMS)
+    np.testing.assert_array_equal(p_adv, p_value)  # eps_in: equal
+    assert np.array_equal(q_adv[:, :NUM_ATOMS], q_value) == partitionable  # eps_out: a prefix, or not
+    # and every expert gets the same noise: one draw for all four
+    (p_expert, _), (q_expert, _) = draws["ExpertModel_0/net"]
+    assert p_expert.shape == (64, 1) and q_expert.shape == (1, 16)
