@@ -4,8 +4,8 @@
     python benchmark/sigterm_exit.py --script der_single_expert --buffer-size 200000 --checkpoint-every 20000
 
 The script runs with a warm-up longer than the run (random actions, no learning: the memory fills at full speed) until
-the memory is full and a little more, then gets SIGTERM just after a periodic checkpoint plus `--margin` steps (the
-worst case is a signal just before the next periodic checkpoint: --margin close to --checkpoint-every). It prints the
+the memory is full, then gets SIGTERM about `--margin` steps after a periodic checkpoint (the worst case is a signal
+just before the next periodic checkpoint: --margin close to --checkpoint-every). It prints the
 seconds from the signal to the process's exit, what the signal's save wrote, and the checkpoint's size on disk.
 """
 import argparse
@@ -45,17 +45,18 @@ def main():
     print(f"$ cd {workdir} && {' '.join(command)}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    state_path = None
-    for line in proc.stdout:  # the progress line tells the step; it is printed every 30 s into a pipe
-        if "step " in line and "/" in line:
-            step = int(line.split("step ")[1].split("/")[0].replace(",", ""))
+    seen = []  # (time, step) of the progress lines, printed every 30 s into a pipe
+    for line in proc.stdout:
+        if line.startswith("step "):
+            seen.append((time.time(), int(line.split("step ")[1].split("/")[0].replace(",", ""))))
             print(line.rstrip(), flush=True)
-            if step >= stop_at - 20_000:
+            if seen[-1][1] >= full - 30_000:
                 break
     state_path = next(workdir.glob("runs/*/checkpoint/state.pt"))
-    while torch.load(state_path, weights_only=True, mmap=True)["global_step"] < full:
-        time.sleep(1)
-    time.sleep(opts.margin / 1500)  # about `margin` steps at a warm-up speed of ~1,500 SPS
+    while torch.load(state_path, weights_only=True, mmap=True)["global_step"] < full:  # the periodic save at `full`
+        time.sleep(0.2)
+    (t0, s0), (t1, s1) = seen[-2], seen[-1]
+    time.sleep(opts.margin / ((s1 - s0) / (t1 - t0)))  # about `margin` steps at the measured speed
     start = time.time()
     proc.send_signal(signal.SIGTERM)
     tail = proc.stdout.read()

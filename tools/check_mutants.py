@@ -37,7 +37,7 @@ def main(pattern=""):
             assert text.count(old) == 1, f"{script}: snippet for '{description}' occurs {text.count(old)} times"
             target.write_text(text.replace(old, new))
             env = dict(os.environ, CLEANRL_MOE_SCRIPTS=tmp)
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider", *tests],
                                   cwd=ROOT, env=env, capture_output=True, text=True)
         caught = proc.returncode != 0
         print(f"{'caught  ' if caught else 'SURVIVED'} {script}: {description}", flush=True)
