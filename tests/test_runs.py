@@ -43,6 +43,14 @@ def wait_for_file(pattern, cwd, proc, timeout=240):
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation stopped by Ctrl-C and resumed, with wandb (offline) and videos: every script
 # ---------------------------------------------------------------------------------------------------------------------
+def has(module):
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.skipif(not (has("wandb") and has("moviepy")),
+                    reason='needs the track and video extras: pip install ".[track,video]"')
 @pytest.mark.parametrize("name", NAMES)
 def test_ctrl_c_in_evaluation_resumes_only_the_rest_with_tracking_and_videos(name, tmp_path):
     m = load_script(name)
