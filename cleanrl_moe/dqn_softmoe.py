@@ -554,6 +554,31 @@ def make_optimizer(args, q_network):
 # <<< shared block: optimizer
 
 
+def make_training_env(args, run_name):
+    """The training environment of dqn.gin: sticky actions (--repeat-action-probability; `sticky_actions = True`),
+    frame skip 4, no no-op starts, episodes cut at --max-episode-steps agent steps; a lost life is not terminal."""
+    return make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
+                    capture_video=args.capture_video, video_dir=f"videos/{run_name}")
+
+
+def make_replay(args, device):
+    """dqn.gin's uniform replay memory: --buffer-size transitions, 1-step returns (`update_horizon = 1`)
+    discounted by --gamma."""
+    return ReplayMemory(args.buffer_size, n_step=1, gamma=args.gamma, device=device)
+
+
+def clip_reward(reward):
+    """The reward the agent learns from: Dopamine's Runner clips the game's reward to [-1, 1]; the logged episodic
+    return sums the raw game score."""
+    return np.clip(reward, -1.0, 1.0)
+
+
+def evaluation_settings(args):
+    """How `evaluate` plays the trained agent after --save-model: epsilon-greedy with --eval-epsilon
+    (dqn.gin's `epsilon_eval`), on environments seeded apart from training's (no no-op starts, as training)."""
+    return {"epsilon": args.eval_epsilon, "seed": args.seed + 1000}
+
+
 def dqn_loss(q_network, target_network, batch):
     """MSE between Q(s, a) and the target R + discount * max_a' Q_target(s', a'), where R is the (n-step)
     return and the discount is gamma^k, or 0 after a termination (both come from the replay memory)."""
@@ -953,15 +978,14 @@ if __name__ == "__main__":
     rng = np.random.default_rng(args.seed)  # epsilon-greedy actions and replay sampling
 
     # env setup
-    env = make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
-                   capture_video=args.capture_video, video_dir=f"videos/{run_name}")
+    env = make_training_env(args, run_name)
     num_actions = env.action_space.n
 
     q_network = QNetwork(args, num_actions).to(device)
     optimizer = make_optimizer(args, q_network)
     target_network = QNetwork(args, num_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
-    rb = ReplayMemory(args.buffer_size, n_step=1, gamma=args.gamma, device=replay_device)
+    rb = make_replay(args, replay_device)
     print(f"{run_name}: {sum(p.numel() for p in q_network.parameters()):,} parameters on {device}, "
           f"replay memory on {replay_device} ({ReplayMemory.bytes_per_slot()} bytes per transition)", flush=True)
 
@@ -1029,7 +1053,7 @@ if __name__ == "__main__":
         episode_length += 1
 
         # TRY NOT TO MODIFY: save data to replay memory; the final frame of an episode is kept
-        rb.add(stack[-1], action, np.clip(reward, -1.0, 1.0), terminated, truncated, next_frame)
+        rb.add(stack[-1], action, clip_reward(reward), terminated, truncated, next_frame)
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         if terminated or truncated:
@@ -1084,8 +1108,7 @@ if __name__ == "__main__":
         model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
         torch.save({"model": q_network.state_dict(), "args": vars(args)}, model_path)
         print(f"model saved to {model_path}")
-        eval_returns = evaluate(model_path, args.eval_episodes, run_name, device, epsilon=args.eval_epsilon,
-                                seed=args.seed + 1000)
+        eval_returns = evaluate(model_path, args.eval_episodes, run_name, device, **evaluation_settings(args))
         for idx, episodic_return in enumerate(eval_returns):
             writer.add_scalar("eval/episodic_return", episodic_return, idx)
         print(f"eval: mean return {np.mean(eval_returns):.1f} over {len(eval_returns)} episodes")
