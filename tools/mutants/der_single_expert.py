@@ -4,10 +4,11 @@ catches any drift of this copy."""
 
 UNIT = "tests/test_der_single_expert.py"
 E2E = "tests/test_der_single_expert_e2e.py"
+CONFIG = "tests/test_der_single_expert_config.py"
 
 MUTANTS = [
     ("der_single_expert", "defaults: van Hasselt's n-step 20 instead of DER.gin's 10",
-     "    n_step: int = 10\n", "    n_step: int = 20\n", [UNIT]),
+     "    n_step: int = 10\n", "    n_step: int = 20\n", [CONFIG]),
     ("der_single_expert", "DER network: the value stream reads the advantage stream's hidden layer",
      "value = self.value(value_hidden).view(-1, 1, self.num_atoms)",
      "value = self.value(advantage_hidden).view(-1, 1, self.num_atoms)", [UNIT]),
