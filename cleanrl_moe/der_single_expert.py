@@ -822,6 +822,26 @@ def make_optimizer(args, q_network):
 # <<< shared block: optimizer
 
 
+def make_training_env(args, run_name):
+    """The training environment of DER.gin: no sticky actions (--repeat-action-probability 0; `sticky_actions = False`),
+    frame skip 4, no no-op starts, episodes cut at --max-episode-steps agent steps; the training loop makes a lost life
+    terminal for learning (--terminal-on-life-loss)."""
+    return make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
+                    capture_video=args.capture_video, video_dir=f"videos/{run_name}")
+
+
+def make_replay(args, device):
+    """DER.gin's prioritized replay memory: --buffer-size slots, --n-step returns (`update_horizon = 10`)
+    discounted by --gamma."""
+    return PrioritizedReplayMemory(args.buffer_size, n_step=args.n_step, gamma=args.gamma, device=device)
+
+
+def clip_reward(reward):
+    """The reward the agent learns from: Dopamine's Runner clips the game's reward to [-1, 1]; the logged episodic
+    return sums the raw game score."""
+    return np.clip(reward, -1.0, 1.0)
+
+
 # >>> shared block: categorical
 def project_distribution(next_probs, returns, discounts, support):
     """The C51 projection (Bellemare et al. 2017, Algorithm 1), vectorized over the batch.
@@ -1586,15 +1606,14 @@ if __name__ == "__main__":
     noise.manual_seed(args.seed)
 
     # env setup
-    env = make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
-                   capture_video=args.capture_video, video_dir=f"videos/{run_name}")
+    env = make_training_env(args, run_name)
     num_actions = env.action_space.n
 
     q_network = QNetwork(args, num_actions).to(device)
     optimizer = make_optimizer(args, q_network)
     target_network = QNetwork(args, num_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
-    rb = PrioritizedReplayMemory(args.buffer_size, n_step=args.n_step, gamma=args.gamma, device=replay_device)
+    rb = make_replay(args, replay_device)
     print(f"{run_name}: {sum(p.numel() for p in q_network.parameters()):,} parameters on {device}, replay memory on "
           f"{replay_device} ({bytes_per_transition} bytes per transition with priorities)", flush=True)
 
@@ -1676,7 +1695,7 @@ if __name__ == "__main__":
         lives = info["lives"]
 
         # TRY NOT TO MODIFY: save data to replay memory; the final frame of an episode (or life) is kept
-        rb.add(stack[-1], action, np.clip(reward, -1.0, 1.0), terminated or life_lost, truncated, next_frame)
+        rb.add(stack[-1], action, clip_reward(reward), terminated or life_lost, truncated, next_frame)
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         if terminated or truncated:

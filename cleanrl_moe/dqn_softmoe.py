@@ -565,6 +565,31 @@ def make_optimizer(args, q_network):
 # <<< shared block: optimizer
 
 
+def make_training_env(args, run_name):
+    """The training environment of dqn.gin: sticky actions (--repeat-action-probability; `sticky_actions = True`),
+    frame skip 4, no no-op starts, episodes cut at --max-episode-steps agent steps; a lost life is not terminal."""
+    return make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
+                    capture_video=args.capture_video, video_dir=f"videos/{run_name}")
+
+
+def make_replay(args, device):
+    """dqn.gin's uniform replay memory: --buffer-size transitions, 1-step returns (`update_horizon = 1`)
+    discounted by --gamma."""
+    return ReplayMemory(args.buffer_size, n_step=1, gamma=args.gamma, device=device)
+
+
+def clip_reward(reward):
+    """The reward the agent learns from: Dopamine's Runner clips the game's reward to [-1, 1]; the logged episodic
+    return sums the raw game score."""
+    return np.clip(reward, -1.0, 1.0)
+
+
+def evaluation_settings(args):
+    """How `evaluate` plays the trained agent after --save-model: epsilon-greedy with --eval-epsilon
+    (dqn.gin's `epsilon_eval`), on environments seeded apart from training's (no no-op starts, as training)."""
+    return {"epsilon": args.eval_epsilon, "seed": args.seed + 1000}
+
+
 def dqn_loss(q_network, target_network, batch):
     """MSE between Q(s, a) and the target R + discount * max_a' Q_target(s', a'), where R is the (n-step)
     return and the discount is gamma^k, or 0 after a termination (both come from the replay memory)."""
@@ -1127,8 +1152,8 @@ def check_args(args):
 
 
 # >>> shared block: dqn_evaluate
-def evaluate(model_path, num_episodes, device, seed, returns=(), stop=None, video_dir=None):
-    """Returns of `num_episodes` episodes of the saved model, epsilon-greedy with its --eval-epsilon. Episode i starts
+def evaluate(model_path, num_episodes, device, epsilon, seed, returns=(), stop=None, video_dir=None):
+    """Returns of `num_episodes` episodes of the saved model, epsilon-greedy with `epsilon`. Episode i starts
     from env.reset(seed=seed + i) and draws its random actions from its own generator, so an evaluation stopped by a
     signal (`stop`) resumes after its last finished episode (`returns`) and ends as an uninterrupted one would."""
     saved = torch.load(model_path, map_location=device, weights_only=True)
@@ -1144,7 +1169,7 @@ def evaluate(model_path, num_episodes, device, seed, returns=(), stop=None, vide
         frame, _ = env.reset(seed=seed + len(returns))
         stack, episode_return, done = np.repeat(frame[None], 4, axis=0), 0.0, False
         while not (done or stop):
-            if rng.random() < args.eval_epsilon:
+            if rng.random() < epsilon:
                 action = int(rng.integers(env.action_space.n))
             else:
                 action = greedy_action(model, torch.as_tensor(stack, device=device).unsqueeze(0)).item()
@@ -1192,15 +1217,14 @@ if __name__ == "__main__":
     rng = np.random.default_rng(args.seed)  # epsilon-greedy actions and replay sampling
 
     # env setup
-    env = make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
-                   capture_video=args.capture_video, video_dir=f"videos/{run_name}")
+    env = make_training_env(args, run_name)
     num_actions = env.action_space.n
 
     q_network = QNetwork(args, num_actions).to(device)
     optimizer = make_optimizer(args, q_network)
     target_network = QNetwork(args, num_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
-    rb = ReplayMemory(args.buffer_size, n_step=1, gamma=args.gamma, device=replay_device)
+    rb = make_replay(args, replay_device)
     print(f"{run_name}: {sum(p.numel() for p in q_network.parameters()):,} parameters on {device}, "
           f"replay memory on {replay_device} ({ReplayMemory.bytes_per_slot()} bytes per transition)", flush=True)
 
@@ -1280,7 +1304,7 @@ if __name__ == "__main__":
         episode_length += 1
 
         # TRY NOT TO MODIFY: save data to replay memory; the final frame of an episode is kept
-        rb.add(stack[-1], action, np.clip(reward, -1.0, 1.0), terminated, truncated, next_frame)
+        rb.add(stack[-1], action, clip_reward(reward), terminated, truncated, next_frame)
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         if terminated or truncated:
@@ -1338,8 +1362,8 @@ if __name__ == "__main__":
         model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
         torch.save({"model": q_network.state_dict(), "args": vars(args)}, model_path)
         clock.enter("evaluation")
-        eval_returns = evaluate(model_path, args.eval_episodes, device, args.seed + 1000, eval_returns, stop,
-                                f"videos/{run_name}-eval" if args.capture_video else None)
+        eval_returns = evaluate(model_path, args.eval_episodes, device, **evaluation_settings(args), returns=eval_returns,
+                                stop=stop, video_dir=f"videos/{run_name}-eval" if args.capture_video else None)
         if stop:  # only the unfinished episodes run again on resume
             stop_here(args.total_timesteps, with_replay=replay_loaded and args.checkpoint_every > 0)
         for idx, episodic_return in enumerate(eval_returns):

@@ -771,6 +771,33 @@ def make_optimizer(args, q_network):
 # <<< shared block: optimizer
 
 
+def make_training_env(args, run_name):
+    """The training environment of full_rainbow.gin: sticky actions (--repeat-action-probability;
+    `sticky_actions = True`), frame skip 4, no no-op starts, episodes cut at --max-episode-steps agent steps; a lost
+    life is not terminal."""
+    return make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
+                    capture_video=args.capture_video, video_dir=f"videos/{run_name}")
+
+
+def make_replay(args, device):
+    """full_rainbow.gin's prioritized replay memory: --buffer-size transitions, --n-step returns
+    (`update_horizon = 3`) discounted by --gamma."""
+    return PrioritizedReplayMemory(args.buffer_size, n_step=args.n_step, gamma=args.gamma, device=device)
+
+
+def clip_reward(reward):
+    """The reward the agent learns from: Dopamine's Runner clips the game's reward to [-1, 1]; the logged episodic
+    return sums the raw game score."""
+    return np.clip(reward, -1.0, 1.0)
+
+
+def evaluation_settings(args):
+    """How `evaluate` plays the trained agent after --save-model: epsilon-greedy with --eval-epsilon
+    (full_rainbow.gin's `epsilon_eval`) and the noise off, on environments seeded apart from training's (no no-op
+    starts, as training)."""
+    return {"epsilon": args.eval_epsilon, "seed": args.seed + 1000}
+
+
 # >>> shared block: categorical
 def project_distribution(next_probs, returns, discounts, support):
     """The C51 projection (Bellemare et al. 2017, Algorithm 1), vectorized over the batch.
@@ -1418,8 +1445,8 @@ def check_args(args):
             fail("--capture-video needs moviepy: pip install moviepy (or drop --capture-video)")
 
 
-def evaluate(model_path, num_episodes, device, seed, returns=(), stop=None, video_dir=None):
-    """Returns of `num_episodes` episodes of the saved model with all noise off, epsilon-greedy with its --eval-epsilon.
+def evaluate(model_path, num_episodes, device, epsilon, seed, returns=(), stop=None, video_dir=None):
+    """Returns of `num_episodes` episodes of the saved model with all noise off, epsilon-greedy with `epsilon`.
     Episode i starts from env.reset(seed=seed + i) and draws its random actions from its own generator, so an
     evaluation stopped by a signal (`stop`) resumes after its last finished episode (`returns`) and ends as an
     uninterrupted one would."""
@@ -1436,7 +1463,7 @@ def evaluate(model_path, num_episodes, device, seed, returns=(), stop=None, vide
         frame, _ = env.reset(seed=seed + len(returns))
         stack, episode_return, done = np.repeat(frame[None], 4, axis=0), 0.0, False
         while not (done or stop):
-            if rng.random() < args.eval_epsilon:
+            if rng.random() < epsilon:
                 action = int(rng.integers(env.action_space.n))
             else:
                 with torch.no_grad():
@@ -1487,15 +1514,14 @@ if __name__ == "__main__":
     noise.manual_seed(args.seed)
 
     # env setup
-    env = make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
-                   capture_video=args.capture_video, video_dir=f"videos/{run_name}")
+    env = make_training_env(args, run_name)
     num_actions = env.action_space.n
 
     q_network = QNetwork(args, num_actions).to(device)
     optimizer = make_optimizer(args, q_network)
     target_network = QNetwork(args, num_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
-    rb = PrioritizedReplayMemory(args.buffer_size, n_step=args.n_step, gamma=args.gamma, device=replay_device)
+    rb = make_replay(args, replay_device)
     print(f"{run_name}: {sum(p.numel() for p in q_network.parameters()):,} parameters on {device}, replay memory on "
           f"{replay_device} ({bytes_per_transition} bytes per transition with priorities)", flush=True)
 
@@ -1573,7 +1599,7 @@ if __name__ == "__main__":
         episode_length += 1
 
         # TRY NOT TO MODIFY: save data to replay memory; the final frame of an episode is kept
-        rb.add(stack[-1], action, np.clip(reward, -1.0, 1.0), terminated, truncated, next_frame)
+        rb.add(stack[-1], action, clip_reward(reward), terminated, truncated, next_frame)
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         if terminated or truncated:
@@ -1638,8 +1664,8 @@ if __name__ == "__main__":
         model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
         torch.save({"model": q_network.state_dict(), "args": vars(args)}, model_path)
         clock.enter("evaluation")
-        eval_returns = evaluate(model_path, args.eval_episodes, device, args.seed + 1000, eval_returns, stop,
-                                f"videos/{run_name}-eval" if args.capture_video else None)
+        eval_returns = evaluate(model_path, args.eval_episodes, device, **evaluation_settings(args), returns=eval_returns,
+                                stop=stop, video_dir=f"videos/{run_name}-eval" if args.capture_video else None)
         if stop:  # only the unfinished episodes run again on resume
             stop_here(args.total_timesteps, with_replay=replay_loaded and args.checkpoint_every > 0)
         for idx, episodic_return in enumerate(eval_returns):

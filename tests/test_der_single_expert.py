@@ -1,7 +1,8 @@
-"""der_single_expert.py: its defaults against Dopamine's DER.gin, the official parameter counts (SoftMoE DER and the
-van Hasselt et al. network), the DER network against a float64 restatement, gradient clipping, and the Atari 100k
-evaluation protocol (noise off, epsilon, no-op starts, life loss, HNS arithmetic). The Rainbow machinery itself is
-shared with rainbow_tokenized.py (identical blocks) and tested there."""
+"""der_single_expert.py: the official parameter counts (SoftMoE DER and the van Hasselt et al. network), the DER
+network against a float64 restatement, gradient clipping, and the Atari 100k evaluation protocol (noise off, epsilon,
+no-op starts, life loss, HNS arithmetic). Its defaults against Dopamine's DER.gin are in
+test_der_single_expert_config.py. The Rainbow machinery itself is shared with rainbow_tokenized.py (identical blocks)
+and tested there."""
 import math
 from types import SimpleNamespace
 
@@ -29,23 +30,6 @@ def dense(fan_in, units):
 
 def conv(cin, cout, k):
     return k * k * cin * cout + cout
-
-
-def test_defaults_are_dopamines_der_gin_with_one_scaled_expert():
-    a = m.Args()
-    # labs/moes/configs/DER.gin (= labs/atari_100k/configs/DER.gin plus the MoE network); rainbow_der.md section 4
-    assert (a.learning_rate, a.adam_eps, a.batch_size, a.n_step, a.gamma) == (1e-4, 1.5e-4, 32, 10, 0.99)
-    assert (a.train_frequency, a.target_network_frequency, a.learning_starts) == (1, 2000, 1600)
-    assert (a.n_atoms, a.v_min, a.v_max, a.noisy_sigma0, a.epsilon_train) == (51, -10.0, 10.0, 0.1, 0.0)
-    assert (a.priority_exponent, a.priority_beta_start, a.priority_beta_end) == (0.5, 0.5, 0.5)
-    assert a.max_grad_norm == 0.0  # optax.adam without clipping
-    assert (a.repeat_action_probability, a.terminal_on_life_loss, a.max_episode_steps) == (0.0, True, 27_000)
-    assert a.total_timesteps == 100_000 and a.buffer_size >= 2 * a.total_timesteps  # nothing is ever overwritten
-    # the Atari 100k protocol
-    assert (a.eval_episodes, a.eval_epsilon, a.eval_noop_max) == (100, 0.001, 30)
-    # the paper's finding as the default network: one expert of 4 x 512 units over perconv tokens of the Nature CNN
-    assert (a.encoder, a.moe_type, a.tokenization, a.num_experts, a.expert_hidden_units) == (
-        "nature", "softmoe", "perconv", 1, 2048)
 
 
 NATURE = conv(4, 32, 8) + conv(32, 64, 4) + conv(64, 64, 3)

@@ -84,7 +84,7 @@ def test_ctrl_c_in_evaluation_resumes_only_the_rest_with_tracking_and_videos(nam
         expected = m.evaluate(net, args, 4, "cpu", args.seed + 1000)
         expected = [expected[i] for i in range(4)]
     else:
-        expected = m.evaluate(str(model), 4, "cpu", 1001)
+        expected = m.evaluate(str(model), 4, "cpu", **m.evaluation_settings(m.Args(**torch.load(model)["args"])))
     assert returns == expected
     if name == "der_single_expert":
         assert {i: returns[i] for i in done} == done  # the finished episodes were not run again

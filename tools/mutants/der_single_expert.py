@@ -4,10 +4,15 @@ catches any drift of this copy."""
 
 UNIT = "tests/test_der_single_expert.py"
 E2E = "tests/test_der_single_expert_e2e.py"
+CONFIG = "tests/test_der_single_expert_config.py"
+
+DEFAULTS = f"{CONFIG}::test_defaults_match_the_official_der_gin_with_one_scaled_expert"
+SCHEDULE = f"{CONFIG}::test_an_update_every_step_after_the_warm_up_and_a_target_copy_every_2000"
+REWARDS = f"{CONFIG}::test_rewards_are_clipped_for_learning_and_raw_in_the_logged_return_and_a_lost_life_is_terminal"
 
 MUTANTS = [
     ("der_single_expert", "defaults: van Hasselt's n-step 20 instead of DER.gin's 10",
-     "    n_step: int = 10\n", "    n_step: int = 20\n", [UNIT]),
+     "    n_step: int = 10\n", "    n_step: int = 20\n", [CONFIG]),
     ("der_single_expert", "DER network: the value stream reads the advantage stream's hidden layer",
      "value = self.value(value_hidden).view(-1, 1, self.num_atoms)",
      "value = self.value(advantage_hidden).view(-1, 1, self.num_atoms)", [UNIT]),
@@ -37,4 +42,30 @@ MUTANTS = [
      [E2E]),
     ("der_single_expert", "score = best evaluation episode instead of the mean",
      "score = float(np.mean(eval_returns))", "score = float(np.max(eval_returns))", [E2E]),
+    # configuration: a choice changed rather than a formula (tests/test_der_single_expert_config.py)
+    ("der_single_expert", "config: defaults: full_rainbow.gin's learning rate 6.25e-5 instead of DER.gin's 1e-4",
+     "    learning_rate: float = 1e-4\n", "    learning_rate: float = 6.25e-5\n", [DEFAULTS]),
+    ("der_single_expert", "config: defaults: sticky actions (full_rainbow.gin's) instead of DER.gin's none",
+     "    repeat_action_probability: float = 0.0\n", "    repeat_action_probability: float = 0.25\n",
+     [DEFAULTS, REWARDS]),
+    ("der_single_expert", "config: defaults: Rainbow's update period 4 instead of DER's 1",
+     "    train_frequency: int = 1\n", "    train_frequency: int = 4\n", [DEFAULTS, SCHEDULE]),
+    ("der_single_expert", "config: defaults: Rainbow's target period 8000 instead of DER's 2000",
+     "    target_network_frequency: int = 2000\n", "    target_network_frequency: int = 8000\n", [DEFAULTS, SCHEDULE]),
+    ("der_single_expert", "config: defaults: Rainbow's 20k-step warm-up instead of DER's 1600",
+     "    learning_starts: int = 1600\n", "    learning_starts: int = 20_000\n", [DEFAULTS, SCHEDULE]),
+    ("der_single_expert", "config: defaults: a lost life not terminal for learning",
+     "    terminal_on_life_loss: bool = True\n", "    terminal_on_life_loss: bool = False\n", [DEFAULTS, REWARDS]),
+    ("der_single_expert", "config: defaults: Kaixhin's 10 evaluation episodes instead of the protocol's 100",
+     "    eval_episodes: int = 100\n", "    eval_episodes: int = 10\n", [DEFAULTS]),
+    ("der_single_expert", "config: n-step not passed to the replay memory (1-step returns)",
+     "return PrioritizedReplayMemory(args.buffer_size, n_step=args.n_step, gamma=args.gamma, device=device)",
+     "return PrioritizedReplayMemory(args.buffer_size, gamma=args.gamma, device=device)", [DEFAULTS]),
+    ("der_single_expert", "config: training environment ignores --repeat-action-probability (make_env's default 0.25)",
+     "return make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,",
+     "return make_env(args.env_id, args.seed, max_episode_steps=args.max_episode_steps,", [DEFAULTS, REWARDS]),
+    ("der_single_expert", "config: the replay memory stores raw rewards (clipping dropped)",
+     "rb.add(stack[-1], action, clip_reward(reward),", "rb.add(stack[-1], action, reward,", [REWARDS]),
+    ("der_single_expert", "config: the logged return sums clipped rewards",
+     "        episode_return += reward\n", "        episode_return += clip_reward(reward)\n", [REWARDS]),
 ]

@@ -21,6 +21,13 @@ LAYER_BY_LAYER = """\
         entries(layer.weight)[dead] = True
 """
 
+CONFIG = "tests/test_dqn_redo_config.py"
+DEFAULTS = f"{CONFIG}::test_defaults_match_the_papers_dqn_on_dopamines_dqn_gin"
+SCHEDULE = f"{CONFIG}::test_updates_recycling_and_target_copies_follow_their_periods"
+LOSS = f"{CONFIG}::test_the_loss_is_the_huber_loss_to_the_target_networks_max"
+EVAL = f"{CONFIG}::test_evaluation_plays_epsilon_greedy_with_epsilon_eval_on_the_training_environment"
+REWARDS = f"{CONFIG}::test_rewards_are_clipped_for_learning_and_raw_in_the_logged_return"
+
 MUTANTS = [
     ("dqn_redo", "conv channel expanded with repeat (tile) instead of repeat_interleave at the flatten",
      "inputs = dead.repeat_interleave(fan_in // dead.numel())", "inputs = dead.repeat(fan_in // dead.numel())",
@@ -65,4 +72,33 @@ MUTANTS = [
     ("dqn_redo", "recycled neurons get no new incoming weights",
      "layer.weight[dead] = init_(torch.empty_like(layer.weight))[dead]", "init_(torch.empty_like(layer.weight))",
      [UNIT, LEARN]),
+    # configuration: a choice changed rather than a formula (tests/test_dqn_redo_config.py)
+    ("dqn_redo", "config: defaults: tau 0.1 (the paper's high replay-ratio value) at replay ratio 0.25",
+     "    redo_tau: float = 0.025\n", "    redo_tau: float = 0.1\n", [DEFAULTS]),
+    ("dqn_redo", "config: defaults: the official code's probe batch of 256 instead of the paper's 64",
+     "    redo_batch_size: int = 64\n", "    redo_batch_size: int = 256\n", [DEFAULTS]),
+    ("dqn_redo", "config: defaults: replay ratio 1 instead of DQN's 0.25",
+     "    replay_ratio: float = 0.25\n", "    replay_ratio: float = 1.0\n", [DEFAULTS, SCHEDULE]),
+    ("dqn_redo", "config: defaults: the port's target copy every 2000 steps instead of 8000",
+     "    target_network_frequency: int = 8000\n", "    target_network_frequency: int = 2000\n", [DEFAULTS, SCHEDULE]),
+    ("dqn_redo", "config: ReDo scores on a probe of the training batch's size",
+     "rb.sample_indices(args.redo_batch_size, rng)", "rb.sample_indices(args.batch_size, rng)", [DEFAULTS]),
+    ("dqn_redo", "config: ReDo scores at tau 0 whatever --redo-tau",
+     "masks, _ = dormant_neurons(q_network, probe, args.redo_tau)", "masks, _ = dormant_neurons(q_network, probe, 0.0)",
+     [DEFAULTS]),
+    ("dqn_redo", "config: double-Q target (the ReDo agent takes the target network's max)",
+     'target_max = target_network(batch["next_obs"]).max(dim=1).values',
+     'target_max = target_network(batch["next_obs"]).gather('
+     '1, q_network(batch["next_obs"]).argmax(1, keepdim=True)).squeeze(1)',
+     [LOSS, DEFAULTS]),
+    ("dqn_redo", "config: Huber loss summed over the batch instead of averaged",
+     "F.smooth_l1_loss(q_taken, td_target, beta=1.0)", 'F.smooth_l1_loss(q_taken, td_target, beta=1.0, reduction="sum")',
+     [LOSS, DEFAULTS]),
+    ("dqn_redo", "config: training environment without sticky actions",
+     "return make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,",
+     "return make_env(args.env_id, args.seed, 0.0, args.max_episode_steps,", [DEFAULTS, REWARDS]),
+    ("dqn_redo", "config: evaluation with the training's final epsilon 0.01 instead of epsilon_eval",
+     '{"epsilon": args.eval_epsilon,', '{"epsilon": args.end_e,', [DEFAULTS, EVAL]),
+    ("dqn_redo", "config: the replay memory stores raw rewards (clipping dropped)",
+     "rb.add(stack[-1], action, clip_reward(reward),", "rb.add(stack[-1], action, reward,", [REWARDS]),
 ]

@@ -4,6 +4,14 @@ DQN_LEARN = "tests/test_dqn_learning.py"
 REPLAY = "tests/test_replay.py"
 NET = "tests/test_dqn_softmoe_network.py"
 
+CONFIG = "tests/test_dqn_softmoe_config.py"
+DEFAULTS = f"{CONFIG}::test_defaults_match_the_official_dqn_gin"
+SCHEDULE = f"{CONFIG}::test_updates_follow_the_warm_up_and_the_update_and_target_periods"
+EPSILON = f"{CONFIG}::test_epsilon_is_one_through_the_warm_up_then_decays_linearly_to_end_e"
+LOSS = f"{CONFIG}::test_the_loss_is_the_mean_squared_error_to_the_target_networks_max"
+EVAL = f"{CONFIG}::test_evaluation_plays_epsilon_greedy_with_epsilon_eval_on_the_training_environment"
+REWARDS = f"{CONFIG}::test_rewards_are_clipped_for_learning_and_raw_in_the_logged_return"
+
 MUTANTS = [
     ("dqn_softmoe", "TD target sign flipped",
      'batch["returns"] + batch["discounts"] * target_max', 'batch["returns"] - batch["discounts"] * target_max',
@@ -47,4 +55,41 @@ MUTANTS = [
     ("dqn_softmoe", "xavier over the stacked expert tensor",
      "bound = math.sqrt(6.0 / (dim + hidden))", "bound = math.sqrt(6.0 / (dim * hidden + num_experts * hidden))",
      [NET]),
+    # configuration: a choice changed rather than a formula (tests/test_dqn_softmoe_config.py)
+    ("dqn_softmoe", "config: defaults: CleanRL's learning rate 1e-4 instead of dqn.gin's 6.25e-5",
+     "    learning_rate: float = 6.25e-5\n", "    learning_rate: float = 1e-4\n", [DEFAULTS]),
+    ("dqn_softmoe", "config: defaults: CleanRL's 80k-step warm-up instead of dqn.gin's 20k",
+     "    learning_starts: int = 20_000\n", "    learning_starts: int = 80_000\n", [DEFAULTS, SCHEDULE]),
+    ("dqn_softmoe", "config: defaults: CleanRL's target copy every 1000 steps instead of dqn.gin's 8000",
+     "    target_network_frequency: int = 8000\n", "    target_network_frequency: int = 1000\n", [DEFAULTS, SCHEDULE]),
+    ("dqn_softmoe", "config: defaults: epsilon decays over 1M steps (the Nature paper's 1M frames) instead of 250k",
+     "    exploration_steps: int = 250_000\n", "    exploration_steps: int = 1_000_000\n", [DEFAULTS, EPSILON]),
+    ("dqn_softmoe", "config: defaults: the episode cap of 108k frames read as agent steps",
+     "    max_episode_steps: int = 27_000\n", "    max_episode_steps: int = 108_000\n", [DEFAULTS]),
+    ("dqn_softmoe", "config: Huber loss instead of dqn.gin's MSE",
+     "return F.mse_loss(q_taken, td_target), q_taken", "return F.smooth_l1_loss(q_taken, td_target), q_taken",
+     [LOSS, DEFAULTS]),
+    ("dqn_softmoe", "config: loss summed over the batch instead of averaged",
+     "return F.mse_loss(q_taken, td_target), q_taken", 'return F.mse_loss(q_taken, td_target, reduction="sum"), q_taken',
+     [LOSS, DEFAULTS]),
+    ("dqn_softmoe", "config: double-Q target (Dopamine's DQN takes the target network's max)",
+     'target_max = target_network(batch["next_obs"]).max(dim=1).values',
+     'target_max = target_network(batch["next_obs"]).gather('
+     '1, q_network(batch["next_obs"]).argmax(1, keepdim=True)).squeeze(1)',
+     [LOSS, DEFAULTS]),
+    ("dqn_softmoe", "config: update period ignored: an update every agent step",
+     "    if step % args.train_frequency == 0:\n", "    if True:\n", [SCHEDULE, DEFAULTS]),
+    ("dqn_softmoe", "config: replay memory built with 3-step returns",
+     "return ReplayMemory(args.buffer_size, n_step=1, gamma=args.gamma, device=device)",
+     "return ReplayMemory(args.buffer_size, n_step=3, gamma=args.gamma, device=device)", [DEFAULTS]),
+    ("dqn_softmoe", "config: training environment without sticky actions",
+     "return make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,",
+     "return make_env(args.env_id, args.seed, 0.0, args.max_episode_steps,", [DEFAULTS, REWARDS]),
+    ("dqn_softmoe", "config: evaluation with the training's final epsilon 0.01 instead of epsilon_eval",
+     '{"epsilon": args.eval_epsilon,', '{"epsilon": args.end_e,', [DEFAULTS, EVAL]),
+    ("dqn_softmoe", "config: the replay memory stores raw rewards (clipping dropped)",
+     "rb.add(stack[-1], action, clip_reward(reward),", "rb.add(stack[-1], action, reward,", [REWARDS]),
+    ("dqn_softmoe", "config: the logged return sums clipped rewards",
+     "        episode_return += reward\n        episode_length += 1\n",
+     "        episode_return += clip_reward(reward)\n        episode_length += 1\n", [REWARDS]),
 ]

@@ -4,6 +4,13 @@ NET = "tests/test_rainbow_tokenized_network.py"
 REPLAY = "tests/test_rainbow_tokenized_replay.py"
 LEARN = "tests/test_rainbow_tokenized_learning.py"
 
+CONFIG = "tests/test_rainbow_tokenized_config.py"
+DEFAULTS = f"{CONFIG}::test_defaults_match_the_official_full_rainbow_gin"
+SCHEDULE = f"{CONFIG}::test_updates_and_target_copies_follow_the_warm_up_and_their_periods"
+LOSS = f"{CONFIG}::test_the_loss_is_the_cross_entropy_to_the_double_q_target"
+EVAL = f"{CONFIG}::test_evaluation_plays_the_noise_free_network_epsilon_greedy_with_epsilon_eval"
+REWARDS = f"{CONFIG}::test_rewards_are_clipped_for_learning_and_raw_in_the_logged_return"
+
 MUTANTS = [
     # the C51 projection
     ("rainbow_tokenized", "projection: lower and upper neighbours swapped",
@@ -99,4 +106,30 @@ MUTANTS = [
     ("rainbow_tokenized", "tokenized baseline aggregates before the ReLU",
      "hidden = F.relu(self.hidden(self.tokenizer(x)))  # [B, m, units]",
      "hidden = self.hidden(self.tokenizer(x))  # [B, m, units]", [NET]),
+    # configuration: a choice changed rather than a formula (tests/test_rainbow_tokenized_config.py)
+    ("rainbow_tokenized", "config: defaults: DER.gin's learning rate 1e-4 instead of full_rainbow.gin's 6.25e-5",
+     "    learning_rate: float = 6.25e-5\n", "    learning_rate: float = 1e-4\n", [DEFAULTS]),
+    ("rainbow_tokenized", "config: defaults: the Rainbow paper's initial IS exponent 0.4 instead of Dopamine's fixed 0.5",
+     "    priority_beta_start: float = 0.5\n", "    priority_beta_start: float = 0.4\n", [DEFAULTS]),
+    ("rainbow_tokenized", "config: defaults: the NoisyNet paper's sigma0 0.5 instead of Dopamine's 0.1",
+     "    noisy_sigma0: float = 0.1\n", "    noisy_sigma0: float = 0.5\n", [DEFAULTS]),
+    ("rainbow_tokenized", "config: defaults: the gin's epsilon_train 0.01, which noisy Dopamine ignores",
+     "    epsilon_train: float = 0.0\n", "    epsilon_train: float = 0.01\n", [DEFAULTS]),
+    ("rainbow_tokenized", "config: defaults: Kaixhin's gradient clipping at norm 10",
+     "    max_grad_norm: float = 0.0\n", "    max_grad_norm: float = 10.0\n", [DEFAULTS, SCHEDULE]),
+    ("rainbow_tokenized", "config: n-step not passed to the replay memory (1-step returns)",
+     "return PrioritizedReplayMemory(args.buffer_size, n_step=args.n_step, gamma=args.gamma, device=device)",
+     "return PrioritizedReplayMemory(args.buffer_size, gamma=args.gamma, device=device)", [DEFAULTS]),
+    ("rainbow_tokenized", "config: update period ignored: an update every agent step",
+     "    if step % args.train_frequency == 0:\n", "    if True:\n", [SCHEDULE, DEFAULTS]),
+    ("rainbow_tokenized", "config: KL divergence instead of the cross-entropy (same gradient, other priorities)",
+     'loss = -(target * log_probs[rows, batch["actions"]]).sum(1)',
+     'loss = (target * (target.clamp_min(1e-30).log() - log_probs[rows, batch["actions"]])).sum(1)', [LOSS, DEFAULTS]),
+    ("rainbow_tokenized", "config: training environment without sticky actions",
+     "return make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,",
+     "return make_env(args.env_id, args.seed, 0.0, args.max_episode_steps,", [DEFAULTS, REWARDS]),
+    ("rainbow_tokenized", "config: evaluation with the training epsilon 0 instead of epsilon_eval",
+     '{"epsilon": args.eval_epsilon,', '{"epsilon": args.epsilon_train,', [DEFAULTS, EVAL]),
+    ("rainbow_tokenized", "config: the replay memory stores raw rewards (clipping dropped)",
+     "rb.add(stack[-1], action, clip_reward(reward),", "rb.add(stack[-1], action, reward,", [REWARDS]),
 ]
