@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import gymnasium as gym
 import numpy as np
 import torch
-from harness import only_run_dir, run_script, scalars
+from harness import only_run_dir, read_checkpoint, run_script, scalars
 
 
 def assert_matches_official(official, measured):
@@ -143,7 +143,7 @@ def run_and_replay(script, flags, tmp_path, sticky, life_loss_terminal):
     than the run keeps every transition."""
     run_script(script, *flags, cwd=tmp_path)
     run_dir = only_run_dir(tmp_path)
-    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    checkpoint = read_checkpoint(run_dir)
     args, replay = checkpoint["args"], checkpoint["replay"]
     assert replay["cursor"] < args["buffer_size"], "the memory must hold the whole run"
     transition = replay["is_transition"].numpy()

@@ -228,7 +228,7 @@ def test_evaluation_restarts_the_frame_stack_at_a_lost_life_and_ends_at_game_ove
     scores = m.evaluate(net, m.Args(env_id="ALE/Assault-v5", eval_noop_max=0), 1, "cpu", seed=0)
     env = recorded_envs[0][2]
     lives = np.array(env.lives)
-    assert lives[0] > 1 and lives[-1] == 0 and scores == [0.0]  # one episode = the whole game
+    assert lives[0] > 1 and lives[-1] == 0 and scores == {0: 0.0}  # one episode = the whole game
     inputs = [x[0] for x in net.inputs]  # the stack seen before action t
     assert len(inputs) == len(env.actions)
     lost = [t for t in range(1, len(lives) - 1) if lives[t] < lives[t - 1]]
