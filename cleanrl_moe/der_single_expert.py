@@ -182,6 +182,20 @@ def make_env(env_id, seed, repeat_action_probability=0.25, max_episode_steps=27_
 # <<< shared block: env
 
 
+def make_training_env(args, run_name):
+    """The training environment of DER.gin: no sticky actions (--repeat-action-probability 0; `sticky_actions = False`),
+    frame skip 4, no no-op starts, episodes cut at --max-episode-steps agent steps; the training loop makes a lost life
+    terminal for learning (--terminal-on-life-loss)."""
+    return make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
+                    capture_video=args.capture_video, video_dir=f"videos/{run_name}")
+
+
+def clip_reward(reward):
+    """The reward the agent learns from: Dopamine's Runner clips the game's reward to [-1, 1]; the logged episodic
+    return sums the raw game score."""
+    return np.clip(reward, -1.0, 1.0)
+
+
 # ALGO LOGIC: initialize agent here:
 # >>> shared block: nature
 def xavier_(layer):
@@ -241,6 +255,8 @@ def max_pool_same(x, kernel=3, stride=2):
 
 
 class ResidualBlock(nn.Module):
+    """Impala's residual block: x + conv(ReLU(conv(ReLU(x)))), 3x3 SAME convs, shapes kept [B, C, H, W]."""
+
     def __init__(self, channels):
         super().__init__()
         self.conv0 = SameConv2d(channels, channels, 3)
@@ -809,6 +825,12 @@ class PrioritizedReplayMemory(ReplayMemory):
 # <<< shared block: prioritized
 
 
+def make_replay(args, device):
+    """DER.gin's prioritized replay memory: --buffer-size slots, --n-step returns (`update_horizon = 10`)
+    discounted by --gamma."""
+    return PrioritizedReplayMemory(args.buffer_size, n_step=args.n_step, gamma=args.gamma, device=device)
+
+
 # >>> shared block: optimizer
 def make_optimizer(args, q_network):
     """Adam with Dopamine's learning rate and epsilon, fused into one kernel over all parameters (CPU and CUDA).
@@ -820,26 +842,6 @@ def make_optimizer(args, q_network):
     optimizer.found_inf = torch.zeros((), device=device)
     return optimizer
 # <<< shared block: optimizer
-
-
-def make_training_env(args, run_name):
-    """The training environment of DER.gin: no sticky actions (--repeat-action-probability 0; `sticky_actions = False`),
-    frame skip 4, no no-op starts, episodes cut at --max-episode-steps agent steps; the training loop makes a lost life
-    terminal for learning (--terminal-on-life-loss)."""
-    return make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
-                    capture_video=args.capture_video, video_dir=f"videos/{run_name}")
-
-
-def make_replay(args, device):
-    """DER.gin's prioritized replay memory: --buffer-size slots, --n-step returns (`update_horizon = 10`)
-    discounted by --gamma."""
-    return PrioritizedReplayMemory(args.buffer_size, n_step=args.n_step, gamma=args.gamma, device=device)
-
-
-def clip_reward(reward):
-    """The reward the agent learns from: Dopamine's Runner clips the game's reward to [-1, 1]; the logged episodic
-    return sums the raw game score."""
-    return np.clip(reward, -1.0, 1.0)
 
 
 # >>> shared block: categorical

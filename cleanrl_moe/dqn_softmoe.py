@@ -150,6 +150,19 @@ def make_env(env_id, seed, repeat_action_probability=0.25, max_episode_steps=27_
 # <<< shared block: env
 
 
+def make_training_env(args, run_name):
+    """The training environment of dqn.gin: sticky actions (--repeat-action-probability; `sticky_actions = True`),
+    frame skip 4, no no-op starts, episodes cut at --max-episode-steps agent steps; a lost life is not terminal."""
+    return make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
+                    capture_video=args.capture_video, video_dir=f"videos/{run_name}")
+
+
+def clip_reward(reward):
+    """The reward the agent learns from: Dopamine's Runner clips the game's reward to [-1, 1]; the logged episodic
+    return sums the raw game score."""
+    return np.clip(reward, -1.0, 1.0)
+
+
 # ALGO LOGIC: initialize agent here:
 # >>> shared block: nature
 def xavier_(layer):
@@ -209,6 +222,8 @@ def max_pool_same(x, kernel=3, stride=2):
 
 
 class ResidualBlock(nn.Module):
+    """Impala's residual block: x + conv(ReLU(conv(ReLU(x)))), 3x3 SAME convs, shapes kept [B, C, H, W]."""
+
     def __init__(self, channels):
         super().__init__()
         self.conv0 = SameConv2d(channels, channels, 3)
@@ -533,6 +548,12 @@ class ReplayMemory:
 # <<< shared block: replay
 
 
+def make_replay(args, device):
+    """dqn.gin's uniform replay memory: --buffer-size transitions, 1-step returns (`update_horizon = 1`)
+    discounted by --gamma."""
+    return ReplayMemory(args.buffer_size, n_step=1, gamma=args.gamma, device=device)
+
+
 # >>> shared block: epsilon_greedy
 def linear_schedule(start_e, end_e, duration, t):
     """start_e at t = 0, linear to end_e at t = duration, end_e after."""
@@ -563,31 +584,6 @@ def make_optimizer(args, q_network):
     optimizer.found_inf = torch.zeros((), device=device)
     return optimizer
 # <<< shared block: optimizer
-
-
-def make_training_env(args, run_name):
-    """The training environment of dqn.gin: sticky actions (--repeat-action-probability; `sticky_actions = True`),
-    frame skip 4, no no-op starts, episodes cut at --max-episode-steps agent steps; a lost life is not terminal."""
-    return make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
-                    capture_video=args.capture_video, video_dir=f"videos/{run_name}")
-
-
-def make_replay(args, device):
-    """dqn.gin's uniform replay memory: --buffer-size transitions, 1-step returns (`update_horizon = 1`)
-    discounted by --gamma."""
-    return ReplayMemory(args.buffer_size, n_step=1, gamma=args.gamma, device=device)
-
-
-def clip_reward(reward):
-    """The reward the agent learns from: Dopamine's Runner clips the game's reward to [-1, 1]; the logged episodic
-    return sums the raw game score."""
-    return np.clip(reward, -1.0, 1.0)
-
-
-def evaluation_settings(args):
-    """How `evaluate` plays the trained agent after --save-model: epsilon-greedy with --eval-epsilon
-    (dqn.gin's `epsilon_eval`), on environments seeded apart from training's (no no-op starts, as training)."""
-    return {"epsilon": args.eval_epsilon, "seed": args.seed + 1000}
 
 
 def dqn_loss(q_network, target_network, batch):
@@ -629,6 +625,12 @@ def train_step(step, args, q_network, target_network, optimizer, rb, rng, update
     if step % args.target_network_frequency == 0:
         target_network.load_state_dict(q_network.state_dict())  # in place: a CUDA graph sees the new weights
     return out
+
+
+def evaluation_settings(args):
+    """How `evaluate` plays the trained agent after --save-model: epsilon-greedy with --eval-epsilon
+    (dqn.gin's `epsilon_eval`), on environments seeded apart from training's (no no-op starts, as training)."""
+    return {"epsilon": args.eval_epsilon, "seed": args.seed + 1000}
 
 
 # =====================================================================================================================

@@ -172,6 +172,20 @@ def make_env(env_id, seed, repeat_action_probability=0.25, max_episode_steps=27_
 # <<< shared block: env
 
 
+def make_training_env(args, run_name):
+    """The training environment of full_rainbow.gin: sticky actions (--repeat-action-probability;
+    `sticky_actions = True`), frame skip 4, no no-op starts, episodes cut at --max-episode-steps agent steps; a lost
+    life is not terminal."""
+    return make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
+                    capture_video=args.capture_video, video_dir=f"videos/{run_name}")
+
+
+def clip_reward(reward):
+    """The reward the agent learns from: Dopamine's Runner clips the game's reward to [-1, 1]; the logged episodic
+    return sums the raw game score."""
+    return np.clip(reward, -1.0, 1.0)
+
+
 # ALGO LOGIC: initialize agent here:
 # >>> shared block: nature
 def xavier_(layer):
@@ -231,6 +245,8 @@ def max_pool_same(x, kernel=3, stride=2):
 
 
 class ResidualBlock(nn.Module):
+    """Impala's residual block: x + conv(ReLU(conv(ReLU(x)))), 3x3 SAME convs, shapes kept [B, C, H, W]."""
+
     def __init__(self, channels):
         super().__init__()
         self.conv0 = SameConv2d(channels, channels, 3)
@@ -758,6 +774,12 @@ class PrioritizedReplayMemory(ReplayMemory):
 # <<< shared block: prioritized
 
 
+def make_replay(args, device):
+    """full_rainbow.gin's prioritized replay memory: --buffer-size transitions, --n-step returns
+    (`update_horizon = 3`) discounted by --gamma."""
+    return PrioritizedReplayMemory(args.buffer_size, n_step=args.n_step, gamma=args.gamma, device=device)
+
+
 # >>> shared block: optimizer
 def make_optimizer(args, q_network):
     """Adam with Dopamine's learning rate and epsilon, fused into one kernel over all parameters (CPU and CUDA).
@@ -769,33 +791,6 @@ def make_optimizer(args, q_network):
     optimizer.found_inf = torch.zeros((), device=device)
     return optimizer
 # <<< shared block: optimizer
-
-
-def make_training_env(args, run_name):
-    """The training environment of full_rainbow.gin: sticky actions (--repeat-action-probability;
-    `sticky_actions = True`), frame skip 4, no no-op starts, episodes cut at --max-episode-steps agent steps; a lost
-    life is not terminal."""
-    return make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
-                    capture_video=args.capture_video, video_dir=f"videos/{run_name}")
-
-
-def make_replay(args, device):
-    """full_rainbow.gin's prioritized replay memory: --buffer-size transitions, --n-step returns
-    (`update_horizon = 3`) discounted by --gamma."""
-    return PrioritizedReplayMemory(args.buffer_size, n_step=args.n_step, gamma=args.gamma, device=device)
-
-
-def clip_reward(reward):
-    """The reward the agent learns from: Dopamine's Runner clips the game's reward to [-1, 1]; the logged episodic
-    return sums the raw game score."""
-    return np.clip(reward, -1.0, 1.0)
-
-
-def evaluation_settings(args):
-    """How `evaluate` plays the trained agent after --save-model: epsilon-greedy with --eval-epsilon
-    (full_rainbow.gin's `epsilon_eval`) and the noise off, on environments seeded apart from training's (no no-op
-    starts, as training)."""
-    return {"epsilon": args.eval_epsilon, "seed": args.seed + 1000}
 
 
 # >>> shared block: categorical
@@ -915,6 +910,13 @@ def train_step(step, args, q_network, target_network, optimizer, rb, rng, noise,
         target_network.load_state_dict(q_network.state_dict())  # in place: a CUDA graph sees the new weights
     return out
 # <<< shared block: rainbow_update
+
+
+def evaluation_settings(args):
+    """How `evaluate` plays the trained agent after --save-model: epsilon-greedy with --eval-epsilon
+    (full_rainbow.gin's `epsilon_eval`) and the noise off, on environments seeded apart from training's (no no-op
+    starts, as training)."""
+    return {"epsilon": args.eval_epsilon, "seed": args.seed + 1000}
 
 
 # =====================================================================================================================

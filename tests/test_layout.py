@@ -34,8 +34,10 @@ def test_method_comes_before_the_plumbing(path):
         assert name in method, f"{path.name}: {name} belongs to the method, before the banner"
     for name in PLUMBING:
         assert name in plumbing, f"{path.name}: {name} belongs to the plumbing, after the banner"
-    assert max(method.values()) == method[METHOD_LAST], f"{path.name}: train_step should close the method section"
-    assert defs["QNetwork"] < defs["ReplayMemory"] < defs["update"] < defs["train_step"]
+    last = max(line for name, line in method.items() if name != "evaluation_settings")  # the protocol may follow
+    assert last == method[METHOD_LAST], f"{path.name}: train_step should close the training method"
+    assert defs["make_env"] < defs["make_training_env"] < defs["QNetwork"] < defs["ReplayMemory"] < defs["make_replay"]
+    assert defs["make_replay"] < defs["update"] < defs["train_step"]
     main = next(i for i, line in enumerate(lines) if line.startswith('if __name__ == "__main__":'))
     assert main + 1 > max(defs.values()), f"{path.name}: the loop comes last"
 

@@ -33,7 +33,7 @@ SECTIONS = {  # what each definition is part of, in the words of the papers' met
 def first_sentence(node):
     doc = ast.get_docstring(node) or ""
     text = " ".join(doc.split())
-    match = re.match(r"(.+?\.)(\s|$)", text)
+    match = re.match(r"(.+?(?<! al)(?<!e\.g)(?<!i\.e)\.)(\s|$)", text)  # "et al." and "e.g." end no sentence
     sentence = (match.group(1) if match else text).rstrip(".")
     return sentence.replace("|", "\\|") or {"Args": "every flag, with its docstring (`--help`)"}.get(node.name, "")
 
