@@ -24,7 +24,7 @@ MUTANTS = [
     ("der_single_expert", "evaluation with the noise on (training mode)",
      "q_network.eval()  # every noisy layer", "pass  # every noisy layer", [UNIT]),
     ("der_single_expert", "evaluation epsilon ignored",
-     "if rng.random() < args.eval_epsilon:", "if rng.random() < 0.0:", [UNIT]),
+     "if rngs[i].random() < args.eval_epsilon:", "if rngs[i].random() < 0.0:", [UNIT]),
     ("der_single_expert", "evaluation without no-op starts",
      "noop_max=args.eval_noop_max,", "noop_max=0,", [UNIT]),
     ("der_single_expert", "evaluation: the frame stack crosses a lost life",

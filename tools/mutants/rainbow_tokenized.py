@@ -72,8 +72,8 @@ MUTANTS = [
     ("rainbow_tokenized", "final-frame slots get a priority",
      "entering = entering[self.is_transition[entering % self.capacity]]", "pass", [REPLAY]),
     ("rainbow_tokenized", "priorities not checkpointed",
-     'return {**super().state_dict(), "tree": self.tree.state_dict()}',
-     'return {**super().state_dict(), "tree": SumTree(self.capacity).state_dict()}', [REPLAY]),
+     '"priorities": torch.from_numpy(priorities), "max_priority"',
+     '"priorities": torch.ones_like(torch.from_numpy(priorities)), "max_priority"', [REPLAY]),
     # noise
     ("rainbow_tokenized", "noise left on at evaluation (noisy layers)",
      "if not (self.training and self.noise_enabled):", "if not self.noise_enabled:", [NET]),
