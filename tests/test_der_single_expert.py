@@ -49,6 +49,11 @@ def test_official_parameter_counts():
     # the flatten baseline scaled 4x: NoisyNetwork(2048) on the 7744 features, then the two heads on 2048
     baseline = NATURE + noisy(7744, 2048) + noisy(2048, 18 * 51) + noisy(2048, 51)
     assert num_params(m.QNetwork(m.Args(moe_type="baseline"), 18)) == baseline
+    # DER.gin's own network (Dopamine's Rainbow torso: flatten -> NoisyNetwork(512) -> the heads), the command the docs
+    # give for it: --moe-type baseline --num-experts 1 --expert-hidden-units 512
+    der_gin = NATURE + noisy(7744, 512) + noisy(512, 18 * 51) + noisy(512, 51)
+    net = m.QNetwork(m.Args(moe_type="baseline", num_experts=1, expert_hidden_units=512), 18)
+    assert num_params(net) == der_gin == 9_003_058
 
 
 def test_der_encoder_is_the_van_hasselt_network():

@@ -80,7 +80,9 @@ def assert_same_training_state(a, b):
     assert torch.equal(a["env"]["ale"], b["env"]["ale"])
 
 
-@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL])
+# SIGTERM only: a SIGKILL resumes from the last periodic save through the same shared checkpoint code, which
+# tests/test_dqn_softmoe_e2e.py kills; the sum tree and the noise generator are in both kinds of save
+@pytest.mark.parametrize("kill", [signal.SIGTERM])
 def test_killed_run_resumes_bit_identically(tmp_path, uninterrupted, kill):
     proc = start_script(SCRIPT, *RESUME, cwd=tmp_path)
     run_dir = wait_for_checkpoint(tmp_path, proc, min_step=200)  # interrupt it while it learns

@@ -203,7 +203,8 @@ def episodic_returns(run):
 
 def plot_curves(rows, out_dir, bins=50):
     """One PNG per game: per variant, the mean over seeds of the episodic return (averaged in step bins), with the
-    seeds' min-max band."""
+    seeds' min-max band, each seed's own curve (thin), and each run's evaluation score, where it has one, as a dot at
+    its last step."""
     import warnings
 
     import matplotlib
@@ -233,6 +234,13 @@ def plot_curves(rows, out_dir, bins=50):
             line, = ax.plot(centers, mean, marker="." if len(data[0][0]) < 20 else None,
                             label=f"{variant} ({len(data)} seeds)")
             ax.fill_between(centers, low, high, color=line.get_color(), alpha=0.2)
+            for curve in curves:
+                ax.plot(centers, curve, color=line.get_color(), linewidth=0.6, alpha=0.5)
+            evaluated = [row for row in rows if row["run"].game == game and row["run"].variant == variant
+                         and row["source"].startswith("eval") and row["score"] is not None]
+            if evaluated:
+                ax.scatter([edges[-1]] * len(evaluated), [row["score"] for row in evaluated], color=line.get_color(),
+                           marker="o", zorder=3, label=f"{variant}: evaluation score of each run")
         if ax.lines:
             ax.set(title=game, xlabel="agent steps", ylabel="episodic return (training)")
             ax.legend(fontsize=8)
