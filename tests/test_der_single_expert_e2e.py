@@ -77,7 +77,9 @@ def test_end_to_end_writes_the_atari_100k_result_and_ends_learning_episodes_at_a
     assert result(only_run_dir(tmp_path / "no_life_loss"))["score"] is None
 
 
-RESUME = [*TINY, "--total-timesteps", 600, "--checkpoint-every", 100, "--eval-episodes", 0]
+# target copies at 150, 300, 450, 600 (DER.gin: every 2,000): the interruption comes after the first
+RESUME = [*TINY, "--total-timesteps", 600, "--checkpoint-every", 100, "--eval-episodes", 0,
+          "--target-network-frequency", 150]
 
 
 def test_sigterm_then_resume_is_bit_identical(tmp_path):

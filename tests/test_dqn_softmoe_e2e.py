@@ -36,7 +36,8 @@ def test_end_to_end_logs_and_checkpoint(tmp_path):
     assert info["steps"] == 400 and info["episodes"] == len(returns) and info["env_id"] == "ALE/SpaceInvaders-v5"
 
 
-RESUME = [*TINY, "--total-timesteps", 700, "--checkpoint-every", 100]
+# a target copy every 150 steps (after the warm-up of 100: at 150, 300, ...): the interruption comes after the first
+RESUME = [*TINY, "--total-timesteps", 700, "--checkpoint-every", 100, "--target-network-frequency", 150]
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +66,14 @@ def assert_same_training_state(a, b):
 @pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL])
 def test_killed_run_resumes_bit_identically(tmp_path, uninterrupted, kill):
     proc = start_script(SCRIPT, *RESUME, cwd=tmp_path)
-    run_dir = wait_for_checkpoint(tmp_path, proc)
+    run_dir = wait_for_checkpoint(tmp_path, proc, min_step=200)  # after the first target copy
     proc.send_signal(kill)
     out, err = proc.communicate(timeout=120)
     if kill == signal.SIGTERM:
         assert proc.returncode == 143, err
         assert "SIGTERM at step" in out and "checkpoint saved" in out
     interrupted_at = read_checkpoint(run_dir)["global_step"]
-    assert 100 <= interrupted_at < 700, "the run was not interrupted mid-way"
+    assert 200 <= interrupted_at < 700, "the run was not interrupted between target copies"
     resumed = run_script(SCRIPT, "--resume", run_dir, cwd=tmp_path)
     assert "resumed" in resumed.stdout and f"at step {interrupted_at:,}" in resumed.stdout
     assert_same_training_state(read_checkpoint(uninterrupted), read_checkpoint(run_dir))

@@ -48,7 +48,10 @@ def test_end_to_end_logs_checkpoint_and_evaluation(tmp_path):
     assert len(info["eval_returns"]) == 1
 
 
-RESUME = [*TINY, "--encoder", "nature", "--total-timesteps", 600, "--checkpoint-every", 100]
+# target copies at 150, 300, 450, 600: the interruption (at 200 or later) comes after the first, and after the first
+# priority updates and noise draws
+RESUME = [*TINY, "--encoder", "nature", "--total-timesteps", 600, "--checkpoint-every", 100,
+          "--target-network-frequency", 150]
 
 
 @pytest.fixture(scope="module")
