@@ -39,7 +39,12 @@ def main(pattern=""):
             env = dict(os.environ, CLEANRL_MOE_SCRIPTS=tmp)
             proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider", *tests],
                                   cwd=ROOT, env=env, capture_output=True, text=True)
-        caught = proc.returncode != 0
+        # 1: a test failed; 2: collection stopped (the mutant breaks the import). 4 and 5 (a test id that does not
+        # exist, no tests collected) would count a mutant as caught that no test ran against: an error instead
+        if proc.returncode in (4, 5):
+            raise SystemExit(f"{script}: {description}: pytest exit code {proc.returncode}, tests {tests} not found\n"
+                             f"{proc.stdout[-2000:]}")
+        caught = proc.returncode in (1, 2)
         print(f"{'caught  ' if caught else 'SURVIVED'} {script}: {description}", flush=True)
         if not caught:
             survivors.append(description)
