@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def main():
     parser.add_argument("--script", default="dqn_softmoe")
     parser.add_argument("--buffer-size", type=int, default=1_000_000)
     parser.add_argument("--checkpoint-every", type=int, default=100_000)
-    parser.add_argument("--margin", type=int, default=90_000, help="steps after the last periodic checkpoint")
+    parser.add_argument("--margin", type=int, default=90_000, 
+                        help="steps after the last periodic checkpoint (the speed comes from the period before)")
     parser.add_argument("--workdir", default=None, help="where the run writes (default: a temporary directory)")
     opts = parser.parse_args()
     full = opts.buffer_size + opts.checkpoint_every  # a full memory with at least one save of it behind
@@ -45,32 +47,37 @@ def main():
     print(f"$ cd {workdir} && {' '.join(command)}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []  # (time, step) of the progress lines, printed every 30 s into a pipe
-    for line in proc.stdout:
+    for line in proc.stdout:  # progress lines come every 30 s into a pipe
         if line.startswith("step "):
-            seen.append((time.time(), int(line.split("step ")[1].split("/")[0].replace(",", ""))))
             print(line.rstrip(), flush=True)
-            if seen[-1][1] >= full - 30_000:
+            if int(line.split("step ")[1].split("/")[0].replace(",", "")) >= full - 2 * opts.checkpoint_every:
                 break
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
     state_path = next(workdir.glob("runs/*/checkpoint/state.pt"))
-    while torch.load(state_path, weights_only=True, mmap=True)["global_step"] < full:  # the periodic save at `full`
-        time.sleep(0.2)
-    (t0, s0), (t1, s1) = seen[-2], seen[-1]
-    time.sleep(opts.margin / ((s1 - s0) / (t1 - t0)))  # about `margin` steps at the measured speed
+
+    def wait_for_save(step):  # the time at which the periodic save at `step` is on disk
+        while torch.load(state_path, weights_only=True, mmap=True)["global_step"] < step:
+            time.sleep(0.1)
+        return time.time()
+
+    # the speed over the last whole checkpoint period (saves included), then about `margin` steps after the save
+    before = wait_for_save(full - opts.checkpoint_every)
+    saved = wait_for_save(full)
+    seconds_per_step = max(saved - before, 1e-3) / opts.checkpoint_every
+    time.sleep(max(0.0, opts.margin * seconds_per_step - (time.time() - saved)))
     start = time.time()
     proc.send_signal(signal.SIGTERM)
-    tail = proc.stdout.read()
     code = proc.wait()
     seconds = time.time() - start
     state = torch.load(state_path, weights_only=True, mmap=True)
     after = folder_bytes(state_path.parent)
     written = sum(p.stat().st_size for p in state_path.parent.iterdir() if p.stat().st_mtime >= start)
     report = {"script": opts.script, "buffer_size": opts.buffer_size, "checkpoint_every": opts.checkpoint_every,
-              "signal_at_step": state["global_step"], "exit_code": code, "sigterm_to_exit_s": round(seconds, 2),
+              "signal_at_step": state["global_step"], "steps_since_the_periodic_save": state["global_step"] - full,
+              "exit_code": code, "sigterm_to_exit_s": round(seconds, 2),
               "written_by_the_signal_mb": round(written / 1e6, 1),
               "checkpoint_size_gb": round(after / 1e9, 2), "stored_transitions": min(state["replay"]["cursor"],
                                                                                       opts.buffer_size)}
-    print(tail.strip()[-400:])
     print(json.dumps(report, indent=1))
 
 
