@@ -145,6 +145,10 @@ class Args:
     """hidden units of each expert (d -> h -> d); 1 expert of 2048 units is the paper's scaled single expert"""
     moe_normalization: bool = False
     """l2-normalize tokens and phi in the Soft MoE router, with a learned scale (off in every official config)"""
+    capacity_factor: float = 1.0
+    """slots per expert = ceil(tokens x capacity-factor / experts), Top-1: each expert's capacity (Dopamine's
+    SoftMoE.capacity_factor and MoE.capacity_factor); below 1 the Soft MoE combines tokens into fewer slots, the
+    analysis of "Don't flatten, tokenize!" (about 10% of the slots keep the performance, even one loses little)"""
     baseline_aggregation: Literal["flatten", "sum", "mean"] = "flatten"
     """baseline only: flatten the encoder output (official), or apply the dense layer to every token of
     --tokenization and sum or average the tokens (the paper's tokenized baseline)"""
@@ -511,9 +515,10 @@ class QNetwork(nn.Module):
             num_tokens, dim = self.tokenizer.num_tokens, self.tokenizer.token_dim
             experts = NoisyExperts(args.num_experts, dim, args.expert_hidden_units, sigma0)
             if args.moe_type == "softmoe":
-                self.moe = SoftMoE(num_tokens, dim, args.num_experts, experts, normalize=args.moe_normalization)
+                self.moe = SoftMoE(num_tokens, dim, args.num_experts, experts, normalize=args.moe_normalization,
+                                   capacity_factor=args.capacity_factor)
             else:
-                self.moe = Top1MoE(num_tokens, dim, args.num_experts, experts)
+                self.moe = Top1MoE(num_tokens, dim, args.num_experts, experts, capacity_factor=args.capacity_factor)
             features = num_tokens * dim  # the heads read the flattened MoE output directly
         self.advantage = NoisyLinear(features, num_actions * args.n_atoms, sigma0)
         self.value = NoisyLinear(features, args.n_atoms, sigma0)
@@ -1432,6 +1437,10 @@ def check_args(args):
             fail(f"--tokenization {args.tokenization} needs tokens: use --baseline-aggregation sum|mean or an MoE")
     elif args.baseline_aggregation != "flatten":
         fail(f"--baseline-aggregation {args.baseline_aggregation} applies to --moe-type baseline only")
+    if not args.capacity_factor > 0:
+        fail(f"--capacity-factor must be positive (1.0: as many slots as tokens), got {args.capacity_factor}")
+    if args.capacity_factor != 1.0 and args.moe_type == "baseline":
+        fail("--capacity-factor sets the MoE layer's slots; drop it or use --moe-type softmoe or top1")
     if args.moe_normalization and args.moe_type != "softmoe":
         fail("--moe-normalization applies to the Soft MoE router only; use --moe-type softmoe")
     check_env_id(args.env_id)

@@ -117,6 +117,8 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
     (dict(eval_epsilon=1.5), "--eval-epsilon"),
     (dict(n_step=0), "--n-step"),
     (dict(learning_starts=15, n_step=10), "--learning-starts"),
+    (dict(capacity_factor=0.0), "--capacity-factor"),
+    (dict(encoder="der", capacity_factor=0.5), "--capacity-factor"),
 ])
 def test_bad_flags_stop_with_one_clear_line(kwargs, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -92,6 +92,8 @@ def test_nonfinite_loss_stops_after_saving_a_checkpoint(tmp_path):
 
 BAD_FLAGS = [
     (dict(total_timesteps=0), "--total-timesteps"),
+    (dict(capacity_factor=0.0), "--capacity-factor"),
+    (dict(moe_type="baseline", capacity_factor=0.5), "--capacity-factor"),
     (dict(num_experts=0), "--num-experts"),
     (dict(expert_hidden_units=-3), "--expert-hidden-units"),
     (dict(batch_size=0), "--batch-size"),

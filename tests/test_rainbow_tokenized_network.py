@@ -321,3 +321,13 @@ def test_record_exposes_every_hidden_layer():
     assert record["experts"].shape == (2, 2 * 8, 61)  # neurons (expert, unit) on dim 1, slots after
     stats = m.dormant_statistics(record, (0.0,))
     assert "dormant/experts_tau0_pct" in stats and "moe/router_entropy" in m.routing_statistics(record)
+
+
+@pytest.mark.parametrize("moe_type,factor,slots", [("softmoe", 0.1, 4), ("softmoe", 0.01, 1), ("top1", 0.5, 16)])
+def test_capacity_factor_sets_the_slots_per_expert(moe_type, factor, slots):
+    # Impala, 121 tokens, 4 experts: ceil(121 x factor / 4) slots each (Dopamine's capacity_factor); the network still
+    # gives one distribution per action
+    net = m.QNetwork(m.Args(moe_type=moe_type, capacity_factor=factor, expert_hidden_units=16), 6)
+    assert (net.moe.slots_per_expert if moe_type == "softmoe" else net.moe.capacity) == slots
+    log_probs, q = net(torch.zeros(2, 4, 84, 84, dtype=torch.uint8))
+    assert log_probs.shape == (2, 6, 51) and q.shape == (2, 6)

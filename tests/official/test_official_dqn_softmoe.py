@@ -32,7 +32,30 @@ CONFIGS = {
     "baseline-8-scaled": (dict(moe_type="baseline", num_experts=8), moe_networks.NatureDQNMoE,
                           dict(num_experts=8, moe_type="BASELINE", scale_hidden_layer=True)),
     "impala-softmoe8": (dict(encoder="impala"), moe_networks.ImpalaMoE, dict(num_experts=8)),
+    # --capacity-factor, the official SoftMoE.capacity_factor / MoE.capacity_factor (gin-bound: the networks never
+    # pass it): 2 slots per expert instead of 16, 1 slot, and Top-1 capacity 8 instead of 16
+    "softmoe8-slots-0.1": (dict(capacity_factor=0.1), moe_networks.NatureDQNMoE, dict(num_experts=8)),
+    "softmoe8-one-slot": (dict(capacity_factor=0.05), moe_networks.NatureDQNMoE, dict(num_experts=8)),
+    "top1-8-capacity-0.5": (dict(moe_type="top1", capacity_factor=0.5), moe_networks.NatureDQNMoE,
+                            dict(num_experts=8, moe_type="MOE")),
 }
+
+
+@contextlib.contextmanager
+def gin_bound(config):
+    """The official modules with the config's capacity factor bound as its gin file would bind it."""
+    import gin
+
+    factor = CONFIGS[config][0].get("capacity_factor")
+    if factor is None:
+        yield
+        return
+    name = "MoE.capacity_factor" if CONFIGS[config][0].get("moe_type") == "top1" else "SoftMoE.capacity_factor"
+    gin.bind_parameter(name, factor)
+    try:
+        yield
+    finally:
+        gin.clear_config()
 
 
 @functools.cache
@@ -79,8 +102,9 @@ def run_official(official, params, x):
 def official_shapes(config):
     _, cls, attributes = CONFIGS[config]
     official = cls(num_actions=NUM_ACTIONS, inputs_preprocessed=True, **attributes)
-    return jax.eval_shape(lambda: official.init(jax.random.PRNGKey(0), np.zeros((84, 84, 4), np.float32),
-                                                key=jax.random.PRNGKey(0)))
+    with gin_bound(config):
+        return jax.eval_shape(lambda: official.init(jax.random.PRNGKey(0), np.zeros((84, 84, 4), np.float32),
+                                                    key=jax.random.PRNGKey(0)))
 
 
 @functools.cache
@@ -92,7 +116,7 @@ def run_both(config, dtype):
     official = cls(num_actions=NUM_ACTIONS, inputs_preprocessed=exact, **attributes)
     x = preprocessed(obs, dtype) if exact else nhwc(obs)
     shapes = official_shapes(config)
-    with x64(exact):
+    with x64(exact), gin_bound(config):
         out = run_official(official, official_params(net, flags, shapes, dtype), x)
     record = {}
     with torch.no_grad(), encoder_input(net, obs.double() / 255.0) if exact else contextlib.nullcontext():
@@ -107,6 +131,13 @@ def test_q_values_and_parameter_count_match_the_official_module(config, dtype):
     assert_close(f"dqn_softmoe {config}", q, out.q_values, dtype)
     softmoe = CONFIGS[config][0].get("moe_type", "softmoe") == "softmoe"
     assert num_official_params(shapes) == num_params(net) + softmoe
+
+
+def test_the_capacity_factor_sets_the_official_number_of_slots():
+    for config, slots in (("softmoe8-perconv", 16), ("softmoe8-slots-0.1", 2), ("softmoe8-one-slot", 1)):
+        phi = official_shapes(config)["params"]["SoftMoE_0"]["phi_weights"].shape  # (d, n, p)
+        assert phi[2] == slots == script_network(config).moe.slots_per_expert, config
+    assert script_network("top1-8-capacity-0.5").moe.capacity == 8
 
 
 def test_top1_drops_the_same_tokens_as_the_official_moe():
