@@ -173,6 +173,12 @@ def make_env(env_id, seed, repeat_action_probability=0.25, max_episode_steps=27_
     env = gym.wrappers.AtariPreprocessing(env, noop_max=noop_max, frame_skip=4, screen_size=84)
     env.action_space.seed(seed)
     return env
+
+
+def clip_reward(reward):
+    """The reward the agent learns from: Dopamine's Runner clips the game's reward to [-1, 1]; the logged episodic
+    return sums the raw game score."""
+    return np.clip(reward, -1.0, 1.0)
 # <<< shared block: env
 
 
@@ -182,12 +188,6 @@ def make_training_env(args, run_name):
     life is not terminal."""
     return make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
                     capture_video=args.capture_video, video_dir=f"videos/{run_name}")
-
-
-def clip_reward(reward):
-    """The reward the agent learns from: Dopamine's Runner clips the game's reward to [-1, 1]; the logged episodic
-    return sums the raw game score."""
-    return np.clip(reward, -1.0, 1.0)
 
 
 # ALGO LOGIC: initialize agent here:
