@@ -143,8 +143,12 @@ class Args:
     """nature: Nature CNN (SAME padding, 11x11x64 output); impala: Impala ResNet; der: the whole van Hasselt et al.
     (2019) network (32 and 64 channels, 5x5 stride 5, no padding, 576 features, noisy 256-unit value and advantage
     streams), which has no MoE: leave the MoE flags at their defaults"""
-    moe_type: Literal["softmoe", "top1", "baseline"] = "softmoe"
-    """the penultimate layer: Soft MoE, Top-1 token-choice MoE, or the (scaled) noisy dense baseline"""
+    moe_type: Literal["softmoe", "top1", "baseline", "simplicial_embedding_v1", "simplicial_embedding_v2"] = "softmoe"
+    """the penultimate layer: Soft MoE, token-choice Top-k MoE (k = --num-selected-experts; 1: paper 1's Top1-MoE),
+    the (scaled) noisy dense baseline, or a simplicial-embedding baseline (Lavoie et al. 2022; Dopamine's
+    SIMPLICIAL_EMBEDDING_V1: softmax(x / sem-tau) over the width of the encoder output, then the scaled noisy dense
+    layer; _V2: the scaled noisy dense layer, then softmax(x / sem-tau) within each of num-experts groups of
+    expert-hidden-units)"""
     tokenization: Literal["perconv", "perfeat", "perpatch", "persample"] = "perconv"
     """how the encoder output becomes tokens: per position, per channel, per 3x3 patch, one token"""
     num_experts: int = 1
@@ -159,6 +163,38 @@ class Args:
     """slots per expert = ceil(tokens x capacity-factor / experts), Top-1: each expert's capacity (Dopamine's
     SoftMoE.capacity_factor and MoE.capacity_factor); below 1 the Soft MoE combines tokens into fewer slots, the
     analysis of "Don't flatten, tokenize!" (about 10% of the slots keep the performance, even one loses little)"""
+    use_random_phi: bool = False
+    """route with a fixed random phi ~ N(0, 1) that is never trained (Dopamine's SoftMoE.use_random_phi, paper 1's
+    question of whether the learned router matters); drawn once from --seed, where the official code redraws it at
+    every call for every sample (docs/der_single_expert.md, deviations)"""
+    num_selected_experts: int = 1
+    """k of the Top-k MoE: each token goes to its k most probable experts (Dopamine's num_selected_experts; 1 in
+    every official config, larger k crashes there: docs/der_single_expert.md, deviations)"""
+    noisy_routing: bool = False
+    """add N(0, (noise-std / num-experts)^2) noise to the Top-k router's logits (Dopamine's TopKRouter.noisy_routing,
+    Riquelme et al. 2021)"""
+    noise_std: float = 1.0
+    """scale of the Top-k router's noise (Dopamine's TopKRouter.noise_std)"""
+    aux_loss_fns: tuple[Literal["naive_entropy", "importance_loss", "load_loss"], ...] = ()
+    """auxiliary load-balancing losses added to the TD loss and logged under losses/ (Dopamine's aux_loss.loss_fns,
+    agents/losses.py; none in every official config); load_loss needs --moe-type top1"""
+    entropy_weight: float = 0.5
+    """weight of naive_entropy, 1 - the normalized entropy of each sample's expert counts (MoELossParameters)"""
+    importance_weight: float = 1.0
+    """weight of importance_loss, the squared coefficient of variation of the experts' summed router probabilities"""
+    load_weight: float = 1.0
+    """weight of load_loss, the squared coefficient of variation of the experts' expected loads under router noise"""
+    std_scale: float = 1.0
+    """load_loss's noise is N(0, (std-scale / num-experts)^2) (MoELossParameters.std_scale)"""
+    use_extra_linear_layer: bool = False
+    """a dense 512-unit ReLU layer between the MoE (or baseline) output and the Q head (Dopamine's
+    use_extra_linear_layer; off in every official config)"""
+    sem_tau: float = 0.1
+    """temperature of the simplicial-embedding softmax (the networks' `tau`)"""
+    shuffle_tokens: bool = False
+    """ablation of "Don't flatten, tokenize!" (shuffled tokens, ranked last): a fixed random permutation of the
+    encoder output's C x H x W features, drawn from --seed, before tokenization, so that a token no longer holds one
+    position's features (docs/der_single_expert.md: why permuting whole tokens would change nothing)"""
     baseline_aggregation: Literal["flatten", "sum", "mean"] = "flatten"
     """baseline only: flatten the encoder output (official), or apply the dense layer to every token of
     --tokenization and sum or average the tokens (the paper's tokenized baseline)"""
@@ -368,13 +404,18 @@ class SoftMoE(nn.Module):
 
     Per sample, logits L = X phi with phi of shape (d, n, p) and p = ceil(m / n) slots per expert.
     Each slot's input is a mix of the sample's tokens (dispatch: softmax over tokens); each output token
-    is a mix of all n*p slot outputs (combine: softmax over slots). Samples never mix."""
+    is a mix of all n*p slot outputs (combine: softmax over slots). Samples never mix.
+    `random_phi`: phi is a fixed N(0, 1) draw, a buffer that is never trained (Dopamine's use_random_phi draws the same
+    distribution anew at every call and for every sample)."""
 
-    def __init__(self, num_tokens, dim, num_experts, experts, normalize=False, capacity_factor=1.0):
+    def __init__(self, num_tokens, dim, num_experts, experts, normalize=False, capacity_factor=1.0, random_phi=False):
         super().__init__()
         self.slots_per_expert = math.ceil(num_tokens * capacity_factor / num_experts)
-        self.phi = nn.Parameter(torch.empty(dim, num_experts, self.slots_per_expert))
-        lecun_normal_(self.phi, fan_in=num_experts * dim)  # Flax's fan-in of a 3-D (d, n, p) kernel
+        if random_phi:  # saved with the weights and copied into the target network, as a parameter would be
+            self.register_buffer("phi", torch.randn(dim, num_experts, self.slots_per_expert))
+        else:
+            self.phi = nn.Parameter(torch.empty(dim, num_experts, self.slots_per_expert))
+            lecun_normal_(self.phi, fan_in=num_experts * dim)  # Flax's fan-in of a 3-D (d, n, p) kernel
         self.scale = nn.Parameter(torch.ones(1)) if normalize else None
         self.experts = experts
 
@@ -394,39 +435,48 @@ class SoftMoE(nn.Module):
 # <<< shared block: softmoe
 
 
-# >>> shared block: top1moe
-class Top1MoE(nn.Module):
-    """Top-1 token-choice MoE as in Dopamine: tokens [B, m, d] -> [B, m, d].
+# >>> shared block: topkmoe
+class TopKMoE(nn.Module):
+    """Token-choice Top-k MoE as in Dopamine (MoE with its TopKRouter): tokens [B, m, d] -> [B, m, d].
 
-    A bias-free linear router gives each token a softmax over experts; the token goes to its argmax expert
-    and its output is scaled by that probability. Each expert takes at most ceil(m / n) tokens per sample,
-    first come (token order) first served; the other tokens are dropped and output zeros."""
+    A bias-free linear router gives each token a softmax over experts (with `noise_std` / n Gaussian noise on the
+    logits when `noisy_routing`); the token goes to its k most probable experts and its output is the sum of their
+    outputs, each scaled by its probability. Each expert takes at most ceil(k m capacity_factor / n) tokens per
+    sample, first come first served: all first choices in token order, then all second choices, ...; the other
+    assignments are dropped and contribute zeros (a token dropped by all its experts outputs zeros)."""
 
-    def __init__(self, num_tokens, dim, num_experts, experts, capacity_factor=1.0):
+    def __init__(self, num_tokens, dim, num_experts, experts, capacity_factor=1.0, k=1, noisy_routing=False,
+                 noise_std=1.0):
         super().__init__()
-        self.num_experts = num_experts
-        self.capacity = math.ceil(num_tokens * capacity_factor / num_experts)
+        self.num_experts, self.k = num_experts, k
+        self.capacity = math.ceil(k * num_tokens * capacity_factor / num_experts)
+        self.noise_std = noise_std / num_experts if noisy_routing else 0.0
         self.router = nn.Linear(dim, num_experts, bias=False)
         lecun_normal_(self.router.weight, fan_in=dim)  # Flax's default Dense init
         self.experts = experts
 
     def forward(self, x, record=None):
         batch, num_tokens, dim = x.shape
-        probs = self.router(x).softmax(dim=-1)
-        gate, expert = probs.max(dim=-1)
-        assigned = F.one_hot(expert, self.num_experts)
-        position = (assigned.cumsum(dim=1) * assigned).sum(-1) - 1  # rank of the token in its expert's queue
+        logits = self.router(x)  # [B, m, n]
+        noisy = logits + self.noise_std * torch.randn_like(logits) if self.noise_std else logits
+        probs = noisy.softmax(dim=-1)
+        gate, expert = probs.topk(self.k, dim=-1)  # [B, m, k], most probable first
+        assigned = F.one_hot(expert.transpose(1, 2).flatten(1), self.num_experts)  # [B, k*m, n], choice-major queue
+        position = (assigned.cumsum(dim=1) * assigned).sum(-1) - 1  # rank of the assignment in its expert's queue
+        position = position.view(batch, self.k, num_tokens).transpose(1, 2)  # [B, m, k]
         kept = position < self.capacity
         num_slots = self.num_experts * self.capacity
-        slot = torch.where(kept, expert * self.capacity + position, num_slots)  # dropped tokens -> spare slot
-        slots = x.new_zeros(batch, num_slots + 1, dim).scatter(1, slot.unsqueeze(-1).expand(-1, -1, dim), x)
+        slot = torch.where(kept, expert * self.capacity + position, num_slots).flatten(1)  # dropped -> spare slot
+        tokens = x.repeat_interleave(self.k, dim=1) if self.k > 1 else x  # [B, m*k, d], as `slot`
+        slots = x.new_zeros(batch, num_slots + 1, dim).scatter(1, slot.unsqueeze(-1).expand(-1, -1, dim), tokens)
         slots = slots[:, :num_slots].view(batch, self.num_experts, self.capacity, dim)
         outputs = self.experts(slots, record).reshape(batch, num_slots, dim)
         outputs = outputs.gather(1, slot.clamp(max=num_slots - 1).unsqueeze(-1).expand(-1, -1, dim))
         if record is not None:
-            record["router_probs"], record["kept"] = probs, kept
-        return outputs * (gate * kept).unsqueeze(-1)
-# <<< shared block: top1moe
+            record.update(router_logits=logits, router_probs=probs, top_experts=expert, kept=kept)
+        weights = (gate * kept).view(batch, num_tokens * self.k, 1)
+        return (outputs * weights).view(batch, num_tokens, self.k, dim).sum(2)
+# <<< shared block: topkmoe
 
 
 # >>> shared block: noisy
@@ -529,6 +579,7 @@ class QNetwork(nn.Module):
 
     def __init__(self, args, num_actions):
         super().__init__()
+        self.args = args  # the loss reads the auxiliary-loss flags from here
         self.num_actions, self.num_atoms = num_actions, args.n_atoms
         self.register_buffer("support", torch.linspace(args.v_min, args.v_max, args.n_atoms), persistent=False)
         sigma0 = args.noisy_sigma0
@@ -543,26 +594,36 @@ class QNetwork(nn.Module):
             return
         self.encoder = ImpalaEncoder() if args.encoder == "impala" else NatureEncoder()
         channels, height, width = self.encoder.output_shape
-        if args.moe_type == "baseline":
-            units = args.expert_hidden_units * args.num_experts
-            self.kind = "baseline" if args.baseline_aggregation == "flatten" else args.baseline_aggregation
-            if self.kind == "baseline":
-                self.hidden = NoisyLinear(channels * height * width, units, sigma0)
-            else:  # "sum" or "mean": the same noisy dense layer on every token, then the tokens are aggregated
-                self.tokenizer = Tokenizer(args.tokenization, channels, height, width)
-                self.hidden = NoisyLinear(self.tokenizer.token_dim, units, sigma0)
+        if args.moe_type != "baseline" or args.baseline_aggregation == "flatten":
+            self.kind = {"softmoe": "moe", "top1": "moe"}.get(args.moe_type, args.moe_type)
+        else:
+            self.kind = args.baseline_aggregation
+        units = args.expert_hidden_units * args.num_experts
+        if self.kind in ("baseline", "simplicial_embedding_v1", "simplicial_embedding_v2"):
+            self.hidden = NoisyLinear(channels * height * width, units, sigma0)
+            features = units
+        elif self.kind in ("sum", "mean"):  # the same noisy dense layer on every token, then the tokens are aggregated
+            self.tokenizer = Tokenizer(args.tokenization, channels, height, width)
+            self.hidden = NoisyLinear(self.tokenizer.token_dim, units, sigma0)
             features = units
         else:
-            self.kind = "moe"
+            if args.shuffle_tokens:  # a fixed permutation of the C*H*W features, drawn from --seed, saved with the weights
+                generator = torch.Generator().manual_seed(args.seed)
+                self.register_buffer("shuffle", torch.randperm(channels * height * width, generator=generator))
             self.tokenizer = Tokenizer(args.tokenization, channels, height, width)
             num_tokens, dim = self.tokenizer.num_tokens, self.tokenizer.token_dim
             experts = NoisyExperts(args.num_experts, dim, args.expert_hidden_units, sigma0)
             if args.moe_type == "softmoe":
                 self.moe = SoftMoE(num_tokens, dim, args.num_experts, experts, normalize=args.moe_normalization,
-                                   capacity_factor=args.capacity_factor)
+                                   capacity_factor=args.capacity_factor, random_phi=args.use_random_phi)
             else:
-                self.moe = Top1MoE(num_tokens, dim, args.num_experts, experts, capacity_factor=args.capacity_factor)
+                self.moe = TopKMoE(num_tokens, dim, args.num_experts, experts, capacity_factor=args.capacity_factor,
+                                   k=args.num_selected_experts, noisy_routing=args.noisy_routing,
+                                   noise_std=args.noise_std)
             features = num_tokens * dim  # the heads read the flattened MoE output directly
+        if args.use_extra_linear_layer:  # a plain dense layer, as Dopamine's (the heads stay noisy)
+            self.extra = xavier_(nn.Linear(features, 512))
+            features = 512
         self.advantage = NoisyLinear(features, num_actions * args.n_atoms, sigma0)
         self.value = NoisyLinear(features, args.n_atoms, sigma0)
 
@@ -578,16 +639,27 @@ class QNetwork(nn.Module):
             value = self.value(value_hidden).view(-1, 1, self.num_atoms)
         else:
             if self.kind == "moe":
+                if self.args.shuffle_tokens:
+                    x = x.flatten(1)[:, self.shuffle].view_as(x)
                 x = self.moe(self.tokenizer(x), record).flatten(1)
-            elif self.kind == "baseline":
-                x = F.relu(self.hidden(x.flatten(1)))
-                if record is not None:
-                    record["hidden"] = x
-            else:
+            elif self.kind in ("sum", "mean"):
                 hidden = F.relu(self.hidden(self.tokenizer(x)))  # [B, m, units]
                 if record is not None:
                     record["hidden"] = hidden.transpose(1, 2)
                 x = hidden.sum(1) if self.kind == "sum" else hidden.mean(1)
+            else:
+                if self.kind == "simplicial_embedding_v1":  # Dopamine's softmax(x / tau, axis=1) of the [H, W, C] map: over W
+                    x = (x / self.args.sem_tau).softmax(dim=3)
+                x = self.hidden(x.flatten(1))
+                if self.kind == "simplicial_embedding_v2":  # softmax / tau within each of n groups of h units
+                    x = (x.view(len(x), self.args.num_experts, -1) / self.args.sem_tau).softmax(dim=-1).flatten(1)
+                x = F.relu(x)  # a no-op after the V2 softmax, kept as Dopamine has it
+                if record is not None:
+                    record["hidden"] = x
+            if self.args.use_extra_linear_layer:
+                x = F.relu(self.extra(x))
+                if record is not None:
+                    record["extra"] = x
             advantage = self.advantage(x).view(-1, self.num_actions, self.num_atoms)
             value = self.value(x).view(-1, 1, self.num_atoms)
         logits = value + advantage - advantage.mean(dim=1, keepdim=True)  # dueling, per atom
@@ -873,6 +945,46 @@ def project_distribution(next_probs, returns, discounts, support):
 # <<< shared block: categorical
 
 
+# >>> shared block: moe_losses
+def moe_aux_losses(args, record):
+    """Dopamine's auxiliary load-balancing losses (agents/losses.py; off unless named in --aux-loss-fns), from the
+    routing weights the MoE layer left in `record`: {name: weighted loss}, each a per-sample term averaged over the
+    batch. Top-k: the router's probabilities, logits and choices; Soft MoE: the combine weights averaged over each
+    expert's slots as probabilities, their argmax as the choice (Dopamine's router_out).
+
+    naive_entropy: weight x (1 - normalized entropy of the tokens' expert counts) (counts carry no gradient);
+    importance_loss: weight x CV^2 over experts of the probability each expert receives, summed over tokens;
+    load_loss: weight x CV^2 over experts of the mean probability that a token's clean logit beats its k-th noisy
+    logit under fresh N(0, (std_scale / n)^2) noise (Riquelme et al. 2021)."""
+    if "combine" in record:  # Soft MoE [B, m, n, p]
+        probs = record["combine"].mean(-1)
+        choices = probs.argmax(-1, keepdim=True)
+    else:
+        probs, choices = record["router_probs"], record["top_experts"]
+    num_experts = probs.shape[-1]
+
+    def cv_squared(x):  # per sample, over experts (the last axis); population std, as jnp.std
+        return (x.std(-1, unbiased=False) / x.mean(-1)) ** 2
+
+    losses = {}
+    if "naive_entropy" in args.aux_loss_fns:
+        counts = F.one_hot(choices.flatten(1), num_experts).sum(1).to(probs.dtype) + 1e-6  # [B, n]
+        share = counts / counts.sum(-1, keepdim=True)
+        entropy = -(share * share.log()).sum(-1) / math.log(num_experts)
+        losses["naive_entropy"] = args.entropy_weight * (1.0 - entropy.mean())
+    if "importance_loss" in args.aux_loss_fns:
+        losses["importance_loss"] = args.importance_weight * cv_squared(probs.sum(1)).mean()
+    if "load_loss" in args.aux_loss_fns:  # top-k only (check_args)
+        logits = record["router_logits"]
+        noise_std = args.std_scale / num_experts
+        noisy = logits + noise_std * torch.randn_like(logits)
+        threshold = noisy.topk(args.num_selected_experts, dim=-1).values[..., -1:]  # the k-th noisy logit [B, m, 1]
+        beats = 1.0 - torch.special.ndtr((threshold - logits) / noise_std)  # [B, m, n]
+        losses["load_loss"] = args.load_weight * cv_squared(beats.mean(1)).mean()
+    return losses
+# <<< shared block: moe_losses
+
+
 # >>> shared block: rainbow_update
 def beta_at(args, step):
     """The importance-sampling exponent: linear from priority-beta-start at the warm-up's end to priority-beta-end
@@ -917,50 +1029,56 @@ def categorical_target(q_network, target_network, batch, noise):
 
 def categorical_loss(q_network, target_network, batch, noise):
     """Per-sample cross-entropy between the projected target and the online distribution of the action taken
-    (fresh noise), and Q(s, a)."""
+    (fresh noise), Q(s, a), and the auxiliary MoE losses of --aux-loss-fns on the same forward pass (Dopamine adds
+    them to the weighted mean of the cross-entropy): (loss [B], Q(s, a) [B], {name: auxiliary loss})."""
     target = categorical_target(q_network, target_network, batch, noise)
     resample_noise(q_network, noise)
-    log_probs, q_values = q_network(batch["obs"])
+    record = {} if q_network.args.aux_loss_fns else None
+    log_probs, q_values = q_network(batch["obs"], record)
     rows = torch.arange(len(batch["actions"]), device=log_probs.device)
     loss = -(target * log_probs[rows, batch["actions"]]).sum(1)
-    return loss, q_values[rows, batch["actions"]]
+    aux = moe_aux_losses(q_network.args, record) if record is not None else {}
+    return loss, q_values[rows, batch["actions"]], aux
 
 
 def update(q_network, target_network, optimizer, rb, index, weights, noise, max_grad_norm):
     """One gradient step on the replay transitions at linear indices `index` [B] with importance weights `weights` [B]
     (both on the memory's device): gather the batch, the weighted cross-entropy loss, backward, clipping to the global
-    norm max_grad_norm (when > 0), Adam step. Recorded as one CUDA graph on GPUs. Returns the per-sample losses (for
-    the priorities), the weighted loss and the mean Q(s, a), as tensors; a non-finite loss leaves the weights and
-    Adam's state unchanged (`make_optimizer`)."""
+    norm max_grad_norm (when > 0), Adam step; the auxiliary MoE losses add to the weighted loss. Recorded as one CUDA
+    graph on GPUs. Returns the per-sample losses (for the priorities), the weighted loss, the mean Q(s, a) and
+    {name: auxiliary loss}, as tensors; a non-finite loss leaves the weights and Adam's state unchanged
+    (`make_optimizer`)."""
     device = next(q_network.parameters()).device
     batch = {k: v.to(device) for k, v in rb.get(index).items()}  # a no-op when the memory is on that device
-    loss, q_taken = categorical_loss(q_network, target_network, batch, noise)
+    loss, q_taken, aux = categorical_loss(q_network, target_network, batch, noise)
     weighted_loss = (weights.to(device) * loss).mean()
+    total = weighted_loss + sum(aux.values())
     optimizer.zero_grad(set_to_none=True)
-    weighted_loss.backward()
+    total.backward()
     if max_grad_norm > 0:
         nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm)
-    optimizer.found_inf.copy_(~torch.isfinite(weighted_loss))
+    optimizer.found_inf.copy_(~torch.isfinite(total))
     optimizer.step()
-    return loss.detach(), weighted_loss.detach(), q_taken.detach().mean()
+    return loss.detach(), weighted_loss.detach(), q_taken.detach().mean(), {k: v.detach() for k, v in aux.items()}
 
 
 def train_step(step, args, q_network, target_network, optimizer, rb, rng, noise, update_fn=update):
     """Dopamine's _train_step at agent step `step`: after the warm-up, one update every train_frequency steps on a
     prioritized batch, whose priorities are then set from its losses; a hard target copy every
     target_network_frequency steps. `update_fn` is `update` or its CUDA graph. Returns (weighted loss, mean Q, mean
-    importance weight) of the update, or None; a non-finite loss leaves the priorities alone."""
+    importance weight, {name: auxiliary loss}) of the update, or None; a non-finite loss leaves the priorities
+    alone."""
     if step <= args.learning_starts:
         return None
     out = None
     if step % args.train_frequency == 0:
         index, probabilities = rb.sample_prioritized(args.batch_size, rng)
         weights = importance_weights(probabilities, beta_at(args, step))
-        loss, weighted_loss, q_mean = update_fn(
+        loss, weighted_loss, q_mean, aux = update_fn(
             q_network, target_network, optimizer, rb, torch.as_tensor(index, device=rb.device),
             torch.as_tensor(weights, dtype=torch.float32, device=rb.device), noise, args.max_grad_norm)
-        out = (weighted_loss, q_mean, float(weights.mean()))
-        if torch.isfinite(weighted_loss):
+        out = (weighted_loss, q_mean, float(weights.mean()), aux)
+        if torch.isfinite(weighted_loss + sum(aux.values())):
             rb.update_priorities(index, (loss.cpu().double().numpy() + 1e-10) ** args.priority_exponent)
     if step % args.target_network_frequency == 0:
         target_network.load_state_dict(q_network.state_dict())  # in place: a CUDA graph sees the new weights
@@ -1012,7 +1130,8 @@ def neuron_scores(activation):
 
 def dormant_statistics(record, taus):
     """Percentage of tau-dormant neurons (score <= tau) per layer and pooled over all hidden layers."""
-    layers = {k: v for k, v in record.items() if k not in ("dispatch", "combine", "router_probs", "kept")}
+    routing = ("dispatch", "combine", "router_logits", "router_probs", "top_experts", "kept")
+    layers = {k: v for k, v in record.items() if k not in routing}
     stats = {}
     for tau in taus:
         dormant, total = 0, 0
@@ -1446,6 +1565,50 @@ class CudaGraph:
 # <<< shared block: cudagraph
 
 
+# >>> shared block: moe_args
+def check_moe_args(args):
+    """The MoE layer's flags: each one applies to some layers only, and a flag given for another layer stops the run
+    rather than being silently ignored."""
+    moe = args.moe_type in ("softmoe", "top1")
+    if not args.capacity_factor > 0:
+        fail(f"--capacity-factor must be positive (1.0: as many slots as tokens), got {args.capacity_factor}")
+    if args.capacity_factor != 1.0 and not moe:
+        fail("--capacity-factor sets the MoE layer's slots; drop it or use --moe-type softmoe or top1")
+    if args.moe_normalization and args.moe_type != "softmoe":
+        fail("--moe-normalization applies to the Soft MoE router only; use --moe-type softmoe")
+    if args.use_random_phi and args.moe_type != "softmoe":
+        fail("--use-random-phi replaces the Soft MoE router's phi; use --moe-type softmoe or drop it")
+    if not 1 <= args.num_selected_experts <= args.num_experts:
+        fail(f"--num-selected-experts must be in [1, --num-experts {args.num_experts}], got {args.num_selected_experts}")
+    if args.num_selected_experts != 1 and args.moe_type != "top1":
+        fail("--num-selected-experts is the k of the Top-k MoE; use --moe-type top1 or drop it")
+    if args.noisy_routing and args.moe_type != "top1":
+        fail("--noisy-routing adds noise to the Top-k router; use --moe-type top1 or drop it")
+    if not args.noise_std > 0 or (args.noise_std != 1.0 and not args.noisy_routing):
+        fail(f"--noise-std {args.noise_std}: a positive scale of the router noise, with --noisy-routing")
+    if len(set(args.aux_loss_fns)) != len(args.aux_loss_fns):
+        fail(f"--aux-loss-fns {' '.join(args.aux_loss_fns)} names a loss twice; name each once")
+    if args.aux_loss_fns and not moe:
+        fail("--aux-loss-fns balances the experts of an MoE layer; use --moe-type softmoe or top1, or drop it")
+    if args.aux_loss_fns and args.num_experts < 2:
+        fail("--aux-loss-fns balances the load over experts: use --num-experts 2 or more, or drop it")
+    if "load_loss" in args.aux_loss_fns and args.moe_type != "top1":
+        fail("--aux-loss-fns load_loss needs the Top-k router's logits (Dopamine's Soft MoE gives it none and the loss "
+             "is 0 there); use --moe-type top1, or naive_entropy / importance_loss")
+    for name, loss, default in (("entropy_weight", "naive_entropy", 0.5), ("importance_weight", "importance_loss", 1.0),
+                                ("load_weight", "load_loss", 1.0), ("std_scale", "load_loss", 1.0)):
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if not value >= 0 or (name == "std_scale" and not value > 0):
+            fail(f"{flag} must be {'positive' if name == 'std_scale' else '>= 0'}, got {value}")
+        if value != default and loss not in args.aux_loss_fns:
+            fail(f"{flag} applies to the {loss} loss; add --aux-loss-fns {loss} or drop {flag}")
+    if not args.sem_tau > 0 or (args.sem_tau != 0.1 and not args.moe_type.startswith("simplicial_embedding")):
+        fail(f"--sem-tau {args.sem_tau}: a positive temperature, with --moe-type simplicial_embedding_v1 or _v2")
+    if args.shuffle_tokens and not moe:
+        fail("--shuffle-tokens shuffles the MoE layer's tokens; use --moe-type softmoe or top1, or drop it")
+# <<< shared block: moe_args
+
+
 def check_args(args):
     """Every bad flag stops here, before anything is created or allocated."""
     check_numbers(args)
@@ -1480,7 +1643,9 @@ def check_args(args):
     if args.encoder == "der":
         defaults = Args()
         for name in ("moe_type", "tokenization", "num_experts", "expert_hidden_units", "moe_normalization",
-                     "capacity_factor", "baseline_aggregation"):
+                     "capacity_factor", "baseline_aggregation", "use_random_phi", "num_selected_experts",
+                     "noisy_routing", "noise_std", "aux_loss_fns", "entropy_weight", "importance_weight", "load_weight",
+                     "std_scale", "use_extra_linear_layer", "sem_tau", "shuffle_tokens"):
             if getattr(args, name) != getattr(defaults, name):
                 flag = "--" + name.replace("_", "-")
                 fail(f"{flag} does not apply to --encoder der (the van Hasselt et al. network has no MoE and its own "
@@ -1490,12 +1655,9 @@ def check_args(args):
             fail(f"--tokenization {args.tokenization} needs tokens: use --baseline-aggregation sum|mean or an MoE")
     elif args.baseline_aggregation != "flatten":
         fail(f"--baseline-aggregation {args.baseline_aggregation} applies to --moe-type baseline only")
-    if not args.capacity_factor > 0:
-        fail(f"--capacity-factor must be positive (1.0: as many slots as tokens), got {args.capacity_factor}")
-    if args.capacity_factor != 1.0 and args.moe_type == "baseline":
-        fail("--capacity-factor sets the MoE layer's slots; drop it or use --moe-type softmoe or top1")
-    if args.moe_normalization and args.moe_type != "softmoe":
-        fail("--moe-normalization applies to the Soft MoE router only; use --moe-type softmoe")
+    if args.moe_type.startswith("simplicial_embedding") and args.tokenization != "perconv":
+        fail(f"--tokenization {args.tokenization} needs an MoE layer; drop it or use --moe-type softmoe")
+    check_moe_args(args)
     check_env_id(args.env_id)
     if args.track:
         try:
@@ -1635,6 +1797,7 @@ if __name__ == "__main__":
     episode_return, episode_length, episodes, updates = 0.0, 0, 0, 0
     recent_returns = deque(maxlen=100)
     loss_sum, q_sum, weight_sum, num_logged = 0.0, 0.0, 0.0, 0  # of the log interval in progress
+    aux_sums = dict.fromkeys(args.aux_loss_fns, 0.0)  # the auxiliary losses' sums over the same interval
     eval_scores, phase_seconds = {}, {}
     replay_loaded = not checkpoint or checkpoint["replay"] is not None  # else only the evaluation can go on
     if checkpoint:
@@ -1650,6 +1813,7 @@ if __name__ == "__main__":
         episode_return, episode_length, episodes, updates, lives = checkpoint["episode"]
         recent_returns.extend(checkpoint["recent_returns"])
         loss_sum, q_sum, weight_sum, num_logged = checkpoint["log_sums"]
+        aux_sums = checkpoint.get("aux_sums", aux_sums)
         eval_scores, phase_seconds = checkpoint["eval_scores"], checkpoint["phase_seconds"]
         rng.bit_generator.state = checkpoint["rng"]["numpy"]
         noise.set_state(checkpoint["rng"]["noise"])
@@ -1665,7 +1829,7 @@ if __name__ == "__main__":
             "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
             "optimizer": optimizer.state_dict(), "env": get_env_state(env), "stack": torch.from_numpy(stack.copy()),
             "episode": (episode_return, episode_length, episodes, updates, lives), "recent_returns": list(recent_returns),
-            "log_sums": (loss_sum, q_sum, weight_sum, num_logged), "eval_scores": eval_scores,
+            "log_sums": (loss_sum, q_sum, weight_sum, num_logged), "aux_sums": aux_sums, "eval_scores": eval_scores,
             "phase_seconds": clock.state_dict(),
             "rng": {"numpy": rng.bit_generator.state, "noise": noise.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
@@ -1728,20 +1892,25 @@ if __name__ == "__main__":
         # ALGO LOGIC: training.
         update_out = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, noise, update_fn)
         if update_out is not None:
-            loss, q_mean, weight_mean = (float(value) for value in update_out)
+            loss, q_mean, weight_mean = (float(value) for value in update_out[:3])
+            aux = {name: value.item() for name, value in update_out[3].items()}
             updates += 1
-            if not math.isfinite(loss):  # the step was skipped, so the checkpoint holds the last finite weights
-                save_checkpoint(global_step + 1)
+            if not math.isfinite(loss + sum(aux.values())):  # the step was skipped, so the checkpoint holds the last
+                save_checkpoint(global_step + 1)  # finite weights
                 exit_run(f"error: non-finite loss {loss} at step {global_step:,}; checkpoint saved; resume with a lower "
                          f"learning rate: --resume {ckpt.folder} --learning-rate {args.learning_rate / 4:g}", 1)
             loss_sum, q_sum, weight_sum, num_logged = loss_sum + loss, q_sum + q_mean, weight_sum + weight_mean, num_logged + 1
+            aux_sums = {name: aux_sums[name] + value for name, value in aux.items()}
 
         if (global_step + 1) % args.log_frequency == 0:
             if num_logged:
                 writer.add_scalar("losses/td_loss", loss_sum / num_logged, global_step)
                 writer.add_scalar("losses/q_values", q_sum / num_logged, global_step)
                 writer.add_scalar("replay/is_weight_mean", weight_sum / num_logged, global_step)
+                for name, value in aux_sums.items():
+                    writer.add_scalar(f"losses/{name}", value / num_logged, global_step)
                 loss_sum, q_sum, weight_sum, num_logged = 0.0, 0.0, 0.0, 0
+                aux_sums = dict.fromkeys(aux_sums, 0.0)
             if rb.tree.total() > 0:
                 writer.add_scalar("replay/max_priority", rb.tree.max_priority, global_step)
                 writer.add_scalar("replay/mean_priority", rb.tree.total() / rb.num_prioritized(), global_step)

@@ -399,27 +399,30 @@ def make_optimizer(args, q_network):
 
 def dqn_loss(q_network, target_network, batch):
     """Huber loss (delta 1, Dopamine's huber_loss) between Q(s, a) and the target R + discount * max_a'
-    Q_target(s', a'), where the discount is gamma, or 0 after a termination (from the replay memory)."""
+    Q_target(s', a'), where the discount is gamma, or 0 after a termination (from the replay memory). Returns (loss,
+    Q(s, a) [B], {}): no auxiliary losses (the update adds those of the MoE scripts)."""
     with torch.no_grad():
         target_max = target_network(batch["next_obs"]).max(dim=1).values
         td_target = batch["returns"] + batch["discounts"] * target_max
     q_taken = q_network(batch["obs"]).gather(1, batch["actions"].unsqueeze(1)).squeeze(1)
-    return F.smooth_l1_loss(q_taken, td_target, beta=1.0), q_taken
+    return F.smooth_l1_loss(q_taken, td_target, beta=1.0), q_taken, {}
 
 
 # >>> shared block: dqn_update
 def update(q_network, target_network, optimizer, rb, index):
     """One gradient step on the replay transitions at linear indices `index` [B] (on the memory's device): gather the
-    batch, loss, backward, Adam step. Recorded as one CUDA graph on GPUs. Returns (loss, mean Q(s, a)) as tensors; a
-    non-finite loss leaves the weights and Adam's state unchanged (`make_optimizer`)."""
+    batch, loss (plus the auxiliary losses `dqn_loss` returns), backward, Adam step. Recorded as one CUDA graph on GPUs.
+    Returns (TD loss, mean Q(s, a), {name: auxiliary loss}) as tensors; a non-finite loss leaves the weights and Adam's
+    state unchanged (`make_optimizer`)."""
     device = next(q_network.parameters()).device
     batch = {k: v.to(device) for k, v in rb.get(index).items()}  # a no-op when the memory is on that device
-    loss, q_taken = dqn_loss(q_network, target_network, batch)
+    loss, q_taken, aux = dqn_loss(q_network, target_network, batch)
+    total = loss + sum(aux.values())
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.found_inf.copy_(~torch.isfinite(loss))
+    total.backward()
+    optimizer.found_inf.copy_(~torch.isfinite(total))
     optimizer.step()
-    return loss.detach(), q_taken.detach().mean()
+    return loss.detach(), q_taken.detach().mean(), {name: value.detach() for name, value in aux.items()}
 # <<< shared block: dqn_update
 
 
@@ -435,7 +438,8 @@ def neuron_scores(activation):
 
 def dormant_statistics(record, taus):
     """Percentage of tau-dormant neurons (score <= tau) per layer and pooled over all hidden layers."""
-    layers = {k: v for k, v in record.items() if k not in ("dispatch", "combine", "router_probs", "kept")}
+    routing = ("dispatch", "combine", "router_logits", "router_probs", "top_experts", "kept")
+    layers = {k: v for k, v in record.items() if k not in routing}
     stats = {}
     for tau in taus:
         dormant, total = 0, 0
@@ -1164,7 +1168,7 @@ if __name__ == "__main__":
 
         # ALGO LOGIC: training.
         update_outs, recycled = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, update_fn)
-        for loss, q_mean in ((loss.item(), q_mean.item()) for loss, q_mean in update_outs):
+        for loss, q_mean in ((loss.item(), q_mean.item()) for loss, q_mean, _ in update_outs):
             updates += 1
             if not math.isfinite(loss):  # the step was skipped, so the checkpoint holds the last finite weights
                 save_checkpoint(global_step + 1)

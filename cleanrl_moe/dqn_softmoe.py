@@ -116,8 +116,11 @@ class Args:
     # Network
     encoder: Literal["nature", "impala"] = "nature"
     """the encoder: Nature CNN (64 channels) or Impala ResNet (32 channels), both with an 11x11 output"""
-    moe_type: Literal["softmoe", "top1", "baseline"] = "softmoe"
-    """the penultimate layer: Soft MoE, Top-1 token-choice MoE, or the (scaled) dense baseline"""
+    moe_type: Literal["softmoe", "top1", "baseline", "simplicial_embedding_v1", "simplicial_embedding_v2"] = "softmoe"
+    """the penultimate layer: Soft MoE, token-choice Top-k MoE (k = --num-selected-experts; 1: paper 1's Top1-MoE),
+    the (scaled) dense baseline, or a simplicial-embedding baseline (Lavoie et al. 2022; Dopamine's
+    SIMPLICIAL_EMBEDDING_V1: softmax(x / sem-tau) over the width of the encoder output, then the scaled dense layer;
+    _V2: the scaled dense layer, then softmax(x / sem-tau) within each of num-experts groups of expert-hidden-units)"""
     tokenization: Literal["perconv", "perfeat", "perpatch", "persample"] = "perconv"
     """how the encoder output becomes tokens (MoE only): per position, per channel, per 3x3 patch, one token"""
     num_experts: int = 8
@@ -130,6 +133,38 @@ class Args:
     """slots per expert = ceil(tokens x capacity-factor / experts), Top-1: each expert's capacity (Dopamine's
     SoftMoE.capacity_factor and MoE.capacity_factor); below 1 the Soft MoE combines tokens into fewer slots, the
     analysis of "Don't flatten, tokenize!" (about 10% of the slots keep the performance, even one loses little)"""
+    use_random_phi: bool = False
+    """route with a fixed random phi ~ N(0, 1) that is never trained (Dopamine's SoftMoE.use_random_phi, paper 1's
+    question of whether the learned router matters); drawn once from --seed, where the official code redraws it at
+    every call for every sample (docs/dqn_softmoe.md, deviations)"""
+    num_selected_experts: int = 1
+    """k of the Top-k MoE: each token goes to its k most probable experts (Dopamine's num_selected_experts; 1 in
+    every official config, larger k crashes there: docs/dqn_softmoe.md, deviations)"""
+    noisy_routing: bool = False
+    """add N(0, (noise-std / num-experts)^2) noise to the Top-k router's logits (Dopamine's TopKRouter.noisy_routing,
+    Riquelme et al. 2021)"""
+    noise_std: float = 1.0
+    """scale of the Top-k router's noise (Dopamine's TopKRouter.noise_std)"""
+    aux_loss_fns: tuple[Literal["naive_entropy", "importance_loss", "load_loss"], ...] = ()
+    """auxiliary load-balancing losses added to the TD loss and logged under losses/ (Dopamine's aux_loss.loss_fns,
+    agents/losses.py; none in every official config); load_loss needs --moe-type top1"""
+    entropy_weight: float = 0.5
+    """weight of naive_entropy, 1 - the normalized entropy of each sample's expert counts (MoELossParameters)"""
+    importance_weight: float = 1.0
+    """weight of importance_loss, the squared coefficient of variation of the experts' summed router probabilities"""
+    load_weight: float = 1.0
+    """weight of load_loss, the squared coefficient of variation of the experts' expected loads under router noise"""
+    std_scale: float = 1.0
+    """load_loss's noise is N(0, (std-scale / num-experts)^2) (MoELossParameters.std_scale)"""
+    use_extra_linear_layer: bool = False
+    """a dense 512-unit ReLU layer between the MoE (or baseline) output and the Q head (Dopamine's
+    use_extra_linear_layer; off in every official config)"""
+    sem_tau: float = 0.1
+    """temperature of the simplicial-embedding softmax (the networks' `tau`)"""
+    shuffle_tokens: bool = False
+    """ablation of "Don't flatten, tokenize!" (shuffled tokens, ranked last): a fixed random permutation of the
+    encoder output's C x H x W features, drawn from --seed, before tokenization, so that a token no longer holds one
+    position's features (docs/dqn_softmoe.md: why permuting whole tokens would change nothing)"""
 
 
 # >>> shared block: env
@@ -315,13 +350,18 @@ class SoftMoE(nn.Module):
 
     Per sample, logits L = X phi with phi of shape (d, n, p) and p = ceil(m / n) slots per expert.
     Each slot's input is a mix of the sample's tokens (dispatch: softmax over tokens); each output token
-    is a mix of all n*p slot outputs (combine: softmax over slots). Samples never mix."""
+    is a mix of all n*p slot outputs (combine: softmax over slots). Samples never mix.
+    `random_phi`: phi is a fixed N(0, 1) draw, a buffer that is never trained (Dopamine's use_random_phi draws the same
+    distribution anew at every call and for every sample)."""
 
-    def __init__(self, num_tokens, dim, num_experts, experts, normalize=False, capacity_factor=1.0):
+    def __init__(self, num_tokens, dim, num_experts, experts, normalize=False, capacity_factor=1.0, random_phi=False):
         super().__init__()
         self.slots_per_expert = math.ceil(num_tokens * capacity_factor / num_experts)
-        self.phi = nn.Parameter(torch.empty(dim, num_experts, self.slots_per_expert))
-        lecun_normal_(self.phi, fan_in=num_experts * dim)  # Flax's fan-in of a 3-D (d, n, p) kernel
+        if random_phi:  # saved with the weights and copied into the target network, as a parameter would be
+            self.register_buffer("phi", torch.randn(dim, num_experts, self.slots_per_expert))
+        else:
+            self.phi = nn.Parameter(torch.empty(dim, num_experts, self.slots_per_expert))
+            lecun_normal_(self.phi, fan_in=num_experts * dim)  # Flax's fan-in of a 3-D (d, n, p) kernel
         self.scale = nn.Parameter(torch.ones(1)) if normalize else None
         self.experts = experts
 
@@ -341,39 +381,48 @@ class SoftMoE(nn.Module):
 # <<< shared block: softmoe
 
 
-# >>> shared block: top1moe
-class Top1MoE(nn.Module):
-    """Top-1 token-choice MoE as in Dopamine: tokens [B, m, d] -> [B, m, d].
+# >>> shared block: topkmoe
+class TopKMoE(nn.Module):
+    """Token-choice Top-k MoE as in Dopamine (MoE with its TopKRouter): tokens [B, m, d] -> [B, m, d].
 
-    A bias-free linear router gives each token a softmax over experts; the token goes to its argmax expert
-    and its output is scaled by that probability. Each expert takes at most ceil(m / n) tokens per sample,
-    first come (token order) first served; the other tokens are dropped and output zeros."""
+    A bias-free linear router gives each token a softmax over experts (with `noise_std` / n Gaussian noise on the
+    logits when `noisy_routing`); the token goes to its k most probable experts and its output is the sum of their
+    outputs, each scaled by its probability. Each expert takes at most ceil(k m capacity_factor / n) tokens per
+    sample, first come first served: all first choices in token order, then all second choices, ...; the other
+    assignments are dropped and contribute zeros (a token dropped by all its experts outputs zeros)."""
 
-    def __init__(self, num_tokens, dim, num_experts, experts, capacity_factor=1.0):
+    def __init__(self, num_tokens, dim, num_experts, experts, capacity_factor=1.0, k=1, noisy_routing=False,
+                 noise_std=1.0):
         super().__init__()
-        self.num_experts = num_experts
-        self.capacity = math.ceil(num_tokens * capacity_factor / num_experts)
+        self.num_experts, self.k = num_experts, k
+        self.capacity = math.ceil(k * num_tokens * capacity_factor / num_experts)
+        self.noise_std = noise_std / num_experts if noisy_routing else 0.0
         self.router = nn.Linear(dim, num_experts, bias=False)
         lecun_normal_(self.router.weight, fan_in=dim)  # Flax's default Dense init
         self.experts = experts
 
     def forward(self, x, record=None):
         batch, num_tokens, dim = x.shape
-        probs = self.router(x).softmax(dim=-1)
-        gate, expert = probs.max(dim=-1)
-        assigned = F.one_hot(expert, self.num_experts)
-        position = (assigned.cumsum(dim=1) * assigned).sum(-1) - 1  # rank of the token in its expert's queue
+        logits = self.router(x)  # [B, m, n]
+        noisy = logits + self.noise_std * torch.randn_like(logits) if self.noise_std else logits
+        probs = noisy.softmax(dim=-1)
+        gate, expert = probs.topk(self.k, dim=-1)  # [B, m, k], most probable first
+        assigned = F.one_hot(expert.transpose(1, 2).flatten(1), self.num_experts)  # [B, k*m, n], choice-major queue
+        position = (assigned.cumsum(dim=1) * assigned).sum(-1) - 1  # rank of the assignment in its expert's queue
+        position = position.view(batch, self.k, num_tokens).transpose(1, 2)  # [B, m, k]
         kept = position < self.capacity
         num_slots = self.num_experts * self.capacity
-        slot = torch.where(kept, expert * self.capacity + position, num_slots)  # dropped tokens -> spare slot
-        slots = x.new_zeros(batch, num_slots + 1, dim).scatter(1, slot.unsqueeze(-1).expand(-1, -1, dim), x)
+        slot = torch.where(kept, expert * self.capacity + position, num_slots).flatten(1)  # dropped -> spare slot
+        tokens = x.repeat_interleave(self.k, dim=1) if self.k > 1 else x  # [B, m*k, d], as `slot`
+        slots = x.new_zeros(batch, num_slots + 1, dim).scatter(1, slot.unsqueeze(-1).expand(-1, -1, dim), tokens)
         slots = slots[:, :num_slots].view(batch, self.num_experts, self.capacity, dim)
         outputs = self.experts(slots, record).reshape(batch, num_slots, dim)
         outputs = outputs.gather(1, slot.clamp(max=num_slots - 1).unsqueeze(-1).expand(-1, -1, dim))
         if record is not None:
-            record["router_probs"], record["kept"] = probs, kept
-        return outputs * (gate * kept).unsqueeze(-1)
-# <<< shared block: top1moe
+            record.update(router_logits=logits, router_probs=probs, top_experts=expert, kept=kept)
+        weights = (gate * kept).view(batch, num_tokens * self.k, 1)
+        return (outputs * weights).view(batch, num_tokens, self.k, dim).sum(2)
+# <<< shared block: topkmoe
 
 
 class Experts(nn.Module):
@@ -402,33 +451,53 @@ class QNetwork(nn.Module):
 
     def __init__(self, args, num_actions):
         super().__init__()
+        self.args = args  # the loss reads the auxiliary-loss flags from here
         self.encoder = NatureEncoder() if args.encoder == "nature" else ImpalaEncoder()
         channels, height, width = self.encoder.output_shape
         self.kind = args.moe_type
-        if self.kind == "baseline":
+        if self.kind in ("baseline", "simplicial_embedding_v1", "simplicial_embedding_v2"):
             self.hidden = xavier_(nn.Linear(channels * height * width, args.expert_hidden_units * args.num_experts))
             features = self.hidden.out_features
         else:
+            if args.shuffle_tokens:  # a fixed permutation of the C*H*W features, drawn from --seed, saved with the weights
+                generator = torch.Generator().manual_seed(args.seed)
+                self.register_buffer("shuffle", torch.randperm(channels * height * width, generator=generator))
             self.tokenizer = Tokenizer(args.tokenization, channels, height, width)
             num_tokens, dim = self.tokenizer.num_tokens, self.tokenizer.token_dim
             experts = Experts(args.num_experts, dim, args.expert_hidden_units)
             if self.kind == "softmoe":
                 self.moe = SoftMoE(num_tokens, dim, args.num_experts, experts, normalize=args.moe_normalization,
-                                   capacity_factor=args.capacity_factor)
+                                   capacity_factor=args.capacity_factor, random_phi=args.use_random_phi)
             else:
-                self.moe = Top1MoE(num_tokens, dim, args.num_experts, experts, capacity_factor=args.capacity_factor)
+                self.moe = TopKMoE(num_tokens, dim, args.num_experts, experts, capacity_factor=args.capacity_factor,
+                                   k=args.num_selected_experts, noisy_routing=args.noisy_routing,
+                                   noise_std=args.noise_std)
             features = num_tokens * dim
+        if args.use_extra_linear_layer:
+            self.extra = xavier_(nn.Linear(features, 512))
+            features = 512
         self.head = xavier_(nn.Linear(features, num_actions))
 
     def forward(self, x, record=None):
         """`record`, when a dict, receives post-ReLU activations [B, neurons, ...] and routing weights."""
         x = self.encoder(x.float() / 255.0, record)
-        if self.kind == "baseline":
-            x = F.relu(self.hidden(x.flatten(1)))
+        if self.kind in ("softmoe", "top1"):
+            if self.args.shuffle_tokens:
+                x = x.flatten(1)[:, self.shuffle].view_as(x)
+            x = self.moe(self.tokenizer(x), record).flatten(1)
+        else:
+            if self.kind == "simplicial_embedding_v1":  # Dopamine's softmax(x / tau, axis=1) of the [H, W, C] map: over W
+                x = (x / self.args.sem_tau).softmax(dim=3)
+            x = self.hidden(x.flatten(1))
+            if self.kind == "simplicial_embedding_v2":  # softmax / tau within each of n groups of h units
+                x = (x.view(len(x), self.args.num_experts, -1) / self.args.sem_tau).softmax(dim=-1).flatten(1)
+            x = F.relu(x)  # a no-op after the V2 softmax, kept as Dopamine has it
             if record is not None:
                 record["hidden"] = x
-        else:
-            x = self.moe(self.tokenizer(x), record).flatten(1)
+        if self.args.use_extra_linear_layer:
+            x = F.relu(self.extra(x))
+            if record is not None:
+                record["extra"] = x
         return self.head(x)
 
 
@@ -593,27 +662,73 @@ def make_optimizer(args, q_network):
 
 def dqn_loss(q_network, target_network, batch):
     """MSE between Q(s, a) and the target R + discount * max_a' Q_target(s', a'), where R is the (n-step)
-    return and the discount is gamma^k, or 0 after a termination (both come from the replay memory)."""
+    return and the discount is gamma^k, or 0 after a termination (both come from the replay memory); and the
+    auxiliary MoE losses of --aux-loss-fns on the same forward pass (Dopamine adds them to the TD loss).
+    Returns (TD loss, Q(s, a) [B], {name: auxiliary loss})."""
     with torch.no_grad():
         target_max = target_network(batch["next_obs"]).max(dim=1).values
         td_target = batch["returns"] + batch["discounts"] * target_max
-    q_taken = q_network(batch["obs"]).gather(1, batch["actions"].unsqueeze(1)).squeeze(1)
-    return F.mse_loss(q_taken, td_target), q_taken
+    record = {} if q_network.args.aux_loss_fns else None
+    q_taken = q_network(batch["obs"], record).gather(1, batch["actions"].unsqueeze(1)).squeeze(1)
+    aux = moe_aux_losses(q_network.args, record) if record is not None else {}
+    return F.mse_loss(q_taken, td_target), q_taken, aux
+
+
+# >>> shared block: moe_losses
+def moe_aux_losses(args, record):
+    """Dopamine's auxiliary load-balancing losses (agents/losses.py; off unless named in --aux-loss-fns), from the
+    routing weights the MoE layer left in `record`: {name: weighted loss}, each a per-sample term averaged over the
+    batch. Top-k: the router's probabilities, logits and choices; Soft MoE: the combine weights averaged over each
+    expert's slots as probabilities, their argmax as the choice (Dopamine's router_out).
+
+    naive_entropy: weight x (1 - normalized entropy of the tokens' expert counts) (counts carry no gradient);
+    importance_loss: weight x CV^2 over experts of the probability each expert receives, summed over tokens;
+    load_loss: weight x CV^2 over experts of the mean probability that a token's clean logit beats its k-th noisy
+    logit under fresh N(0, (std_scale / n)^2) noise (Riquelme et al. 2021)."""
+    if "combine" in record:  # Soft MoE [B, m, n, p]
+        probs = record["combine"].mean(-1)
+        choices = probs.argmax(-1, keepdim=True)
+    else:
+        probs, choices = record["router_probs"], record["top_experts"]
+    num_experts = probs.shape[-1]
+
+    def cv_squared(x):  # per sample, over experts (the last axis); population std, as jnp.std
+        return (x.std(-1, unbiased=False) / x.mean(-1)) ** 2
+
+    losses = {}
+    if "naive_entropy" in args.aux_loss_fns:
+        counts = F.one_hot(choices.flatten(1), num_experts).sum(1).to(probs.dtype) + 1e-6  # [B, n]
+        share = counts / counts.sum(-1, keepdim=True)
+        entropy = -(share * share.log()).sum(-1) / math.log(num_experts)
+        losses["naive_entropy"] = args.entropy_weight * (1.0 - entropy.mean())
+    if "importance_loss" in args.aux_loss_fns:
+        losses["importance_loss"] = args.importance_weight * cv_squared(probs.sum(1)).mean()
+    if "load_loss" in args.aux_loss_fns:  # top-k only (check_args)
+        logits = record["router_logits"]
+        noise_std = args.std_scale / num_experts
+        noisy = logits + noise_std * torch.randn_like(logits)
+        threshold = noisy.topk(args.num_selected_experts, dim=-1).values[..., -1:]  # the k-th noisy logit [B, m, 1]
+        beats = 1.0 - torch.special.ndtr((threshold - logits) / noise_std)  # [B, m, n]
+        losses["load_loss"] = args.load_weight * cv_squared(beats.mean(1)).mean()
+    return losses
+# <<< shared block: moe_losses
 
 
 # >>> shared block: dqn_update
 def update(q_network, target_network, optimizer, rb, index):
     """One gradient step on the replay transitions at linear indices `index` [B] (on the memory's device): gather the
-    batch, loss, backward, Adam step. Recorded as one CUDA graph on GPUs. Returns (loss, mean Q(s, a)) as tensors; a
-    non-finite loss leaves the weights and Adam's state unchanged (`make_optimizer`)."""
+    batch, loss (plus the auxiliary losses `dqn_loss` returns), backward, Adam step. Recorded as one CUDA graph on GPUs.
+    Returns (TD loss, mean Q(s, a), {name: auxiliary loss}) as tensors; a non-finite loss leaves the weights and Adam's
+    state unchanged (`make_optimizer`)."""
     device = next(q_network.parameters()).device
     batch = {k: v.to(device) for k, v in rb.get(index).items()}  # a no-op when the memory is on that device
-    loss, q_taken = dqn_loss(q_network, target_network, batch)
+    loss, q_taken, aux = dqn_loss(q_network, target_network, batch)
+    total = loss + sum(aux.values())
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.found_inf.copy_(~torch.isfinite(loss))
+    total.backward()
+    optimizer.found_inf.copy_(~torch.isfinite(total))
     optimizer.step()
-    return loss.detach(), q_taken.detach().mean()
+    return loss.detach(), q_taken.detach().mean(), {name: value.detach() for name, value in aux.items()}
 # <<< shared block: dqn_update
 
 
@@ -682,7 +797,8 @@ def neuron_scores(activation):
 
 def dormant_statistics(record, taus):
     """Percentage of tau-dormant neurons (score <= tau) per layer and pooled over all hidden layers."""
-    layers = {k: v for k, v in record.items() if k not in ("dispatch", "combine", "router_probs", "kept")}
+    routing = ("dispatch", "combine", "router_logits", "router_probs", "top_experts", "kept")
+    layers = {k: v for k, v in record.items() if k not in routing}
     stats = {}
     for tau in taus:
         dormant, total = 0, 0
@@ -1116,6 +1232,50 @@ class CudaGraph:
 # <<< shared block: cudagraph
 
 
+# >>> shared block: moe_args
+def check_moe_args(args):
+    """The MoE layer's flags: each one applies to some layers only, and a flag given for another layer stops the run
+    rather than being silently ignored."""
+    moe = args.moe_type in ("softmoe", "top1")
+    if not args.capacity_factor > 0:
+        fail(f"--capacity-factor must be positive (1.0: as many slots as tokens), got {args.capacity_factor}")
+    if args.capacity_factor != 1.0 and not moe:
+        fail("--capacity-factor sets the MoE layer's slots; drop it or use --moe-type softmoe or top1")
+    if args.moe_normalization and args.moe_type != "softmoe":
+        fail("--moe-normalization applies to the Soft MoE router only; use --moe-type softmoe")
+    if args.use_random_phi and args.moe_type != "softmoe":
+        fail("--use-random-phi replaces the Soft MoE router's phi; use --moe-type softmoe or drop it")
+    if not 1 <= args.num_selected_experts <= args.num_experts:
+        fail(f"--num-selected-experts must be in [1, --num-experts {args.num_experts}], got {args.num_selected_experts}")
+    if args.num_selected_experts != 1 and args.moe_type != "top1":
+        fail("--num-selected-experts is the k of the Top-k MoE; use --moe-type top1 or drop it")
+    if args.noisy_routing and args.moe_type != "top1":
+        fail("--noisy-routing adds noise to the Top-k router; use --moe-type top1 or drop it")
+    if not args.noise_std > 0 or (args.noise_std != 1.0 and not args.noisy_routing):
+        fail(f"--noise-std {args.noise_std}: a positive scale of the router noise, with --noisy-routing")
+    if len(set(args.aux_loss_fns)) != len(args.aux_loss_fns):
+        fail(f"--aux-loss-fns {' '.join(args.aux_loss_fns)} names a loss twice; name each once")
+    if args.aux_loss_fns and not moe:
+        fail("--aux-loss-fns balances the experts of an MoE layer; use --moe-type softmoe or top1, or drop it")
+    if args.aux_loss_fns and args.num_experts < 2:
+        fail("--aux-loss-fns balances the load over experts: use --num-experts 2 or more, or drop it")
+    if "load_loss" in args.aux_loss_fns and args.moe_type != "top1":
+        fail("--aux-loss-fns load_loss needs the Top-k router's logits (Dopamine's Soft MoE gives it none and the loss "
+             "is 0 there); use --moe-type top1, or naive_entropy / importance_loss")
+    for name, loss, default in (("entropy_weight", "naive_entropy", 0.5), ("importance_weight", "importance_loss", 1.0),
+                                ("load_weight", "load_loss", 1.0), ("std_scale", "load_loss", 1.0)):
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if not value >= 0 or (name == "std_scale" and not value > 0):
+            fail(f"{flag} must be {'positive' if name == 'std_scale' else '>= 0'}, got {value}")
+        if value != default and loss not in args.aux_loss_fns:
+            fail(f"{flag} applies to the {loss} loss; add --aux-loss-fns {loss} or drop {flag}")
+    if not args.sem_tau > 0 or (args.sem_tau != 0.1 and not args.moe_type.startswith("simplicial_embedding")):
+        fail(f"--sem-tau {args.sem_tau}: a positive temperature, with --moe-type simplicial_embedding_v1 or _v2")
+    if args.shuffle_tokens and not moe:
+        fail("--shuffle-tokens shuffles the MoE layer's tokens; use --moe-type softmoe or top1, or drop it")
+# <<< shared block: moe_args
+
+
 def check_args(args):
     """Every bad flag stops here, before anything is created or allocated."""
     check_numbers(args)
@@ -1141,14 +1301,9 @@ def check_args(args):
     if args.learning_starts < 8:
         fail(f"--learning-starts must be at least 8 so that the first update has complete transitions, "
              f"got {args.learning_starts}")
-    if args.moe_type == "baseline" and args.tokenization != "perconv":
+    if args.moe_type not in ("softmoe", "top1") and args.tokenization != "perconv":
         fail(f"--tokenization {args.tokenization} needs an MoE layer; drop it or use --moe-type softmoe")
-    if not args.capacity_factor > 0:
-        fail(f"--capacity-factor must be positive (1.0: as many slots as tokens), got {args.capacity_factor}")
-    if args.capacity_factor != 1.0 and args.moe_type == "baseline":
-        fail("--capacity-factor sets the MoE layer's slots; drop it or use --moe-type softmoe or top1")
-    if args.moe_normalization and args.moe_type != "softmoe":
-        fail("--moe-normalization applies to the Soft MoE router only; use --moe-type softmoe")
+    check_moe_args(args)
     check_env_id(args.env_id)
     if args.track:
         try:
@@ -1245,6 +1400,7 @@ if __name__ == "__main__":
     episode_return, episode_length, episodes, updates = 0.0, 0, 0, 0
     recent_returns = deque(maxlen=100)
     loss_sum, q_sum, num_logged = 0.0, 0.0, 0  # of the log interval in progress
+    aux_sums = dict.fromkeys(args.aux_loss_fns, 0.0)  # the auxiliary losses' sums over the same interval
     eval_returns, phase_seconds = [], {}
     replay_loaded = not checkpoint or checkpoint["replay"] is not None  # else only the evaluation can go on
     if checkpoint:
@@ -1260,6 +1416,7 @@ if __name__ == "__main__":
         episode_return, episode_length, episodes, updates = checkpoint["episode"]
         recent_returns.extend(checkpoint["recent_returns"])
         loss_sum, q_sum, num_logged = checkpoint["log_sums"]
+        aux_sums = checkpoint.get("aux_sums", aux_sums)
         eval_returns, phase_seconds = checkpoint["eval_returns"], checkpoint["phase_seconds"]
         rng.bit_generator.state = checkpoint["rng"]["numpy"]
         torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -1274,7 +1431,8 @@ if __name__ == "__main__":
             "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
             "optimizer": optimizer.state_dict(), "env": get_env_state(env), "stack": torch.from_numpy(stack.copy()),
             "episode": (episode_return, episode_length, episodes, updates), "recent_returns": list(recent_returns),
-            "log_sums": (loss_sum, q_sum, num_logged), "eval_returns": eval_returns, "phase_seconds": clock.state_dict(),
+            "log_sums": (loss_sum, q_sum, num_logged), "aux_sums": aux_sums, "eval_returns": eval_returns,
+            "phase_seconds": clock.state_dict(),
             "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         }, rb if with_replay else None)
@@ -1334,19 +1492,24 @@ if __name__ == "__main__":
         # ALGO LOGIC: training.
         update_out = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, update_fn)
         if update_out is not None:
-            loss, q_mean = (value.item() for value in update_out)
+            loss, q_mean, aux = update_out[0].item(), update_out[1].item(), update_out[2]
             updates += 1
-            if not math.isfinite(loss):  # the step was skipped, so the checkpoint holds the last finite weights
-                save_checkpoint(global_step + 1)
+            if not math.isfinite(loss + sum(value.item() for value in aux.values())):  # the step was skipped, so the
+                save_checkpoint(global_step + 1)  # checkpoint holds the last finite weights
                 exit_run(f"error: non-finite loss {loss} at step {global_step:,}; checkpoint saved; resume with a lower "
                          f"learning rate: --resume {ckpt.folder} --learning-rate {args.learning_rate / 4:g}", 1)
             loss_sum, q_sum, num_logged = loss_sum + loss, q_sum + q_mean, num_logged + 1
+            for name, value in aux.items():
+                aux_sums[name] += value.item()
 
         if (global_step + 1) % args.log_frequency == 0:
             if num_logged:
                 writer.add_scalar("losses/td_loss", loss_sum / num_logged, global_step)
                 writer.add_scalar("losses/q_values", q_sum / num_logged, global_step)
+                for name, value in aux_sums.items():
+                    writer.add_scalar(f"losses/{name}", value / num_logged, global_step)
                 loss_sum, q_sum, num_logged = 0.0, 0.0, 0
+                aux_sums = dict.fromkeys(aux_sums, 0.0)
             now = time.time()  # SPS over the last log interval
             writer.add_scalar("charts/SPS", int((global_step + 1 - last_log[1]) / (now - last_log[0])), global_step)
             last_log = (now, global_step + 1)

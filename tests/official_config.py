@@ -218,6 +218,7 @@ def epsilon_settings(m, args):
 
 class TabularQ(torch.nn.Module):
     """Q-values read from a table, the state id being the 1-pixel frame."""
+    args = SimpleNamespace(aux_loss_fns=())  # the scripts' losses read it: no auxiliary MoE losses
 
     def __init__(self, table):
         super().__init__()
@@ -261,7 +262,7 @@ def crafted_dqn_update(m):
     memory.add(np.array([1], np.uint8), 1, 0.5, True, False, np.array([2], np.uint8))
     online, target = TabularQ(ONLINE_Q), TabularQ(TARGET_Q)
     optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.0, adam_eps=1.5e-4), online)
-    loss, _ = m.update(online, target, optimizer, memory, torch.tensor([0, 1]))
+    loss, *_ = m.update(online, target, optimizer, memory, torch.tensor([0, 1]))
     return loss.item(), online.table.grad
 
 
@@ -280,7 +281,7 @@ def gradient_clipping(m, monkeypatch):
     memory.add(np.array([0], np.uint8), 0, 0.0, True, False, np.array([0], np.uint8))
 
     def steep_loss(q_network, target_network, batch):
-        return 1000.0 * q_network.table.sum() / math.sqrt(2), q_network.table[0]
+        return 1000.0 * q_network.table.sum() / math.sqrt(2), q_network.table[0], {}
 
     optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.0, adam_eps=1.5e-4), online)
     with monkeypatch.context() as patch:
@@ -344,6 +345,7 @@ def evaluation_run(m, monkeypatch, tmp_path, args, episodes=2, distributional=Fa
 # ---------------------------------------------------------------------------------------------------------------------
 class TabularDistribution(torch.nn.Module):
     """Return distributions read from a logit table [S, A, K] on `support`, the state id being the 1-pixel frame."""
+    args = SimpleNamespace(aux_loss_fns=())  # the scripts' losses read it: no auxiliary MoE losses
 
     def __init__(self, logits, support):
         super().__init__()
@@ -387,7 +389,7 @@ def crafted_categorical_update(m):
     memory.add(np.array([1], np.uint8), 0, 0.0, True, False, np.array([0], np.uint8))
     online, target = TabularDistribution(ONLINE_LOGITS, SUPPORT), TabularDistribution(TARGET_LOGITS, SUPPORT)
     optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.0, adam_eps=1.5e-4), online)
-    loss, weighted_loss, _ = m.update(online, target, optimizer, memory, torch.tensor([0]), torch.tensor([1.0]),
+    loss, weighted_loss, *_ = m.update(online, target, optimizer, memory, torch.tensor([0]), torch.tensor([1.0]),
                                       torch.Generator().manual_seed(0), 0.0)
     assert weighted_loss.item() == loss.item()
     return loss.item()
@@ -415,7 +417,7 @@ def prioritized_schedule(m, args, last_step, capacity=1000):
         probabilities = rb.tree.get(index % rb.capacity) / rb.tree.total()
         calls.append({"index": index, "probabilities": probabilities, "weights": weights.cpu().double().numpy(),
                       "max_grad_norm": max_grad_norm, "loss": loss.double().numpy()})
-        return loss, loss.mean(), torch.tensor(0.0)
+        return loss, loss.mean(), torch.tensor(0.0), {}
 
     updates, copies = schedule(m, args, last_step, update, memory, noise=torch.Generator().manual_seed(0))
     return updates, copies, calls, memory

@@ -34,12 +34,13 @@ def optimal_q(next_state, reward):
 
 class TabularQ(torch.nn.Module):
     """Q-table read from 1x1 'frames' that hold the state id (stack size 1)."""
+    args = SimpleNamespace(aux_loss_fns=())  # the scripts' losses read it: no auxiliary MoE losses
 
     def __init__(self, seed):
         super().__init__()
         self.table = torch.nn.Parameter(torch.randn(NUM_STATES, NUM_ACTIONS, generator=torch.Generator().manual_seed(seed)))
 
-    def forward(self, frames):
+    def forward(self, frames, record=None):
         return self.table[frames[:, -1, 0].long()]
 
 

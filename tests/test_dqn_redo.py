@@ -287,7 +287,7 @@ def test_huber_loss_with_plain_max_target():
     batch = {"obs": torch.tensor([0, 1, 2, 0]).view(4, 1, 1), "actions": torch.tensor([1, 0, 1, 0]),
              "returns": torch.tensor([1.0, -0.5, 0.2, 0.0]), "discounts": torch.tensor([0.9, 0.9, 0.0, 0.81]),
              "next_obs": torch.tensor([1, 2, 0, 2]).view(4, 1, 1)}
-    loss, q_taken = m.dqn_loss(online, target, batch)
+    loss, q_taken, _ = m.dqn_loss(online, target, batch)
     targets = np.array([1.0 + 0.9 * 0.25, -0.5 + 0.9 * 4.0, 0.2, 0.81 * 4.0])  # max over the target's actions
     errors = np.array([1.0, 2.0, 0.5, 0.0]) - targets
     huber = np.where(np.abs(errors) <= 1, 0.5 * errors**2, np.abs(errors) - 0.5)  # Dopamine's huber_loss, delta 1

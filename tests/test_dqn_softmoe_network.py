@@ -83,8 +83,9 @@ def test_softmoe_samples_never_mix():
     assert not torch.allclose(out2[2], out[2])
 
 
-def top1_reference(x, layer):
-    """Top-1 token choice with capacity ceil(m/n): tokens in order, overflow dropped, output x gate."""
+def topk_reference(x, layer):
+    """Token-choice Top-k with capacity ceil(k m / n): the first choices of all tokens in token order, then the second
+    choices, ...; an assignment beyond its expert's capacity is dropped; output = sum of expert(token) x gate."""
     router = layer.router.weight.detach().numpy()  # [n, d]
     w1, b1, w2, b2 = (p.detach().numpy() for p in (layer.experts.w1, layer.experts.b1, layer.experts.w2,
                                                     layer.experts.b2))
@@ -94,38 +95,56 @@ def top1_reference(x, layer):
         probs = np.exp(logits - logits.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)
         load = np.zeros(router.shape[0], int)
-        for i, token in enumerate(tokens):
-            e = int(np.argmax(probs[i]))
-            if load[e] < layer.capacity:
-                load[e] += 1
-                out[b, i] = (np.maximum(token @ w1[e] + b1[e], 0) @ w2[e] + b2[e]) * probs[i, e]
+        for choice in range(layer.k):
+            for i, token in enumerate(tokens):
+                e = int(np.argsort(-probs[i], kind="stable")[choice])
+                if load[e] < layer.capacity:
+                    load[e] += 1
+                    out[b, i] += (np.maximum(token @ w1[e] + b1[e], 0) @ w2[e] + b2[e]) * probs[i, e]
     return out
 
 
-@pytest.mark.parametrize("num_tokens,num_experts", [(121, 8), (7, 3), (5, 5), (9, 2), (4, 1)])
-def test_top1_matches_reference_with_capacity_and_dropping(num_tokens, num_experts):
+@pytest.mark.parametrize("num_tokens,num_experts,k", [(121, 8, 1), (7, 3, 1), (5, 5, 1), (9, 2, 1), (4, 1, 1),
+                                                      (121, 8, 2), (7, 3, 2), (9, 4, 3)])
+def test_topk_matches_reference_with_capacity_and_dropping(num_tokens, num_experts, k):
     torch.manual_seed(0)
     dim = 4
-    layer = m.Top1MoE(num_tokens, dim, num_experts, m.Experts(num_experts, dim, 6)).double()
+    layer = m.TopKMoE(num_tokens, dim, num_experts, m.Experts(num_experts, dim, 6), k=k).double()
     with torch.no_grad():
         layer.experts.b1.normal_()
         layer.experts.b2.normal_()
         layer.router.weight[0] += 2.0  # crowd expert 0 so that its capacity overflows
-    assert layer.capacity == math.ceil(num_tokens / num_experts)
+    assert layer.capacity == math.ceil(k * num_tokens / num_experts)
     x = torch.randn(4, num_tokens, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).abs()
     record = {}
     out = layer(x, record)
-    np.testing.assert_allclose(out.detach().numpy(), top1_reference(x.numpy(), layer), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(out.detach().numpy(), topk_reference(x.numpy(), layer), rtol=1e-10, atol=1e-12)
+    assert record["kept"].shape == record["top_experts"].shape == (4, num_tokens, k)
     if num_experts > 1:
         assert (~record["kept"]).any(), "the crowded expert should drop tokens"
-        dropped = ~record["kept"]
+        dropped = (~record["kept"]).all(-1)  # dropped by every chosen expert
         assert torch.all(out[dropped] == 0)
 
 
-def test_top1_gate_receives_gradient():
-    layer = m.Top1MoE(10, 4, 3, m.Experts(3, 4, 5))
-    layer(torch.randn(2, 10, 4)).sum().backward()
-    assert layer.router.weight.grad.abs().sum() > 0
+def test_topk_gate_receives_gradient():
+    for k in (1, 2):
+        layer = m.TopKMoE(10, 4, 3, m.Experts(3, 4, 5), k=k)
+        layer(torch.randn(2, 10, 4)).sum().backward()
+        assert layer.router.weight.grad.abs().sum() > 0
+
+
+def test_noisy_routing_adds_noise_of_std_noise_std_over_n_to_the_logits():
+    layer = m.TopKMoE(50, 4, 5, m.Experts(5, 4, 3), noisy_routing=True, noise_std=2.0)
+    x = torch.randn(3, 50, 4)
+    torch.manual_seed(7)
+    record = {}
+    layer(x, record)
+    torch.manual_seed(7)
+    noise = torch.randn(3, 50, 5) * (2.0 / 5)
+    torch.testing.assert_close(record["router_probs"], (layer.router(x) + noise).softmax(-1))
+    torch.testing.assert_close(record["router_logits"], layer.router(x))  # the clean logits, for the load loss
+    quiet = m.TopKMoE(50, 4, 5, m.Experts(5, 4, 3))
+    assert quiet.noise_std == 0.0
 
 
 def args(**kw):
@@ -250,7 +269,11 @@ def test_initialization_matches_official():
 def test_record_exposes_every_hidden_layer():
     for kw, layers in ((dict(), {"conv1", "conv2", "conv3", "experts", "dispatch", "combine"}),
                        (dict(moe_type="baseline"), {"conv1", "conv2", "conv3", "hidden"}),
-                       (dict(moe_type="top1"), {"conv1", "conv2", "conv3", "experts", "router_probs", "kept"})):
+                       (dict(use_extra_linear_layer=True), {"conv1", "conv2", "conv3", "experts", "dispatch", "combine",
+                                                            "extra"}),
+                       (dict(moe_type="simplicial_embedding_v2"), {"conv1", "conv2", "conv3", "hidden"}),
+                       (dict(moe_type="top1"), {"conv1", "conv2", "conv3", "experts", "router_logits", "router_probs",
+                                                "top_experts", "kept"})):
         net = m.QNetwork(args(num_experts=2, expert_hidden_units=8, **kw), 3)
         record = {}
         net(torch.zeros(2, 4, 84, 84, dtype=torch.uint8), record)

@@ -26,6 +26,8 @@ START_Z = [0, 0.0125, 0.875, 0.1125, 0]  # 0.5 * CHOICE_Z[0]
 
 
 class TabularDistribution(torch.nn.Module):
+    args = SimpleNamespace(aux_loss_fns=())  # the scripts' losses read it: no auxiliary MoE losses
+
     def __init__(self, seed):
         super().__init__()
         self.num_actions = 2
@@ -33,7 +35,7 @@ class TabularDistribution(torch.nn.Module):
         self.logits = torch.nn.Parameter(torch.randn(5, 2, 5, generator=g))
         self.register_buffer("support", SUPPORT.clone())
 
-    def forward(self, frames):
+    def forward(self, frames, record=None):
         log_probs = self.logits[frames[:, -1, 0].long()].log_softmax(-1)
         return log_probs, (log_probs.exp() * self.support).sum(-1)
 

@@ -313,7 +313,11 @@ def test_token_shapes_and_output_shapes(encoder, channels, kind):
 def test_record_exposes_every_hidden_layer():
     for kw, layers in ((dict(), {"conv1", "conv2", "conv3", "experts", "dispatch", "combine"}),
                        (dict(moe_type="baseline"), {"conv1", "conv2", "conv3", "hidden"}),
-                       (dict(moe_type="top1"), {"conv1", "conv2", "conv3", "experts", "router_probs", "kept"})):
+                       (dict(use_extra_linear_layer=True), {"conv1", "conv2", "conv3", "experts", "dispatch", "combine",
+                                                            "extra"}),
+                       (dict(moe_type="simplicial_embedding_v1"), {"conv1", "conv2", "conv3", "hidden"}),
+                       (dict(moe_type="top1"), {"conv1", "conv2", "conv3", "experts", "router_logits", "router_probs",
+                                                "top_experts", "kept"})):
         net = m.QNetwork(args(encoder="nature", num_experts=2, expert_hidden_units=8, n_atoms=5, **kw), 3)
         record = {}
         net(torch.zeros(2, 4, 84, 84, dtype=torch.uint8), record)

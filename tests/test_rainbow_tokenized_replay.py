@@ -254,13 +254,15 @@ NUM_STATES, NUM_ACTIONS = 6, 3
 class TabularDistribution(torch.nn.Module):
     """Return distributions read from a logit table [S, A, K], the state id being the 1-pixel frame."""
 
+    args = SimpleNamespace(aux_loss_fns=())  # the scripts' losses read it: no auxiliary MoE losses
+
     def __init__(self, logits, support):
         super().__init__()
         self.num_actions = logits.shape[1]
         self.logits = torch.nn.Parameter(logits)
         self.register_buffer("support", support)
 
-    def forward(self, frames):
+    def forward(self, frames, record=None):
         log_probs = self.logits[frames[:, -1, 0].long()].log_softmax(-1)
         return log_probs, (log_probs.exp() * self.support).sum(-1)
 

@@ -38,7 +38,24 @@ CONFIGS = {
     "softmoe8-one-slot": (dict(capacity_factor=0.05), moe_networks.NatureDQNMoE, dict(num_experts=8)),
     "top1-8-capacity-0.5": (dict(moe_type="top1", capacity_factor=0.5), moe_networks.NatureDQNMoE,
                             dict(num_experts=8, moe_type="MOE")),
+    # --use-random-phi: the official draws phi ~ N(0, 1) from the call's key; one key for every sample here, so the
+    # official phi is one fixed draw, which the script's buffer is set to (RANDOM_PHI)
+    "softmoe8-random-phi": (dict(use_random_phi=True), moe_networks.NatureDQNMoE, dict(num_experts=8)),
+    # --use-extra-linear-layer: Dense(512) + ReLU before the head, after the MoE and after the baseline's hidden layer
+    "softmoe8-extra-layer": (dict(use_extra_linear_layer=True), moe_networks.NatureDQNMoE,
+                             dict(num_experts=8, use_extra_linear_layer=True)),
+    "baseline-1-extra-layer": (dict(moe_type="baseline", num_experts=1, use_extra_linear_layer=True),
+                               moe_networks.NatureDQNMoE, dict(num_experts=1, moe_type="BASELINE",
+                                                               use_extra_linear_layer=True)),
+    # the simplicial-embedding baselines; V1's dense layer is scaled like the script's baseline (scale_hidden_layer)
+    "sem-v1-4": (dict(moe_type="simplicial_embedding_v1", num_experts=4, sem_tau=0.5), moe_networks.NatureDQNMoE,
+                 dict(num_experts=4, moe_type="SIMPLICIAL_EMBEDDING_V1", scale_hidden_layer=True, tau=0.5)),
+    "sem-v2-4": (dict(moe_type="simplicial_embedding_v2", num_experts=4), moe_networks.NatureDQNMoE,
+                 dict(num_experts=4, moe_type="SIMPLICIAL_EMBEDDING_V2")),
+    "impala-sem-v2-2": (dict(encoder="impala", moe_type="simplicial_embedding_v2", num_experts=2),
+                        moe_networks.ImpalaMoE, dict(num_experts=2, moe_type="SIMPLICIAL_EMBEDDING_V2")),
 }
+RANDOM_PHI = "softmoe8-random-phi"
 
 
 @contextlib.contextmanager
@@ -46,12 +63,18 @@ def gin_bound(config):
     """The official modules with the config's capacity factor bound as its gin file would bind it."""
     import gin
 
-    factor = CONFIGS[config][0].get("capacity_factor")
-    if factor is None:
+    flags = CONFIGS[config][0]
+    bindings = {}
+    if "capacity_factor" in flags:
+        name = "MoE.capacity_factor" if flags.get("moe_type") == "top1" else "SoftMoE.capacity_factor"
+        bindings[name] = flags["capacity_factor"]
+    if flags.get("use_random_phi"):
+        bindings["SoftMoE.use_random_phi"] = True
+    if not bindings:
         yield
         return
-    name = "MoE.capacity_factor" if CONFIGS[config][0].get("moe_type") == "top1" else "SoftMoE.capacity_factor"
-    gin.bind_parameter(name, factor)
+    for name, value in bindings.items():
+        gin.bind_parameter(name, value)
     try:
         yield
     finally:
@@ -77,20 +100,32 @@ def official_params(net, flags, shapes, dtype):
     else:
         mp.nature("")
     extra = {}
-    if flags.get("moe_type") == "baseline":
+    if flags.get("moe_type", "softmoe") not in ("softmoe", "top1"):  # the baseline and the simplicial embeddings
         mp.dense("Dense_0", "hidden", nchw=net.encoder.output_shape)  # after the flatten: NCHW -> NHWC
-        mp.dense("Dense_1", "head")
+        dense = 1
     else:
         if flags.get("tokenization") == "perpatch":
             mp.conv("embedding", "tokenizer.embedding")
         if flags.get("moe_type") == "top1":
             mp.put("MoE_0/router/Dense_0/kernel", mp.take("moe.router.weight").T)
         else:
-            mp.put("SoftMoE_0/phi_weights", mp.take("moe.phi"))
+            if not flags.get("use_random_phi"):  # else a buffer, set to the official draw (`run_both`)
+                mp.put("SoftMoE_0/phi_weights", mp.take("moe.phi"))
             extra["SoftMoE_0/scalar"] = np.array([3.7])  # unused without normalization: any value
         mp.experts()
-        mp.dense("Dense_0", "head")  # after the MoE: tokens [m, d] flatten token-major in both frameworks
+        dense = 0  # after the MoE: tokens [m, d] flatten token-major in both frameworks
+    if flags.get("use_extra_linear_layer"):
+        mp.dense(f"Dense_{dense}", "extra")
+        dense += 1
+    mp.dense(f"Dense_{dense}", "head")
     return mp.finish(shapes, extra)
+
+
+def official_random_phi(shape, dtype):
+    """The phi that the official SoftMoE draws with use_random_phi from the key the networks get (PRNGKey(0) here)."""
+    key, _ = jax.random.split(jax.random.PRNGKey(0))
+    with x64(dtype == np.float64):
+        return np.asarray(jax.random.normal(key, shape, dtype=dtype))
 
 
 def run_official(official, params, x):
@@ -112,6 +147,9 @@ def run_both(config, dtype):
     flags, cls, attributes = CONFIGS[config]
     obs = frames(BATCH)
     net = script_network(config) if dtype == np.float64 else copy.deepcopy(script_network(config)).float()
+    if config == RANDOM_PHI:
+        net = copy.deepcopy(net)
+        net.moe.phi.copy_(torch.from_numpy(official_random_phi(tuple(net.moe.phi.shape), dtype)))
     exact = dtype == np.float64  # float64: the same float64 frames / 255 on both sides
     official = cls(num_actions=NUM_ACTIONS, inputs_preprocessed=exact, **attributes)
     x = preprocessed(obs, dtype) if exact else nhwc(obs)
@@ -142,7 +180,7 @@ def test_the_capacity_factor_sets_the_official_number_of_slots():
 
 def test_top1_drops_the_same_tokens_as_the_official_moe():
     net, _, out, _, record = run_both("top1-8-dropping", np.float64)
-    dropped = ~record["kept"].numpy()  # [B, m]
+    dropped = ~record["kept"][..., 0].numpy()  # [B, m] (k = 1)
     assert dropped.sum(axis=1).min() >= 10, "the test needs tokens really dropped in every sample"
     experts = np.asarray(out.moe_out.router_out.top_experts)[..., 0]  # [B, m], official
     np.testing.assert_array_equal(experts, record["router_probs"].argmax(-1).numpy())

@@ -38,7 +38,22 @@ CONFIGS = {
     "der_single_expert DER.gin (Nature CNN, SoftMoE-4 x512)": (
         "der_single_expert", dict(num_experts=4, expert_hidden_units=512),
         dict(encoder_type="CNN", num_experts=4, expert_hidden_units=512)),
+    # issue 15's knobs, on small experts: --use-random-phi (gin-bound SoftMoE.use_random_phi; the official phi is the
+    # draw from the call's key, which the script's fixed buffer is set to) and --use-extra-linear-layer (a plain
+    # Dense(512) + ReLU before the noisy heads)
+    "rainbow_tokenized random phi (Nature CNN, SoftMoE-4 x64)": (
+        "rainbow_tokenized", dict(encoder="nature", num_experts=4, expert_hidden_units=64, use_random_phi=True),
+        dict(encoder_type="CNN", num_experts=4, expert_hidden_units=64)),
+    "der_single_expert extra linear layer (Nature CNN, SoftMoE-2 x64)": (
+        "der_single_expert", dict(num_experts=2, expert_hidden_units=64, use_extra_linear_layer=True),
+        dict(encoder_type="CNN", num_experts=2, expert_hidden_units=64, use_extra_linear_layer=True)),
 }
+
+
+# float64 and float32 for each, except the random phi in float32: its N(0, 1) phi makes logits ~20x those of the
+# learned phi (std 1 / sqrt(n d)), which amplifies float32 rounding to ~1e-5 of the Q-values; float64 agrees to 1e-15
+CASES = [pytest.param(config, dtype, id=f"{config}-{dtype.__name__}") for config in CONFIGS
+         for dtype in (np.float64, np.float32) if not (dtype == np.float32 and CONFIGS[config][1].get("use_random_phi"))]
 
 
 @functools.cache
@@ -55,8 +70,11 @@ def official_params(net, attributes, shapes, dtype, zero_expert_sigma=False):
         mp.impala("encoder/")
     else:
         mp.nature("encoder/")
-    mp.put("SoftMoE_0/phi_weights", mp.take("moe.phi"))
+    if isinstance(net.moe.phi, torch.nn.Parameter):  # else --use-random-phi's buffer (`random_phi`)
+        mp.put("SoftMoE_0/phi_weights", mp.take("moe.phi"))
     mp.experts(noisy=True)
+    if "extra.weight" in mp.params:
+        mp.dense("Dense_0", "extra")
     mp.noisy("NoisyNetwork_0", "advantage")  # the first head built: adv = net(x, num_actions * num_atoms)
     mp.noisy("NoisyNetwork_1", "value")
     params = mp.finish(shapes, {"SoftMoE_0/scalar": np.array([3.7])})  # unused without normalization
@@ -66,6 +84,27 @@ def official_params(net, attributes, shapes, dtype, zero_expert_sigma=False):
     return params
 
 
+@contextlib.contextmanager
+def random_phi(config, net, key, dtype):
+    """With --use-random-phi: the official SoftMoE.use_random_phi bound, and the script's phi set to the official draw
+    for the call key `key` (FullRainbowMoENetwork gives the MoE key_3 of split(key, 3); SoftMoE draws from the first
+    half of its split)."""
+    import gin
+
+    if not CONFIGS[config][1].get("use_random_phi"):
+        yield
+        return
+    _, _, key_3 = jax.random.split(key, 3)
+    phi_key, _ = jax.random.split(key_3)
+    with torch.no_grad():
+        net.moe.phi.copy_(torch.from_numpy(np.array(jax.random.normal(phi_key, tuple(net.moe.phi.shape), dtype=dtype))))
+    gin.bind_parameter("SoftMoE.use_random_phi", True)
+    try:
+        yield
+    finally:
+        gin.clear_config()
+
+
 def official_module(config, exact):
     return moe_networks.FullRainbowMoENetwork(num_actions=NUM_ACTIONS, num_atoms=NUM_ATOMS, nn_scale=1,
                                               inputs_preprocessed=exact, **CONFIGS[config][2])
@@ -73,9 +112,16 @@ def official_module(config, exact):
 
 @functools.cache
 def official_shapes(config):
+    import gin
+
     x, support = np.zeros((84, 84, 4), np.float32), np.zeros(NUM_ATOMS, np.float32)
-    return jax.eval_shape(lambda: official_module(config, True).init(jax.random.PRNGKey(0), x, support,
-                                                                     key=jax.random.PRNGKey(0)))
+    if CONFIGS[config][1].get("use_random_phi"):
+        gin.bind_parameter("SoftMoE.use_random_phi", True)
+    try:
+        return jax.eval_shape(lambda: official_module(config, True).init(jax.random.PRNGKey(0), x, support,
+                                                                         key=jax.random.PRNGKey(0)))
+    finally:
+        gin.clear_config()
 
 
 def prepare(config, dtype):
@@ -93,11 +139,10 @@ def script_outputs(net, obs, dtype):
     return log_probs.exp().numpy(), q.numpy()
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("config,dtype", CASES)
 def test_noise_off_matches_the_official_eval_mode(config, dtype):
     net, obs, x, support, official, shapes = prepare(config, dtype)
-    with x64(dtype == np.float64):
+    with x64(dtype == np.float64), random_phi(config, net, jax.random.PRNGKey(5), dtype):
         params = official_params(net, CONFIGS[config][2], shapes, dtype, zero_expert_sigma=True)
         out = jax.jit(lambda p, x: jax.vmap(
             lambda s: official.apply(p, s, support, eval_mode=True, key=jax.random.PRNGKey(5)))(x))(params, x)
@@ -108,13 +153,12 @@ def test_noise_off_matches_the_official_eval_mode(config, dtype):
     assert num_official_params(shapes) == num_params(net) + 1  # + SoftMoE's unused scalar
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("config,dtype", CASES)
 def test_noise_on_matches_the_official_module_given_its_draws(config, dtype):
     net, obs, x, support, official, shapes = prepare(config, dtype)
-    with x64(dtype == np.float64):
+    key = jax.random.PRNGKey(7)
+    with x64(dtype == np.float64), random_phi(config, net, key, dtype):
         params = official_params(net, CONFIGS[config][2], shapes, dtype)
-        key = jax.random.PRNGKey(7)
         with official_noise_draws() as draws:
             out = jax.jit(lambda p, x: jax.vmap(
                 lambda s: official.apply(p, s, support, eval_mode=False, key=key))(x))(params, x)
@@ -161,3 +205,16 @@ def test_the_official_heads_draw_their_noise_from_one_key(partitionable):
     # and every expert gets the same noise: one draw for all four
     (p_expert, _), (q_expert, _) = draws["ExpertModel_0/net"]
     assert p_expert.shape == (64, 1) and q_expert.shape == (1, 16)
+
+
+@pytest.mark.parametrize("moe_type", ["SIMPLICIAL_EMBEDDING_V1", "SIMPLICIAL_EMBEDDING_V2", "BASELINE"])
+def test_the_official_rainbow_network_crashes_without_an_moe(moe_type):
+    """Why the scripts' Rainbow baselines and simplicial embeddings are compared with the official DQN networks
+    (tests/official/test_official_dqn_softmoe.py) and a restatement (tests/test_moe_knobs.py), not with
+    FullRainbowMoENetwork: its branch without an MoE never sets `x_hidden` (softmoe.md section 10.2)."""
+    official = moe_networks.FullRainbowMoENetwork(num_actions=NUM_ACTIONS, num_atoms=NUM_ATOMS, nn_scale=1,
+                                                  inputs_preprocessed=True, encoder_type="CNN", num_experts=2,
+                                                  expert_hidden_units=16, moe_type=moe_type)
+    x, support = np.zeros((84, 84, 4), np.float32), np.zeros(NUM_ATOMS, np.float32)
+    with pytest.raises(UnboundLocalError, match="x_hidden"):
+        official.init(jax.random.PRNGKey(0), x, support, key=jax.random.PRNGKey(0))

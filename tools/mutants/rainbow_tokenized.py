@@ -96,8 +96,8 @@ MUTANTS = [
      "    resample_noise(q_network, noise)\n    with torch.no_grad():\n        return q_network(obs)[1].argmax(1)",
      "    with torch.no_grad():\n        return q_network(obs)[1].argmax(1)", [NET]),
     ("rainbow_tokenized", "the update reuses the next-state noise for the loss",
-     "    resample_noise(q_network, noise)\n    log_probs, q_values = q_network(batch[\"obs\"])",
-     "    log_probs, q_values = q_network(batch[\"obs\"])", [NET]),
+     "    resample_noise(q_network, noise)\n    record = {} if q_network.args.aux_loss_fns else None",
+     "    record = {} if q_network.args.aux_loss_fns else None", [NET]),
     # network
     ("rainbow_tokenized", "dueling: mean over the atoms instead of the actions",
      "advantage - advantage.mean(dim=1, keepdim=True)", "advantage - advantage.mean(dim=2, keepdim=True)", [NET]),
