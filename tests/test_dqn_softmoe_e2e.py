@@ -36,15 +36,23 @@ def test_end_to_end_logs_and_checkpoint(tmp_path):
     assert info["steps"] == 400 and info["episodes"] == len(returns) and info["env_id"] == "ALE/SpaceInvaders-v5"
 
 
-# a target copy every 150 steps (after the warm-up of 100: at 150, 300, ...): the interruption comes after the first
-RESUME = [*TINY, "--total-timesteps", 700, "--checkpoint-every", 100, "--target-network-frequency", 150]
+# a target copy every 150 steps (after the warm-up of 100: at 150, 300, ...): the interruption comes after the first.
+# A Top-2 MoE with noisy routing and the three auxiliary losses: the router's and the load loss's noise come from
+# torch's generator, and the log interval's auxiliary sums must resume too
+RESUME = [*TINY, "--total-timesteps", 700, "--checkpoint-every", 100, "--target-network-frequency", 150,
+          "--moe-type", "top1", "--num-selected-experts", 2, "--noisy-routing", "--aux-loss-fns", "naive_entropy",
+          "importance_loss", "load_loss"]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("uninterrupted")
     run_script(SCRIPT, *RESUME, cwd=cwd)
-    return only_run_dir(cwd)
+    run_dir = only_run_dir(cwd)
+    tags = scalars(run_dir)
+    for name in ("naive_entropy", "importance_loss", "load_loss"):
+        assert len(tags[f"losses/{name}"]) == 12 and all(v >= 0 for _, v in tags[f"losses/{name}"]), name
+    return run_dir
 
 
 def assert_same_training_state(a, b):

@@ -3,6 +3,7 @@
 DQN_LEARN = "tests/test_dqn_learning.py"
 REPLAY = "tests/test_replay.py"
 NET = "tests/test_dqn_softmoe_network.py"
+KNOBS = "tests/test_moe_knobs.py"
 
 CONFIG = "tests/test_dqn_softmoe_config.py"
 DEFAULTS = f"{CONFIG}::test_defaults_match_the_official_dqn_gin"
@@ -92,4 +93,26 @@ MUTANTS = [
     ("dqn_softmoe", "config: the logged return sums clipped rewards",
      "        episode_return += reward\n        episode_length += 1\n",
      "        episode_return += clip_reward(reward)\n        episode_length += 1\n", [REWARDS]),
+    # issue 15's knobs (tests/test_moe_knobs.py, tests/test_dqn_softmoe_network.py, tests/official/)
+    ("dqn_softmoe", "the auxiliary losses left out of the gradient",
+     "    total = loss + sum(aux.values())\n", "    total = loss + 0 * sum(aux.values())\n",
+     [f"{KNOBS}::test_the_update_follows_the_gradient_of_the_td_loss_plus_the_auxiliary_losses"]),
+    ("dqn_softmoe", "Top-k: the queue in token order instead of choice order",
+     "one_hot(expert.transpose(1, 2).flatten(1), self.num_experts)  # [B, k*m, n], choice-major queue",
+     "one_hot(expert.flatten(1), self.num_experts)  # [B, k*m, n], choice-major queue",
+     [f"{NET}::test_topk_matches_reference_with_capacity_and_dropping"]),
+    ("dqn_softmoe", "the load loss's threshold is the best noisy logit instead of the k-th",
+     ".values[..., -1:]  # the k-th noisy logit", ".values[..., :1]  # the k-th noisy logit",
+     [f"{KNOBS}::test_the_load_loss_thresholds_at_the_k_th_noisy_logit"]),
+    ("dqn_softmoe", "simplicial embedding V1 over the height instead of the width",
+     "x = (x / self.args.sem_tau).softmax(dim=3)", "x = (x / self.args.sem_tau).softmax(dim=2)",
+     [f"{KNOBS}::test_the_simplicial_embeddings_restated",
+      "tests/official/test_official_dqn_softmoe.py::test_q_values_and_parameter_count_match_the_official_module"]),
+    ("dqn_softmoe", "shuffled tokens never shuffled",
+     "                x = x.flatten(1)[:, self.shuffle].view_as(x)\n", "                pass\n",
+     [f"{KNOBS}::test_shuffled_tokens_take_a_fixed_permutation_of_the_features"]),
+    ("dqn_softmoe", "the random phi is trained",
+     '            self.register_buffer("phi", torch.randn(dim, num_experts, self.slots_per_expert))',
+     '            self.phi = nn.Parameter(torch.randn(dim, num_experts, self.slots_per_expert))',
+     [f"{KNOBS}::test_the_random_phi_is_a_fixed_standard_normal_buffer"]),
 ]
