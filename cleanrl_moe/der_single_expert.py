@@ -195,6 +195,15 @@ class Args:
     """ablation of "Don't flatten, tokenize!" (shuffled tokens, ranked last): a fixed random permutation of the
     encoder output's C x H x W features, drawn from --seed, before tokenization, so that a token no longer holds one
     position's features (docs/der_single_expert.md: why permuting whole tokens would change nothing)"""
+    expert_reset: Literal["none", "reset", "shrink_perturb"] = "none"
+    """ablation of "Don't flatten, tokenize!" (Sec. 6: resets and shrink-and-perturb of the experts, no consistent
+    gain): every --expert-reset-period updates the experts are re-initialized, or shrunk and perturbed towards a
+    fresh initialization (not in the official code; the schedule follows Nikishin et al. 2022 and D'Oro et al. 2023)"""
+    expert_reset_period: int = 20_000
+    """gradient updates between two resets of the experts (Nikishin et al. 2022 reset SPR every 20,000 updates)"""
+    shrink_factor: float = 0.8
+    """shrink-and-perturb: experts <- shrink-factor x experts + (1 - shrink-factor) x a fresh initialization (D'Oro
+    et al. 2023's interpolation factor)"""
     baseline_aggregation: Literal["flatten", "sum", "mean"] = "flatten"
     """baseline only: flatten the encoder output (official), or apply the dense layer to every token of
     --tokenization and sum or average the tokens (the paper's tokenized baseline)"""
@@ -540,17 +549,30 @@ class NoisyExperts(nn.Module):
 
     def __init__(self, num_experts, dim, hidden, sigma0=0.1):
         super().__init__()
-        bound = 1.0 / math.sqrt(dim)
-        self.w1_mu = nn.Parameter(torch.empty(num_experts, dim, hidden).uniform_(-bound, bound))
-        self.w1_sigma = nn.Parameter(torch.full((num_experts, dim, hidden), sigma0 * bound))
-        self.b1_mu = nn.Parameter(torch.empty(num_experts, hidden).uniform_(-bound, bound))
-        self.b1_sigma = nn.Parameter(torch.full((num_experts, hidden), sigma0 * bound))
-        xavier = math.sqrt(6.0 / (hidden + dim))  # of each expert's own [h, d] kernel
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim).uniform_(-xavier, xavier))
-        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
+        self.sigma0 = sigma0
+        self.w1_mu = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w1_sigma = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.b1_mu = nn.Parameter(torch.empty(num_experts, hidden))
+        self.b1_sigma = nn.Parameter(torch.empty(num_experts, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.b2 = nn.Parameter(torch.empty(num_experts, dim))
+        self.reset_parameters()
         self.register_buffer("eps_in", torch.zeros(num_experts, dim), persistent=False)
         self.register_buffer("eps_out", torch.zeros(num_experts, hidden), persistent=False)
         self.noise_enabled = True
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """A fresh initialization (also what `reset_experts` draws)."""
+        dim, hidden = self.w1_mu.shape[1:]
+        bound = 1.0 / math.sqrt(dim)
+        self.w1_mu.uniform_(-bound, bound)
+        self.w1_sigma.fill_(self.sigma0 * bound)
+        self.b1_mu.uniform_(-bound, bound)
+        self.b1_sigma.fill_(self.sigma0 * bound)
+        xavier = math.sqrt(6.0 / (hidden + dim))  # of each expert's own [h, d] kernel
+        self.w2.uniform_(-xavier, xavier)
+        self.b2.zero_()
 
     def sample_noise(self, generator):
         self.eps_in.copy_(factorized_noise(self.eps_in.shape, generator))
@@ -985,6 +1007,32 @@ def moe_aux_losses(args, record):
 # <<< shared block: moe_losses
 
 
+# >>> shared block: expert_reset
+def expert_reset_number(args, step):
+    """The number (1, 2, ...) of the reset of the experts (or their shrink-and-perturb) that follows the update of agent
+    step `step`, or 0 when none does: one every --expert-reset-period updates, counted from the warm-up's end."""
+    if args.expert_reset == "none" or step <= args.learning_starts or step % args.train_frequency:
+        return 0
+    number = step // args.train_frequency - args.learning_starts // args.train_frequency  # this update's number
+    return number // args.expert_reset_period if number % args.expert_reset_period == 0 else 0
+
+
+@torch.no_grad()
+def reset_experts(experts, optimizer, shrink_factor):
+    """Every expert's parameters become shrink_factor x theta + (1 - shrink_factor) x a fresh initialization (the
+    constructor's own initializer, drawn from torch's generator): 0 is a full reset, as in Nikishin et al. (2022);
+    above 0 shrink-and-perturb in the interpolation form of D'Oro et al. (2023). Adam's moments of those parameters
+    are zeroed; its step count (and the other layers) are left alone."""
+    current = [p.clone() for p in experts.parameters()]
+    experts.reset_parameters()
+    for p, old in zip(experts.parameters(), current):
+        p.mul_(1.0 - shrink_factor).add_(old, alpha=shrink_factor)
+        for value in optimizer.state.get(p, {}).values():
+            if torch.is_tensor(value) and value.shape == p.shape:
+                value.zero_()
+# <<< shared block: expert_reset
+
+
 # >>> shared block: rainbow_update
 def beta_at(args, step):
     """The importance-sampling exponent: linear from priority-beta-start at the warm-up's end to priority-beta-end
@@ -1064,10 +1112,10 @@ def update(q_network, target_network, optimizer, rb, index, weights, noise, max_
 
 def train_step(step, args, q_network, target_network, optimizer, rb, rng, noise, update_fn=update):
     """Dopamine's _train_step at agent step `step`: after the warm-up, one update every train_frequency steps on a
-    prioritized batch, whose priorities are then set from its losses; a hard target copy every
-    target_network_frequency steps. `update_fn` is `update` or its CUDA graph. Returns (weighted loss, mean Q, mean
-    importance weight, {name: auxiliary loss}) of the update, or None; a non-finite loss leaves the priorities
-    alone."""
+    prioritized batch, whose priorities are then set from its losses; the experts' reset of --expert-reset when due;
+    a hard target copy every target_network_frequency steps. `update_fn` is `update` or its CUDA graph. Returns
+    (weighted loss, mean Q, mean importance weight, {name: auxiliary loss}) of the update, or None; a non-finite loss
+    leaves the priorities alone."""
     if step <= args.learning_starts:
         return None
     out = None
@@ -1080,6 +1128,8 @@ def train_step(step, args, q_network, target_network, optimizer, rb, rng, noise,
         out = (weighted_loss, q_mean, float(weights.mean()), aux)
         if torch.isfinite(weighted_loss + sum(aux.values())):
             rb.update_priorities(index, (loss.cpu().double().numpy() + 1e-10) ** args.priority_exponent)
+    if expert_reset_number(args, step):
+        reset_experts(q_network.moe.experts, optimizer, args.shrink_factor if args.expert_reset == "shrink_perturb" else 0.0)
     if step % args.target_network_frequency == 0:
         target_network.load_state_dict(q_network.state_dict())  # in place: a CUDA graph sees the new weights
     return out
@@ -1606,6 +1656,12 @@ def check_moe_args(args):
         fail(f"--sem-tau {args.sem_tau}: a positive temperature, with --moe-type simplicial_embedding_v1 or _v2")
     if args.shuffle_tokens and not moe:
         fail("--shuffle-tokens shuffles the MoE layer's tokens; use --moe-type softmoe or top1, or drop it")
+    if args.expert_reset != "none" and not moe:
+        fail("--expert-reset resets the experts of an MoE layer; use --moe-type softmoe or top1, or drop it")
+    if args.expert_reset_period < 1 or (args.expert_reset_period != 20_000 and args.expert_reset == "none"):
+        fail(f"--expert-reset-period {args.expert_reset_period}: a positive number of updates, with --expert-reset")
+    if not 0.0 < args.shrink_factor < 1.0 or (args.shrink_factor != 0.8 and args.expert_reset != "shrink_perturb"):
+        fail(f"--shrink-factor {args.shrink_factor}: in (0, 1), with --expert-reset shrink_perturb")
 # <<< shared block: moe_args
 
 
@@ -1645,7 +1701,8 @@ def check_args(args):
         for name in ("moe_type", "tokenization", "num_experts", "expert_hidden_units", "moe_normalization",
                      "capacity_factor", "baseline_aggregation", "use_random_phi", "num_selected_experts",
                      "noisy_routing", "noise_std", "aux_loss_fns", "entropy_weight", "importance_weight", "load_weight",
-                     "std_scale", "use_extra_linear_layer", "sem_tau", "shuffle_tokens"):
+                     "std_scale", "use_extra_linear_layer", "sem_tau", "shuffle_tokens", "expert_reset",
+                     "expert_reset_period", "shrink_factor"):
             if getattr(args, name) != getattr(defaults, name):
                 flag = "--" + name.replace("_", "-")
                 fail(f"{flag} does not apply to --encoder der (the van Hasselt et al. network has no MoE and its own "
@@ -1901,6 +1958,8 @@ if __name__ == "__main__":
                          f"learning rate: --resume {ckpt.folder} --learning-rate {args.learning_rate / 4:g}", 1)
             loss_sum, q_sum, weight_sum, num_logged = loss_sum + loss, q_sum + q_mean, weight_sum + weight_mean, num_logged + 1
             aux_sums = {name: aux_sums[name] + value for name, value in aux.items()}
+        if expert_reset_number(args, global_step):
+            writer.add_scalar("moe/expert_resets", expert_reset_number(args, global_step), global_step)
 
         if (global_step + 1) % args.log_frequency == 0:
             if num_logged:

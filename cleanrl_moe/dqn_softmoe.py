@@ -165,6 +165,15 @@ class Args:
     """ablation of "Don't flatten, tokenize!" (shuffled tokens, ranked last): a fixed random permutation of the
     encoder output's C x H x W features, drawn from --seed, before tokenization, so that a token no longer holds one
     position's features (docs/dqn_softmoe.md: why permuting whole tokens would change nothing)"""
+    expert_reset: Literal["none", "reset", "shrink_perturb"] = "none"
+    """ablation of "Don't flatten, tokenize!" (Sec. 6: resets and shrink-and-perturb of the experts, no consistent
+    gain): every --expert-reset-period updates the experts are re-initialized, or shrunk and perturbed towards a
+    fresh initialization (not in the official code; the schedule follows Nikishin et al. 2022 and D'Oro et al. 2023)"""
+    expert_reset_period: int = 20_000
+    """gradient updates between two resets of the experts (Nikishin et al. 2022 reset SPR every 20,000 updates)"""
+    shrink_factor: float = 0.8
+    """shrink-and-perturb: experts <- shrink-factor x experts + (1 - shrink-factor) x a fresh initialization (D'Oro
+    et al. 2023's interpolation factor)"""
 
 
 # >>> shared block: env
@@ -432,12 +441,20 @@ class Experts(nn.Module):
     def __init__(self, num_experts, dim, hidden):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
-        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.b1 = nn.Parameter(torch.empty(num_experts, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
-        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
+        self.b2 = nn.Parameter(torch.empty(num_experts, dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """A fresh initialization (also what `reset_experts` draws)."""
+        dim, hidden = self.w1.shape[1:]
         bound = math.sqrt(6.0 / (dim + hidden))  # xavier_uniform of each expert's own [d, h] kernel
         nn.init.uniform_(self.w1, -bound, bound)
         nn.init.uniform_(self.w2, -bound, bound)
+        nn.init.zeros_(self.b1)
+        nn.init.zeros_(self.b2)
 
     def forward(self, slots, record=None):
         hidden = F.relu(torch.einsum("bnpd,ndh->bnph", slots, self.w1) + self.b1[:, None])
@@ -732,16 +749,45 @@ def update(q_network, target_network, optimizer, rb, index):
 # <<< shared block: dqn_update
 
 
+# >>> shared block: expert_reset
+def expert_reset_number(args, step):
+    """The number (1, 2, ...) of the reset of the experts (or their shrink-and-perturb) that follows the update of agent
+    step `step`, or 0 when none does: one every --expert-reset-period updates, counted from the warm-up's end."""
+    if args.expert_reset == "none" or step <= args.learning_starts or step % args.train_frequency:
+        return 0
+    number = step // args.train_frequency - args.learning_starts // args.train_frequency  # this update's number
+    return number // args.expert_reset_period if number % args.expert_reset_period == 0 else 0
+
+
+@torch.no_grad()
+def reset_experts(experts, optimizer, shrink_factor):
+    """Every expert's parameters become shrink_factor x theta + (1 - shrink_factor) x a fresh initialization (the
+    constructor's own initializer, drawn from torch's generator): 0 is a full reset, as in Nikishin et al. (2022);
+    above 0 shrink-and-perturb in the interpolation form of D'Oro et al. (2023). Adam's moments of those parameters
+    are zeroed; its step count (and the other layers) are left alone."""
+    current = [p.clone() for p in experts.parameters()]
+    experts.reset_parameters()
+    for p, old in zip(experts.parameters(), current):
+        p.mul_(1.0 - shrink_factor).add_(old, alpha=shrink_factor)
+        for value in optimizer.state.get(p, {}).values():
+            if torch.is_tensor(value) and value.shape == p.shape:
+                value.zero_()
+# <<< shared block: expert_reset
+
+
 def train_step(step, args, q_network, target_network, optimizer, rb, rng, update_fn=update):
     """Dopamine's _train_step at agent step `step`: after the warm-up, one update every train_frequency steps on a
-    uniform replay sample, and a hard target copy every target_network_frequency steps. `update_fn` is `update` or
-    its CUDA graph. Returns (loss, mean Q) of the update, or None."""
+    uniform replay sample, then the experts' reset of --expert-reset when due, and a hard target copy every
+    target_network_frequency steps. `update_fn` is `update` or its CUDA graph. Returns (loss, mean Q, {name:
+    auxiliary loss}) of the update, or None."""
     if step <= args.learning_starts:
         return None
     out = None
     if step % args.train_frequency == 0:
         index = torch.as_tensor(rb.sample_indices(args.batch_size, rng), device=rb.device)
         out = update_fn(q_network, target_network, optimizer, rb, index)
+    if expert_reset_number(args, step):
+        reset_experts(q_network.moe.experts, optimizer, args.shrink_factor if args.expert_reset == "shrink_perturb" else 0.0)
     if step % args.target_network_frequency == 0:
         target_network.load_state_dict(q_network.state_dict())  # in place: a CUDA graph sees the new weights
     return out
@@ -1273,6 +1319,12 @@ def check_moe_args(args):
         fail(f"--sem-tau {args.sem_tau}: a positive temperature, with --moe-type simplicial_embedding_v1 or _v2")
     if args.shuffle_tokens and not moe:
         fail("--shuffle-tokens shuffles the MoE layer's tokens; use --moe-type softmoe or top1, or drop it")
+    if args.expert_reset != "none" and not moe:
+        fail("--expert-reset resets the experts of an MoE layer; use --moe-type softmoe or top1, or drop it")
+    if args.expert_reset_period < 1 or (args.expert_reset_period != 20_000 and args.expert_reset == "none"):
+        fail(f"--expert-reset-period {args.expert_reset_period}: a positive number of updates, with --expert-reset")
+    if not 0.0 < args.shrink_factor < 1.0 or (args.shrink_factor != 0.8 and args.expert_reset != "shrink_perturb"):
+        fail(f"--shrink-factor {args.shrink_factor}: in (0, 1), with --expert-reset shrink_perturb")
 # <<< shared block: moe_args
 
 
@@ -1501,6 +1553,8 @@ if __name__ == "__main__":
             loss_sum, q_sum, num_logged = loss_sum + loss, q_sum + q_mean, num_logged + 1
             for name, value in aux.items():
                 aux_sums[name] += value.item()
+        if expert_reset_number(args, global_step):
+            writer.add_scalar("moe/expert_resets", expert_reset_number(args, global_step), global_step)
 
         if (global_step + 1) % args.log_frequency == 0:
             if num_logged:

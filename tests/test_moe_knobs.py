@@ -4,6 +4,7 @@ one changes, that the losses reach the gradient, and that every bad combination 
 The comparisons with the official modules are in tests/official/ (test_official_dqn_softmoe.py,
 test_official_rainbow_der.py, test_official_moe_losses.py)."""
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -226,6 +227,11 @@ BAD_MOE_FLAGS = [
     (dict(moe_type="simplicial_embedding_v2", tokenization="perfeat"), "--tokenization"),
     (dict(moe_type="simplicial_embedding_v2", capacity_factor=0.5), "--capacity-factor"),
     (dict(moe_type="baseline", shuffle_tokens=True), "--shuffle-tokens"),
+    (dict(moe_type="baseline", expert_reset="reset"), "--expert-reset"),
+    (dict(expert_reset_period=100), "--expert-reset-period"),
+    (dict(expert_reset="reset", expert_reset_period=0), "--expert-reset-period"),
+    (dict(expert_reset="reset", shrink_factor=0.5), "--shrink-factor"),
+    (dict(expert_reset="shrink_perturb", shrink_factor=1.0), "--shrink-factor"),
 ]
 
 
@@ -261,7 +267,8 @@ def test_der_refuses_the_moe_knobs_with_its_own_encoder(capsys):
     for flag, kwargs in (("--use-random-phi", dict(use_random_phi=True)),
                          ("--aux-loss-fns", dict(aux_loss_fns=("importance_loss",))),
                          ("--use-extra-linear-layer", dict(use_extra_linear_layer=True)),
-                         ("--shuffle-tokens", dict(shuffle_tokens=True))):
+                         ("--shuffle-tokens", dict(shuffle_tokens=True)),
+                         ("--expert-reset", dict(expert_reset="shrink_perturb"))):
         with pytest.raises(SystemExit):
             m.check_args(m.Args(encoder="der", **kwargs))
         err = capsys.readouterr().err.strip().splitlines()
@@ -296,3 +303,65 @@ def test_the_load_loss_thresholds_at_the_k_th_noisy_logit():
         mean = p.mean(0)
         terms.append((mean.std() / mean.mean()) ** 2)
     assert ours == pytest.approx(0.7 * np.mean(terms), rel=1e-10)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("mode", ["reset", "shrink_perturb"])
+def test_reset_experts_redraws_or_interpolates_the_experts_only(script, mode):
+    m = load_script(script)
+    torch.manual_seed(0)
+    args = small_args(m, expert_reset=mode)
+    net = m.QNetwork(args, 4)
+    optimizer = m.make_optimizer(args, net)
+    q_values(net, frames()).sum().backward()
+    optimizer.step()  # Adam's moments are non-zero everywhere
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    moments = {name: {k: v.clone() for k, v in optimizer.state[p].items()} for name, p in net.named_parameters()}
+    torch.manual_seed(11)
+    fresh = copy.deepcopy(net.moe.experts)
+    fresh.reset_parameters()  # the draw reset_experts makes from the same generator state
+    torch.manual_seed(11)
+    factor = 0.8 if mode == "shrink_perturb" else 0.0
+    m.reset_experts(net.moe.experts, optimizer, factor)
+    expert_params = {f"moe.experts.{name}" for name, _ in net.moe.experts.named_parameters()}
+    assert len(expert_params) in (4, 6)
+    fresh_params = dict(fresh.named_parameters())
+    for name, p in net.named_parameters():
+        state = optimizer.state[p]
+        if name in expert_params:
+            expected = factor * before[name] + (1 - factor) * fresh_params[name[len("moe.experts."):]]
+            torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-7)
+            assert state["exp_avg"].abs().max() == 0 and state["exp_avg_sq"].abs().max() == 0, name
+            assert torch.equal(state["step"], moments[name]["step"])  # the step count stays
+        else:
+            assert torch.equal(p.detach(), before[name]), f"{name} changed"
+            assert torch.equal(state["exp_avg"], moments[name]["exp_avg"]), f"{name}'s moments changed"
+    assert not torch.equal(net.moe.experts.w2.detach(), before["moe.experts.w2"])  # the experts did change
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_experts_are_reset_every_period_updates_after_the_warm_up(script, monkeypatch):
+    m = load_script(script)
+    rainbow = hasattr(m, "NoisyExperts")
+    args = small_args(m, expert_reset="reset", expert_reset_period=3, learning_starts=100, train_frequency=4,
+                      target_network_frequency=10_000)
+    resets, updates = [], []
+    monkeypatch.setattr(m, "reset_experts", lambda experts, optimizer, factor: resets.append((step, factor)))
+
+    class Stub:  # stands in for the network and the memory: train_step only passes them on
+        moe = SimpleNamespace(experts=None)
+
+    def update_fn(*a):
+        updates.append(step)
+        return (torch.zeros(2), torch.tensor(0.0), torch.tensor(0.0), {}) if rainbow else (torch.tensor(0.0),) * 2 + ({},)
+
+    memory = SimpleNamespace(sample_indices=lambda n, rng: np.zeros(n, np.int64), device="cpu",
+                             sample_prioritized=lambda n, rng: (np.zeros(n, np.int64), np.full(n, 0.5)),
+                             update_priorities=lambda index, priority: None)
+    extra = (None,) if rainbow else ()
+    for step in range(1, 161):
+        m.train_step(step, args, Stub(), Stub(), None, memory, None, *extra, update_fn=update_fn)
+    assert updates == list(range(104, 161, 4))  # update number k at step 100 + 4k
+    assert [s for s, _ in resets] == [112, 124, 136, 148, 160]  # after updates 3, 6, 9, ...
+    assert [m.expert_reset_number(args, s) for s, _ in resets] == [1, 2, 3, 4, 5]
+    assert {factor for _, factor in resets} == {0.0}

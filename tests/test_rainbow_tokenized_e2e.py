@@ -50,15 +50,22 @@ def test_end_to_end_logs_checkpoint_and_evaluation(tmp_path):
 
 # target copies at 150, 300, 450, 600: the interruption (at 200 or later) comes after the first, and after the first
 # priority updates and noise draws
+# with the experts shrunk and perturbed after updates 60 and 120 (steps 340 and 580, after the interruption: the fresh
+# draws come from torch's generator) and the importance loss, whose interval sums must resume too
 RESUME = [*TINY, "--encoder", "nature", "--total-timesteps", 600, "--checkpoint-every", 100,
-          "--target-network-frequency", 150]
+          "--target-network-frequency", 150, "--expert-reset", "shrink_perturb", "--expert-reset-period", 60,
+          "--aux-loss-fns", "importance_loss"]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("uninterrupted")
     run_script(SCRIPT, *RESUME, cwd=cwd)
-    return only_run_dir(cwd)
+    run_dir = only_run_dir(cwd)
+    tags = scalars(run_dir)
+    assert tags["moe/expert_resets"] == [(340, 1.0), (580, 2.0)]
+    assert len(tags["losses/importance_loss"]) == 10
+    return run_dir
 
 
 def assert_same(x, y, name):
