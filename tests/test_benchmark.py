@@ -202,7 +202,8 @@ def test_suites_are_valid_data():
 
     gym.register_envs(ale_py)
     names = sorted(p.stem for p in (ROOT / "benchmark" / "suites").glob("*.toml"))
-    assert {"smoke", "atari100k", "atari100k_26", "dqn_softmoe", "rainbow_tokenized", "dqn_redo"} <= set(names)
+    assert {"smoke", "atari100k", "atari100k_26", "dqn_softmoe", "rainbow_tokenized", "dqn_redo", "moe_routing",
+            "moe_baselines", "tokenize_ablations"} <= set(names)
     known_scripts = {"dqn_softmoe", "dqn_redo", "rainbow_tokenized", "der_single_expert"}
     for name in names:
         suite = suites.load_suite(name)
@@ -212,6 +213,8 @@ def test_suites_are_valid_data():
         for game in suite["games"]:
             gym.spec(f"ALE/{game}-v5")
         assert {v["script"] for v in suite["variants"]} <= known_scripts, name
+        _, parsed = suites.resolve(runs)  # every variant's flags pass its script's parser and start-up checks
+        assert set(parsed) == {v["name"] for v in suite["variants"]}, name
     smoke = suites.load_suite("smoke")
     for variant in smoke["variants"]:  # the smoke suite runs in CI: its scripts must exist
         assert (ROOT / "cleanrl_moe" / f"{variant['script']}.py").is_file()

@@ -91,3 +91,34 @@ def test_dopamines_top_k_moe_crashes_for_k_above_one():
     with pytest.raises((TypeError, ValueError)):
         module.init(jax.random.PRNGKey(0), x, key=jax.random.PRNGKey(0))
     assert official_moe.MoE  # the module that fails
+
+
+@pytest.mark.parametrize("script", ["dqn_softmoe", "rainbow_tokenized", "der_single_expert"])
+def test_the_knobs_default_to_the_official_values(script):
+    """Every knob of issue 15 that the official code has defaults to the official default, read off the official
+    classes themselves (Flax modules and loss parameters are dataclasses)."""
+    import inspect
+
+    import dopamine.labs.moes.architectures.routers as routers
+    import dopamine.labs.moes.architectures.softmoe as softmoe
+
+    def default(cls, name):
+        return cls.__dataclass_fields__[name].default
+
+    args = load_script(script).Args()
+    network = moe_networks.NatureDQNMoE if script == "dqn_softmoe" else moe_networks.FullRainbowMoENetwork
+    official = {
+        "use_random_phi": default(softmoe.SoftMoE, "use_random_phi"),
+        "num_selected_experts": default(network, "num_selected_experts"),
+        "noisy_routing": default(routers.TopKRouter, "noisy_routing"),
+        "noise_std": default(routers.TopKRouter, "noise_std"),
+        "aux_loss_fns": inspect.signature(dopamine_losses.aux_loss).parameters["loss_fns"].default,
+        "entropy_weight": default(loss_types.MoELossParameters, "entropy_weight"),
+        "importance_weight": default(loss_types.MoELossParameters, "importance_weight"),
+        "load_weight": default(loss_types.MoELossParameters, "load_weight"),
+        "std_scale": default(loss_types.MoELossParameters, "std_scale"),
+        "use_extra_linear_layer": default(network, "use_extra_linear_layer"),
+        "sem_tau": default(network, "tau"),
+    }
+    assert {name: getattr(args, name) for name in official} == official
+    assert (args.shuffle_tokens, args.expert_reset) == (False, "none")  # ablations the official code does not have
