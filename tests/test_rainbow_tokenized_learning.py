@@ -76,7 +76,8 @@ def train(memory, steps=2000):
     torch.manual_seed(0)
     q_network, target_network = TabularDistribution(0), TabularDistribution(1)  # the target starts different
     optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.05, adam_eps=1e-8), q_network)
-    args = SimpleNamespace(learning_starts=0, train_frequency=1, target_network_frequency=50, batch_size=128,
+    args = SimpleNamespace(expert_reset="none",
+                           learning_starts=0, train_frequency=1, target_network_frequency=50, batch_size=128,
                            total_timesteps=steps, priority_exponent=0.5, priority_beta_start=1.0, priority_beta_end=1.0,
                            max_grad_norm=0.0)
     rng, noise = np.random.default_rng(2), torch.Generator().manual_seed(0)
@@ -111,7 +112,8 @@ def test_update_schedule_and_target_sync():
     memory = fill_memory()
     q_network, target_network = TabularDistribution(0), TabularDistribution(1)
     optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.01, adam_eps=1e-8), q_network)
-    args = SimpleNamespace(learning_starts=10, train_frequency=4, target_network_frequency=8, batch_size=8,
+    args = SimpleNamespace(expert_reset="none",
+                           learning_starts=10, train_frequency=4, target_network_frequency=8, batch_size=8,
                            total_timesteps=100, priority_exponent=0.5, priority_beta_start=0.5, priority_beta_end=0.5,
                            max_grad_norm=0.0)
     rng, noise = np.random.default_rng(0), torch.Generator()
