@@ -61,8 +61,8 @@ DQN = {
     "dqn_softmoe --expert-type big (Nature CNN in the experts, working version)": (
         dict(expert_type="big"), NatureBigReference, dict(num_experts=8)),
 }
-# the capacity-factor configurations (gin-bound on the official side) have a few hundred slots instead of ~7,000:
-# odd image sides (13 x 13, 9 x 9) and a cheap comparison with the noise on
+# the defaults at 1,764 and 7,056 slots, compared with the noise off; the capacity-factor configurations (gin-bound on
+# the official side) have a few hundred slots: odd image sides (13 x 13, 9 x 9), compared with the noise on
 RAINBOW = {
     "rainbow_tokenized --expert-type big (Impala, SoftMoE-4)": (
         "rainbow_tokenized", dict(expert_type="big"), dict(encoder_type="IMPALA", num_experts=4, expert_hidden_units=512)),
@@ -190,7 +190,7 @@ def rainbow_outputs(net, obs, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("config", list(RAINBOW))
+@pytest.mark.parametrize("config", list(RAINBOW)[:2])  # the eval-mode path; the other two run with the noise on
 def test_rainbow_noise_off_matches_the_official_eval_mode(config, dtype):
     net, obs, x, support, encoder, official, shapes = rainbow_prepare(config, dtype)
     with x64(dtype == np.float64), gin_bound(RAINBOW[config][1]):
