@@ -194,6 +194,13 @@ class Args:
     shrink_factor: float = 0.8
     """shrink-and-perturb: experts <- shrink-factor x experts + (1 - shrink-factor) x a fresh initialization (D'Oro
     et al. 2023's interpolation factor)"""
+    expert_type: Literal["small", "big"] = "small"
+    """small: each expert is an MLP d -> h -> d applied to every slot (the papers' experts); big: each expert holds its
+    own --encoder and the shared one is skipped: the tokens are the frames' pixels, each expert reads its slots as one
+    square image, encodes it, then dense h, ReLU, dense back to its slots (FullRainbowMoENetwork's and SoftMoE's
+    expert_type 'BIG', BigExpertModel; slots per expert floor(sqrt(ceil(m x capacity-factor / n)))^2: 1,764 for 4
+    experts). Which figure of Obando-Ceron et al. (2024) it serves is not verified (softmoe.md section 5 guesses their
+    analysis of experts that include the encoder); no official config sets it. Soft MoE and perconv tokens only"""
     baseline_aggregation: Literal["flatten", "sum", "mean"] = "flatten"
     """baseline only: flatten the encoder output (official), or apply the dense layer to every token of
     --tokenization and sum or average the tokens (the paper's tokenized baseline)"""
@@ -381,15 +388,16 @@ class Tokenizer(nn.Module):
 class SoftMoE(nn.Module):
     """Soft MoE (Puigcerver et al. 2024) as in Dopamine: tokens [B, m, d] -> [B, m, d].
 
-    Per sample, logits L = X phi with phi of shape (d, n, p) and p = ceil(m / n) slots per expert.
+    Per sample, logits L = X phi with phi of shape (d, n, p) and p = ceil(m / n) slots per expert (`num_slots`).
     Each slot's input is a mix of the sample's tokens (dispatch: softmax over tokens); each output token
     is a mix of all n*p slot outputs (combine: softmax over slots). Samples never mix.
     `random_phi`: phi is a fixed N(0, 1) draw, a buffer that is never trained (Dopamine's use_random_phi draws the same
     distribution anew at every call and for every sample)."""
 
-    def __init__(self, num_tokens, dim, num_experts, experts, normalize=False, capacity_factor=1.0, random_phi=False):
+    def __init__(self, num_tokens, dim, num_experts, experts, normalize=False, capacity_factor=1.0, random_phi=False,
+                 square_slots=False):
         super().__init__()
-        self.slots_per_expert = math.ceil(num_tokens * capacity_factor / num_experts)
+        self.slots_per_expert = self.num_slots(num_tokens, num_experts, capacity_factor, square_slots)
         if random_phi:  # saved with the weights and copied into the target network, as a parameter would be
             self.register_buffer("phi", torch.randn(dim, num_experts, self.slots_per_expert))
         else:
@@ -411,6 +419,13 @@ class SoftMoE(nn.Module):
         if record is not None:
             record["dispatch"], record["combine"] = dispatch, combine
         return torch.einsum("bmnp,bnpd->bmd", combine, outputs)
+
+    @staticmethod
+    def num_slots(num_tokens, num_experts, capacity_factor=1.0, square=False):
+        """Slots per expert, p = ceil(m x capacity factor / n); `square` (big experts, which read their slots as one
+        square image): the largest square number <= p, floor(sqrt(p))^2, as Dopamine's SoftMoE for expert_type BIG."""
+        slots = math.ceil(num_tokens * capacity_factor / num_experts)
+        return math.isqrt(slots) ** 2 if square else slots
 # <<< shared block: softmoe
 
 
@@ -560,6 +575,103 @@ class NoisyExperts(nn.Module):
 # <<< shared block: noisyexperts
 
 
+# >>> shared block: bigexperts
+class Frames(nn.Module):
+    """The shared 'encoder' when the experts hold the encoders (--expert-type big): the frames [B, 4, 84, 84] in
+    [0, 1] themselves, so that the tokens are pixels (perconv: 7,056 tokens of dim 4)."""
+
+    output_shape = (4, 84, 84)
+
+    def forward(self, x, record=None):
+        return x
+
+
+def grouped_encoder(encoders):
+    """n encoders of one architecture run side by side as one: the first encoder, each of whose convs becomes a grouped
+    conv (groups = n) holding the n encoders' kernels and biases, expert-major ([n * out, in, k, k]). It maps the n
+    experts' images stacked on the channels, [B, n * C, H, W], to their encodings stacked likewise; every other layer
+    (ReLU, max-pool, residual sum) acts channel by channel, so expert j's channels only ever meet encoder j's weights."""
+    grouped, n = encoders[0], len(encoders)
+    for name, conv in list(grouped.named_modules()):
+        if isinstance(conv, nn.Conv2d):
+            convs = [encoder.get_submodule(name) for encoder in encoders]
+            conv.weight = nn.Parameter(torch.cat([c.weight.detach() for c in convs]))
+            conv.bias = nn.Parameter(torch.cat([c.bias.detach() for c in convs]))
+            conv.in_channels, conv.out_channels, conv.groups = n * conv.in_channels, n * conv.out_channels, n
+    return grouped
+
+
+class BigExperts(nn.Module):
+    """n experts that each hold their own encoder (Dopamine's BigExpertModel, SoftMoE expert_type "BIG"): slots
+    [B, n, p, d] -> [B, n, p, d], p a square number.
+
+    Expert j reads its p slots as one sqrt(p) x sqrt(p) image with d channels (slot r * sqrt(p) + c at row r, column c),
+    encodes it with its own `make_encoder()`, flattens the encoding (F features) and maps it by dense F -> h, ReLU,
+    dense h -> p * d back to its p slots (no activation). The n encoders run as one grouped conv per layer
+    (`grouped_encoder`); each expert is initialized on its own, by the encoder's init (xavier-uniform, lecun-normal
+    residual convs, zero biases) and xavier-uniform dense kernels of each expert's own [F, h] and [h, p * d] shapes.
+    `sigma0` None: the first dense layer is plain (DQN's experts); a number: it is noisy as Rainbow's experts are
+    (NoisyLinear's init on fan-in F, factorized noise drawn independently for each expert, off in eval mode and by
+    `set_noise`; `factorized_noise` comes from the noisy block)."""
+
+    def __init__(self, num_experts, dim, slots, hidden, make_encoder, sigma0=None):
+        super().__init__()
+        self.side = math.isqrt(slots)
+        if self.side**2 != slots:
+            raise ValueError(f"big experts read their slots as a square image: {slots} slots is no square number")
+        encoders = [make_encoder() for _ in range(num_experts)]
+        first = next(layer for layer in encoders[0].modules() if isinstance(layer, nn.Conv2d))
+        if first.in_channels != dim:
+            raise ValueError(f"the experts' encoder reads {first.in_channels} channels, the tokens have {dim}")
+        with torch.no_grad():
+            self.encoding_shape = tuple(encoders[0](torch.zeros(1, dim, self.side, self.side)).shape[1:])
+        self.encoder = grouped_encoder(encoders)
+        features, out = math.prod(self.encoding_shape), slots * dim
+        self.noisy = sigma0 is not None
+        if self.noisy:
+            bound = 1.0 / math.sqrt(features)
+            self.w1_mu = nn.Parameter(torch.empty(num_experts, features, hidden).uniform_(-bound, bound))
+            self.w1_sigma = nn.Parameter(torch.full((num_experts, features, hidden), sigma0 * bound))
+            self.b1_mu = nn.Parameter(torch.empty(num_experts, hidden).uniform_(-bound, bound))
+            self.b1_sigma = nn.Parameter(torch.full((num_experts, hidden), sigma0 * bound))
+            self.register_buffer("eps_in", torch.zeros(num_experts, features), persistent=False)
+            self.register_buffer("eps_out", torch.zeros(num_experts, hidden), persistent=False)
+        else:
+            bound = math.sqrt(6.0 / (features + hidden))  # xavier-uniform of each expert's own [F, h] kernel
+            self.w1 = nn.Parameter(torch.empty(num_experts, features, hidden).uniform_(-bound, bound))
+            self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
+        bound = math.sqrt(6.0 / (hidden + out))  # of each expert's own [h, p * d] kernel
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, out).uniform_(-bound, bound))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, out))
+        self.noise_enabled = True
+
+    def sample_noise(self, generator):
+        if self.noisy:
+            self.eps_in.copy_(factorized_noise(self.eps_in.shape, generator))
+            self.eps_out.copy_(factorized_noise(self.eps_out.shape, generator))
+
+    def forward(self, slots, record=None):
+        batch, num_experts, num_slots, dim = slots.shape
+        images = slots.reshape(batch, num_experts, self.side, self.side, dim).permute(0, 1, 4, 2, 3)
+        inner = None if record is None else {}
+        encoded = self.encoder(images.reshape(batch, num_experts * dim, self.side, self.side), inner)
+        if record is not None:  # the experts' encoder layers, neurons = (expert, channel) pairs on dim 1
+            record.update({f"experts.{name}": value for name, value in inner.items()})
+        features = encoded.reshape(batch, num_experts, -1)  # expert j's encoding, flattened (C, H, W)
+        if not self.noisy:
+            w1, b1 = self.w1, self.b1
+        elif self.training and self.noise_enabled:
+            w1 = self.w1_mu + self.w1_sigma * self.eps_in[:, :, None] * self.eps_out[:, None, :]
+            b1 = self.b1_mu + self.b1_sigma * self.eps_out
+        else:
+            w1, b1 = self.w1_mu, self.b1_mu
+        hidden = F.relu(torch.einsum("bnf,nfh->bnh", features, w1) + b1)
+        if record is not None:  # neurons = (expert, unit) pairs on dim 1
+            record["experts"] = hidden.flatten(1)
+        return (torch.einsum("bnh,nho->bno", hidden, self.w2) + self.b2).reshape(slots.shape)
+# <<< shared block: bigexperts
+
+
 class QNetwork(nn.Module):
     """Return distributions of uint8 frame stacks [B, 4, 84, 84]: `forward` returns (log_probs, q_values), where
     log_probs [B, num_actions, n_atoms] are the log-probabilities of the atoms `support` [n_atoms] for each action
@@ -570,7 +682,9 @@ class QNetwork(nn.Module):
         self.args = args  # the loss reads the auxiliary-loss flags from here
         self.num_actions, self.num_atoms = num_actions, args.n_atoms
         self.register_buffer("support", torch.linspace(args.v_min, args.v_max, args.n_atoms), persistent=False)
-        self.encoder = ImpalaEncoder() if args.encoder == "impala" else NatureEncoder()
+        encoder = ImpalaEncoder if args.encoder == "impala" else NatureEncoder
+        big = args.expert_type == "big"  # the experts hold the encoders: the tokens are the frames' pixels
+        self.encoder = Frames() if big else encoder()
         sigma0 = args.noisy_sigma0
         channels, height, width = self.encoder.output_shape
         if args.moe_type != "baseline" or args.baseline_aggregation == "flatten":
@@ -591,10 +705,15 @@ class QNetwork(nn.Module):
                 self.register_buffer("shuffle", torch.randperm(channels * height * width, generator=generator))
             self.tokenizer = Tokenizer(args.tokenization, channels, height, width)
             num_tokens, dim = self.tokenizer.num_tokens, self.tokenizer.token_dim
-            experts = NoisyExperts(args.num_experts, dim, args.expert_hidden_units, sigma0)
+            if big:
+                slots = SoftMoE.num_slots(num_tokens, args.num_experts, args.capacity_factor, square=True)
+                experts = BigExperts(args.num_experts, dim, slots, args.expert_hidden_units, encoder, sigma0)
+            else:
+                experts = NoisyExperts(args.num_experts, dim, args.expert_hidden_units, sigma0)
             if args.moe_type == "softmoe":
                 self.moe = SoftMoE(num_tokens, dim, args.num_experts, experts, normalize=args.moe_normalization,
-                                   capacity_factor=args.capacity_factor, random_phi=args.use_random_phi)
+                                   capacity_factor=args.capacity_factor, random_phi=args.use_random_phi,
+                                   square_slots=big)
             else:
                 self.moe = TopKMoE(num_tokens, dim, args.num_experts, experts, capacity_factor=args.capacity_factor,
                                    k=args.num_selected_experts, noisy_routing=args.noisy_routing,
@@ -1157,32 +1276,60 @@ def normalized_entropy(p, dims):
     return entropy / math.log(math.prod(p.shape[d] for d in dims))
 
 
-def routing_statistics(record):
-    """How the router spreads tokens over slots and experts (logged under moe/)."""
-    stats = {}
+def routing_summary(record):
+    """What the moe/ statistics average over states, per state: [B] or [B, k] tensors, far smaller than the routing
+    weights [B, m, n, p] of `record`, so that the summaries of a probe's chunks, concatenated, stand for the whole."""
+    summary = {}
     if "combine" in record:  # Soft MoE, weights [B, m, n, p]
         dispatch, combine = record["dispatch"], record["combine"]
-        num_tokens, num_experts, slots = combine.shape[1], combine.shape[2], combine.shape[2] * combine.shape[3]
+        num_tokens = combine.shape[1]
         if num_tokens > 1:
-            stats["moe/dispatch_entropy"] = normalized_entropy(dispatch, (1,)).mean().item()
-        if slots > 1:
-            stats["moe/combine_entropy"] = normalized_entropy(combine, (2, 3)).mean().item()
-            slot_share = combine.sum(1).flatten(1).mean(0) / num_tokens  # combine mass each slot delivers
-            stats["moe/slot_usage_entropy"] = normalized_entropy(slot_share, (0,)).item()
-        expert_share = combine.sum(dim=(1, 3)).mean(0) / num_tokens
+            summary["dispatch_entropy"] = normalized_entropy(dispatch, (1,)).flatten(1).mean(1)
+        if combine.shape[2] * combine.shape[3] > 1:
+            summary["combine_entropy"] = normalized_entropy(combine, (2, 3)).mean(1)
+            summary["slot_share"] = combine.sum(1).flatten(1) / num_tokens  # combine mass each slot delivers
+        summary["expert_share"] = combine.sum(dim=(1, 3)) / num_tokens
     elif "router_probs" in record:  # Top-1 MoE, probabilities [B, m, n]
         probs, kept = record["router_probs"], record["kept"]
         num_experts = probs.shape[-1]
         if num_experts > 1:
-            stats["moe/router_entropy"] = normalized_entropy(probs, (2,)).mean().item()
-        expert_share = F.one_hot(probs.argmax(-1), num_experts).float().mean(dim=(0, 1))
-        stats["moe/dropped_token_fraction"] = 1.0 - kept.float().mean().item()
-    else:
-        return stats
-    if num_experts > 1:
+            summary["router_entropy"] = normalized_entropy(probs, (2,)).mean(1)
+        summary["expert_share"] = F.one_hot(probs.argmax(-1), num_experts).float().mean(1)
+        summary["dropped_token_fraction"] = 1.0 - kept.float().mean(1)
+    return summary
+
+
+def routing_statistics(record, summary=None):
+    """How the router spreads tokens over slots and experts (logged under moe/), from the routing weights of `record`
+    or from the `routing_summary` of the same states."""
+    summary = routing_summary(record) if summary is None else summary
+    stats = {f"moe/{name}": summary[name].mean().item() for name in
+             ("dispatch_entropy", "combine_entropy", "router_entropy", "dropped_token_fraction") if name in summary}
+    if "slot_share" in summary:
+        stats["moe/slot_usage_entropy"] = normalized_entropy(summary["slot_share"].mean(0), (0,)).item()
+    if "expert_share" in summary and summary["expert_share"].shape[1] > 1:
+        expert_share = summary["expert_share"].mean(0)
         stats["moe/expert_usage_entropy"] = normalized_entropy(expert_share, (0,)).item()
         stats["moe/expert_usage_max"] = expert_share.max().item()
     return stats
+
+
+def probe_statistics(q_network, probe, taus, chunk_size):
+    """The dormant/ and moe/ statistics of `q_network` on the states `probe`, which go through the network
+    `chunk_size` states at a time: the same numbers as one pass over the whole probe, whose routing weights alone
+    would take 2 x m x n x p floats a state (380 MB with big experts on 7,056 pixel tokens)."""
+    activations, summaries = {}, []
+    with torch.no_grad():
+        for states in probe.split(chunk_size):
+            record = {}
+            q_network(states, record)
+            summaries.append(routing_summary(record))
+            for name, value in record.items():
+                if name not in ("dispatch", "combine", "router_probs", "kept"):
+                    activations.setdefault(name, []).append(value)
+    activations = {name: torch.cat(values) for name, values in activations.items()}
+    summary = {name: torch.cat([chunk[name] for chunk in summaries]) for name in summaries[0]}
+    return {**dormant_statistics(activations, taus), **routing_statistics({}, summary)}
 # <<< shared block: routing
 
 
@@ -1618,6 +1765,14 @@ def check_moe_args(args):
         fail(f"--expert-reset-period {args.expert_reset_period}: a positive number of updates, with --expert-reset")
     if not 0.0 < args.shrink_factor < 1.0 or (args.shrink_factor != 0.8 and args.expert_reset != "shrink_perturb"):
         fail(f"--shrink-factor {args.shrink_factor}: in (0, 1), with --expert-reset shrink_perturb")
+    if args.expert_type == "big" and args.moe_type != "softmoe":  # Dopamine builds BigExpertModel for SOFTMOE only
+        fail("--expert-type big needs the Soft MoE router; use --moe-type softmoe or drop --expert-type")
+    if args.expert_type == "big" and args.tokenization != "perconv":
+        fail(f"--expert-type big: the experts read their slots as images of pixel tokens, which --tokenization "
+             f"{args.tokenization} does not give; use --tokenization perconv (the default)")
+    for flag, given in (("--shuffle-tokens", args.shuffle_tokens), ("--expert-reset", args.expert_reset != "none")):
+        if given and args.expert_type == "big":
+            fail(f"{flag} applies to the small experts (an MLP per slot); drop it or --expert-type big")
 # <<< shared block: moe_args
 
 
@@ -1881,12 +2036,9 @@ if __name__ == "__main__":
             probe_rng = np.random.default_rng([args.seed, global_step])
             probe = rb.stacks(rb.sample_indices(args.stats_batch_size, probe_rng)).to(device)
             set_noise(q_network, False)
-            with torch.no_grad():
-                record = {}
-                q_network(probe, record)
+            stats = probe_statistics(q_network, probe, (0.0, args.dormant_tau), args.batch_size)
             set_noise(q_network, True)
-            for key, value in {**dormant_statistics(record, (0.0, args.dormant_tau)),
-                               **routing_statistics(record)}.items():
+            for key, value in stats.items():
                 writer.add_scalar(key, value, global_step)
         progress.update(global_step + 1, np.mean(recent_returns) if recent_returns else None, updates,
                         len(rb) / rb.capacity)

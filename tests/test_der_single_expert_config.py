@@ -69,6 +69,7 @@ OFFICIAL = {
     "expert hidden units": (2048, "networks.FullRainbowMoENetwork: expert_hidden_units = 512"),
     "tokens": (121, "networks.FullRainbowMoENetwork: routing_type = 'PER_PIXEL' on the 11x11 CNN output"),
     "slots per expert": (121, "softmoe.SoftMoE.capacity_factor = 1.0: ceil(121 x 1.0 / 1)"),
+    "expert type": ("small", "networks.FullRainbowMoENetwork: expert_type = 'SMALL' (DER.gin sets none)"),
     "extra linear layer before the heads": (False, f"{GIN}: FullRainbowMoENetwork.use_extra_linear_layer = False"),
 }
 
@@ -102,6 +103,7 @@ def test_defaults_match_the_official_der_gin_with_one_scaled_expert(default_sche
         "experts": net.moe.experts.w1_mu.shape[0], "expert hidden units": net.moe.experts.w1_mu.shape[2],
         "tokens": net.tokenizer.num_tokens,
         "slots per expert": net.moe.slots_per_expert,
+        "expert type": "big" if isinstance(net.moe.experts, m.BigExperts) else "small",
         "extra linear layer before the heads": net.value.weight_mu.shape[1] != features,
     }
     assert {len(call["index"]) for call in calls} == {32}

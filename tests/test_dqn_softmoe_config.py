@@ -56,6 +56,7 @@ OFFICIAL = {
     "expert hidden units": (512, "networks.NatureDQNMoE: expert_hidden_units = 512"),
     "tokens": (121, "networks.NatureDQNMoE: routing_type = 'PER_PIXEL' on the 11x11 (SAME) Nature output"),
     "slots per expert": (16, "softmoe.SoftMoE.capacity_factor = 1.0: ceil(121 x 1.0 / 8)"),
+    "expert type": ("small", "networks.NatureDQNMoE: expert_type = 'SMALL' (dqn.gin sets none)"),
     "extra linear layer before the head": (False, f"{GIN}: NatureDQNMoE.use_extra_linear_layer = False"),
 }
 
@@ -91,6 +92,7 @@ def test_defaults_match_the_official_dqn_gin(default_schedule, monkeypatch):
         "experts": net.moe.experts.w1.shape[0], "expert hidden units": net.moe.experts.w1.shape[2],
         "tokens": net.tokenizer.num_tokens,
         "slots per expert": net.moe.slots_per_expert,
+        "expert type": "big" if isinstance(net.moe.experts, m.BigExperts) else "small",
         "extra linear layer before the head": net.head.in_features != net.tokenizer.num_tokens * net.tokenizer.token_dim,
     }
     assert set(batch_sizes) == {32}

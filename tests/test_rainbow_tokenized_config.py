@@ -64,6 +64,7 @@ OFFICIAL = {
     "expert hidden units": (512, f"{GIN}: FullRainbowMoENetwork.expert_hidden_units = 512"),
     "tokens": (121, "networks.FullRainbowMoENetwork: routing_type = 'PER_PIXEL' on the 11x11 Impala output"),
     "slots per expert": (31, "softmoe.SoftMoE.capacity_factor = 1.0: ceil(121 x 1.0 / 4)"),
+    "expert type": ("small", f"{GIN}: FullRainbowMoENetwork.expert_type = 'SMALL'"),
     "extra linear layer before the heads": (False, f"{GIN}: FullRainbowMoENetwork.use_extra_linear_layer = False"),
 }
 
@@ -95,6 +96,7 @@ def test_defaults_match_the_official_full_rainbow_gin(default_schedule, monkeypa
         "experts": net.moe.experts.w1_mu.shape[0], "expert hidden units": net.moe.experts.w1_mu.shape[2],
         "tokens": net.tokenizer.num_tokens,
         "slots per expert": net.moe.slots_per_expert,
+        "expert type": "big" if isinstance(net.moe.experts, m.BigExperts) else "small",
         "extra linear layer before the heads": net.value.weight_mu.shape[1] != features,
     }
     assert {len(call["index"]) for call in calls} == {32}

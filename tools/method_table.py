@@ -28,6 +28,7 @@ SECTIONS = {  # what each definition is part of, in the words of the papers' met
     "project_distribution": "loss", "categorical_target": "loss", "categorical_loss": "loss", "update": "update",
     "neuron_scores": "ReDo", "dormant_statistics": "ReDo", "dormant_neurons": "ReDo", "recycle_dormant": "ReDo",
     "updates_at": "training step", "train_step": "training step", "evaluation_settings": "evaluation",
+    "Frames": "experts", "grouped_encoder": "experts", "BigExperts": "experts",
 }
 
 

@@ -133,6 +133,44 @@ class Mapper:
         self.put("ExpertModel_0/Dense_0/kernel", self.take("moe.experts.w2"))
         self.put("ExpertModel_0/Dense_0/bias", self.take("moe.experts.b2"))
 
+    def big_experts(self, num_experts, encoder, encoding_shape, noisy=False):
+        """Dopamine's BigExpertModel under nn.vmap (params stacked [n, ...]) from the script's BigExperts: each grouped
+        conv [n * out, in, kh, kw] of its encoder -> the n experts' kernels [n, kh, kw, in, out]; the first dense layer
+        reads each expert's NCHW-flattened encoding (C, H, W) = `encoding_shape`, Flax's flattens NHWC: its input rows
+        are permuted; the second dense layer's outputs (slot * d + channel) have the same layout on both sides."""
+        n = num_experts
+
+        def conv(path, name):
+            w = self.take(f"moe.experts.encoder.{name}.weight")
+            out = w.shape[0] // n
+            self.put(f"BigExpertModel_0/encoder/{path}/kernel", w.reshape(n, out, *w.shape[1:]).transpose(0, 3, 4, 2, 1))
+            self.put(f"BigExpertModel_0/encoder/{path}/bias", self.take(f"moe.experts.encoder.{name}.bias").reshape(n, out))
+
+        if encoder == "impala":
+            for i in range(3):
+                conv(f"_stacks_{i}/Conv_0", f"convs.{i}")
+                for j in range(2):
+                    conv(f"_stacks_{i}/Conv_{1 + 2 * j}", f"blocks.{i}.{j}.conv0")
+                    conv(f"_stacks_{i}/Conv_{2 + 2 * j}", f"blocks.{i}.{j}.conv1")
+        else:  # the Nature CNN, dopamine's RainbowCNNet
+            for i in range(3):
+                conv(f"Conv_{i}", f"conv{i + 1}")
+        c, h, w = encoding_shape
+
+        def nhwc_rows(kernel):  # [n, C*H*W, units] -> [n, H*W*C, units]
+            return kernel.reshape(n, c, h, w, -1).transpose(0, 2, 3, 1, 4).reshape(n, c * h * w, -1)
+
+        if noisy:
+            self.put("BigExpertModel_0/net/kernel_mu", nhwc_rows(self.take("moe.experts.w1_mu")))
+            self.put("BigExpertModel_0/net/kernel_sigma", nhwc_rows(self.take("moe.experts.w1_sigma")))
+            self.put("BigExpertModel_0/net/bias_mu", self.take("moe.experts.b1_mu"))
+            self.put("BigExpertModel_0/net/bias_sigma", self.take("moe.experts.b1_sigma"))
+        else:
+            self.put("BigExpertModel_0/net/kernel", nhwc_rows(self.take("moe.experts.w1")))
+            self.put("BigExpertModel_0/net/bias", self.take("moe.experts.b1"))
+        self.put("BigExpertModel_0/Dense_0/kernel", self.take("moe.experts.w2"))
+        self.put("BigExpertModel_0/Dense_0/bias", self.take("moe.experts.b2"))
+
     def finish(self, shapes, extra=None):
         """The official params tree; `shapes` = jax.eval_shape of the module's init, `extra` = {path: value} for
         official parameters that the script does not have (e.g. SoftMoE's unused `scalar`)."""

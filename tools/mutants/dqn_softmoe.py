@@ -4,6 +4,7 @@ DQN_LEARN = "tests/test_dqn_learning.py"
 REPLAY = "tests/test_replay.py"
 NET = "tests/test_dqn_softmoe_network.py"
 KNOBS = "tests/test_moe_knobs.py"
+BIG = "tests/test_big_experts.py"
 
 CONFIG = "tests/test_dqn_softmoe_config.py"
 DEFAULTS = f"{CONFIG}::test_defaults_match_the_official_dqn_gin"
@@ -56,6 +57,15 @@ MUTANTS = [
     ("dqn_softmoe", "xavier over the stacked expert tensor",
      "bound = math.sqrt(6.0 / (dim + hidden))", "bound = math.sqrt(6.0 / (dim * hidden + num_experts * hidden))",
      [NET]),
+    # --expert-type big (the bigexperts block, shared with the Rainbow scripts; tests/test_big_experts.py)
+    ("dqn_softmoe", "big experts read their slot images transposed (column-major slots)",
+     "images = slots.reshape(batch, num_experts, self.side, self.side, dim).permute(0, 1, 4, 2, 3)",
+     "images = slots.reshape(batch, num_experts, self.side, self.side, dim).permute(0, 1, 4, 3, 2)", [BIG]),
+    ("dqn_softmoe", "big experts all hold the first expert's encoder",
+     "conv.weight = nn.Parameter(torch.cat([c.weight.detach() for c in convs]))",
+     "conv.weight = nn.Parameter(torch.cat([convs[0].weight.detach() for c in convs]))", [BIG]),
+    ("dqn_softmoe", "big experts' slots not squared (ceil(m / n) slots, Dopamine's SMALL count)",
+     "return math.isqrt(slots) ** 2 if square else slots", "return slots", [BIG]),
     # configuration: a choice changed rather than a formula (tests/test_dqn_softmoe_config.py)
     ("dqn_softmoe", "config: defaults: CleanRL's learning rate 1e-4 instead of dqn.gin's 6.25e-5",
      "    learning_rate: float = 6.25e-5\n", "    learning_rate: float = 1e-4\n", [DEFAULTS]),
