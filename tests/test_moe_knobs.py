@@ -232,6 +232,8 @@ BAD_MOE_FLAGS = [
     (dict(expert_reset="reset", expert_reset_period=0), "--expert-reset-period"),
     (dict(expert_reset="reset", shrink_factor=0.5), "--shrink-factor"),
     (dict(expert_reset="shrink_perturb", shrink_factor=1.0), "--shrink-factor"),
+    (dict(expert_type="big", shuffle_tokens=True), "--shuffle-tokens"),
+    (dict(expert_type="big", expert_reset="reset"), "--expert-reset"),
 ]
 
 
