@@ -19,7 +19,7 @@ DQN = COMMON | {"epsilon_greedy", "dqn_update", "dqn_evaluate"}
 # the blocks each script must carry
 EXPECTED = {
     "dqn_softmoe": DQN | MOE,
-    "dqn_redo": DQN,
+    "dqn_redo": DQN | {"redo"},  # the recycling, shared with the Rainbow scripts
     "rainbow_tokenized": RAINBOW,
     "der_single_expert": RAINBOW,
 }

@@ -26,7 +26,8 @@ SECTIONS = {  # what each definition is part of, in the words of the papers' met
     "importance_weights": "replay schedule", "make_optimizer": "optimizer", "dqn_loss": "loss",
     "project_distribution": "loss", "categorical_target": "loss", "categorical_loss": "loss", "update": "update",
     "neuron_scores": "ReDo", "dormant_statistics": "ReDo", "dormant_neurons": "ReDo", "recycle_dormant": "ReDo",
-    "updates_at": "training step", "train_step": "training step", "evaluation_settings": "evaluation",
+    "incoming": "ReDo", "outgoing": "ReDo", "neuron_entries": "ReDo", "updates_at": "training step",
+    "update_number": "training step", "train_step": "training step", "evaluation_settings": "evaluation",
 }
 
 
