@@ -46,8 +46,10 @@ def run(name, device, graphs, steps=STEPS, seed=0):
     losses = []
     for step in range(9, 9 + steps):
         out = m.train_step(step, args, q_network, target_network, optimizer, memory, rng, *extra, update_fn=update_fn)
-        if name == "dqn_redo":
+        if name == "dqn_redo":  # (the updates' outputs, recycled)
             out = out[0][-1] if out[0] else None
+        elif rainbow:  # (the update's output or None, recycled)
+            out = out[0]
         if out is not None:
             losses.append(float(out[0]))
     priorities = memory.tree.get(np.arange(400)).copy() if rainbow else None

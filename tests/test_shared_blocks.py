@@ -14,7 +14,7 @@ COMMON = {"env", "nature", "replay", "optimizer", "envstate", "dormant", "runtim
           "cudagraph"}
 MOE = {"impala", "tokenizer", "softmoe", "top1moe", "routing"}
 # the Rainbow machinery that rainbow_tokenized.py and der_single_expert.py share (their tests cover one another's copy)
-RAINBOW = COMMON | MOE | {"noisy", "noisyexperts", "sumtree", "prioritized", "categorical", "rainbow_update"}
+RAINBOW = COMMON | MOE | {"noisy", "noisyexperts", "sumtree", "prioritized", "categorical", "rainbow_update", "redo"}
 DQN = COMMON | {"epsilon_greedy", "dqn_update", "dqn_evaluate"}
 # the blocks each script must carry
 EXPECTED = {

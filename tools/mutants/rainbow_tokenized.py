@@ -82,10 +82,10 @@ MUTANTS = [
      "        if self.noise_enabled:\n            w1 = ", [NET]),
     ("rainbow_tokenized", "experts share one noise sample",
      "self.eps_in.copy_(factorized_noise(self.eps_in.shape, generator))\n        self.eps_out.copy_(factorized_noise("
-     "self.eps_out.shape, generator))\n\n    def forward(self, slots",
+     "self.eps_out.shape, generator))\n\n    def redo_incoming(self):\n        \"\"\"ReDo (`incoming`): the neuron",
      "self.eps_in.copy_(factorized_noise(self.eps_in.shape[1:], generator).expand_as(self.eps_in))\n"
      "        self.eps_out.copy_(factorized_noise(self.eps_out.shape[1:], generator).expand_as(self.eps_out))\n\n"
-     "    def forward(self, slots", [NET]),
+     "    def redo_incoming(self):\n        \"\"\"ReDo (`incoming`): the neuron", [NET]),
     ("rainbow_tokenized", "noise without the factorization function f",
      "return e.sign() * e.abs().sqrt()", "return e", [NET]),
     ("rainbow_tokenized", "sigma initialized with sigma0 / fan_out",
@@ -121,7 +121,8 @@ MUTANTS = [
      "return PrioritizedReplayMemory(args.buffer_size, n_step=args.n_step, gamma=args.gamma, device=device)",
      "return PrioritizedReplayMemory(args.buffer_size, gamma=args.gamma, device=device)", [DEFAULTS]),
     ("rainbow_tokenized", "config: update period ignored: an update every agent step",
-     "    if step % args.train_frequency == 0:\n", "    if True:\n", [SCHEDULE, DEFAULTS]),
+     "if step <= args.learning_starts or step % args.train_frequency != 0:", "if step <= args.learning_starts:",
+     [SCHEDULE, DEFAULTS]),
     ("rainbow_tokenized", "config: KL divergence instead of the cross-entropy (same gradient, other priorities)",
      'loss = -(target * log_probs[rows, batch["actions"]]).sum(1)',
      'loss = (target * (target.clamp_min(1e-30).log() - log_probs[rows, batch["actions"]])).sum(1)', [LOSS, DEFAULTS]),
