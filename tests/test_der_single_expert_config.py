@@ -1,8 +1,9 @@
-"""der_single_expert.py against Dopamine's `labs/moes/configs/DER.gin` (Atari 100k): every default measured on the
-script's own code path (Args, make_optimizer, make_replay, make_training_env, train_step with its prioritized
-sampling, update, beta_at, clip_reward, QNetwork) and compared with a table of the official values (ReDo's: the lab's recycled Atari-100k Rainbow agent); then the schedule
-and the choices by behaviour, and the rewards of a real training run: clipped for learning, raw in the logged return,
-with a lost life terminal for learning only. The evaluation protocol's behaviour is tested in
+"""der_single_expert.py against Dopamine's `labs/moes/configs/DER.gin` (Atari 100k) and, for ReDo, the ReDo lab's
+recycled Atari-100k Rainbow agent: every default measured on the script's own code path (Args, make_optimizer,
+make_replay, make_training_env, train_step with its prioritized sampling and ReDo events, update, beta_at,
+clip_reward, QNetwork) and compared with a table of the official values; then the schedule and the choices by
+behaviour, and the rewards of a real training run: clipped for learning, raw in the logged return, with a lost life
+terminal for learning only. The evaluation protocol's behaviour is tested in
 test_der_single_expert.py."""
 import dataclasses
 import math
@@ -72,13 +73,14 @@ OFFICIAL = {
     "tokens": (121, "networks.FullRainbowMoENetwork: routing_type = 'PER_PIXEL' on the 11x11 CNN output"),
     "slots per expert": (121, "softmoe.SoftMoE.capacity_factor = 1.0: ceil(121 x 1.0 / 1)"),
     "extra linear layer before the heads": (False, f"{GIN}: FullRainbowMoENetwork.use_extra_linear_layer = False"),
-    # ReDo: the lab's recycled_atari100k_rainbow_agent.py and its NeuronRecycler (labs/redo/weight_recyclers.py); configs/DrQ_eps_dense.gin binds none of these
+    # ReDo: the lab's recycled_atari100k_rainbow_agent.py and its NeuronRecycler (weight_recyclers.py);
+    # configs/DrQ_eps_dense.gin binds none of these
     "ReDo": (False, f"{REDO}/recycled_atari100k_rainbow_agent.py:38: reset_mode = None (no recycler)"),
     "ReDo period (gradient updates)": (200_000, f"{REDO}/weight_recyclers.py:149: BaseRecycler.reset_period = 200_000"),
     "ReDo threshold tau": (0.0, f"{REDO}/weight_recyclers.py:147: BaseRecycler.dead_neurons_threshold = 0.0"),
     "ReDo probe batch": (256, f"{REDO}/recycled_atari100k_rainbow_agent.py:40: batch_size_statistics = 256"),
-    "ReDo probe sampling": ("prioritized", f"{REDO}/recycled_atari100k_rainbow_agent.py:204: replay.sample_transition_batch, by priority in "
-                            "Dopamine's prioritized buffer"),
+    "ReDo probe sampling": ("prioritized", f"{REDO}/recycled_atari100k_rainbow_agent.py:204: "
+                            "replay.sample_transition_batch, by priority in Dopamine's prioritized buffer"),
 }
 
 

@@ -360,14 +360,16 @@ def filled_memory(m, seed=0):
     return memory
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("redo", [True, False])
-def test_redo_events_follow_every_redo_period_th_update_and_only_with_redo(redo):
-    # train_step is the rainbow_update block, the same in both scripts; the van Hasselt network is the cheap one.
-    # An update every 2 agent steps after 20 (numbers 1 ... 10 at steps 22 ... 40); period 3: events after updates 3, 6
+def test_redo_events_follow_every_redo_period_th_update_and_only_with_redo(script, redo):
+    # an update every 2 agent steps after 20 (numbers 1 ... 10 at steps 22 ... 40); period 3: events after updates 3, 6
     # and 9, at steps 26, 32 and 38; tau huge: every event recycles every hidden neuron
-    m = load_script("der_single_expert")
-    args = m.Args(encoder="der", n_step=3, learning_starts=20, train_frequency=2, batch_size=8, redo=redo,
-                  redo_period=3, redo_tau=1e9, redo_batch_size=4, total_timesteps=100)
+    m = load_script(script)
+    network = dict(encoder="der") if script == "der_single_expert" else dict(
+        encoder="nature", moe_type="baseline", num_experts=1, expert_hidden_units=16)
+    args = m.Args(**network, n_step=3, learning_starts=20, train_frequency=2, batch_size=8, redo=redo, redo_period=3,
+                  redo_tau=1e9, redo_batch_size=4, total_timesteps=100)
     torch.manual_seed(0)
     q, target = m.QNetwork(args, 4), m.QNetwork(args, 4)
     target.load_state_dict(q.state_dict())
@@ -381,6 +383,7 @@ def test_redo_events_follow_every_redo_period_th_update_and_only_with_redo(redo)
         if recycled is not None:
             events[step] = recycled
     assert updates == list(range(22, 41, 2))
-    sizes = {"conv1": 32, "conv2": 64, "value_hidden": 256, "advantage_hidden": 256}
+    sizes = ({"conv1": 32, "conv2": 64, "value_hidden": 256, "advantage_hidden": 256} if script == "der_single_expert"
+             else {"conv1": 32, "conv2": 64, "conv3": 64, "hidden": 16})
     assert events == ({26: sizes, 32: sizes, 38: sizes} if redo else {})
     assert {optimizer.state[p]["step"].item() for p in q.parameters()} == {10.0}  # ReDo keeps Adam's step count

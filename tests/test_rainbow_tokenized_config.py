@@ -1,8 +1,8 @@
-"""rainbow_tokenized.py against Dopamine's `labs/moes/configs/full_rainbow.gin` (JaxFullRainbowAgent): every default
-measured on the script's own code path (Args, make_optimizer, make_replay, make_training_env, train_step with its
-prioritized sampling, update, beta_at, clip_reward, evaluation_settings, QNetwork) and compared with a table of the
-official values (ReDo's: the lab's recycled Rainbow agent); then the schedule and the choices by behaviour, and the rewards of a real training run: clipped for
-learning, raw in the logged return."""
+"""rainbow_tokenized.py against Dopamine's `labs/moes/configs/full_rainbow.gin` (JaxFullRainbowAgent) and, for ReDo,
+the ReDo lab's recycled Rainbow agent: every default measured on the script's own code path (Args, make_optimizer,
+make_replay, make_training_env, train_step with its prioritized sampling and ReDo events, update, beta_at,
+clip_reward, evaluation_settings, QNetwork) and compared with a table of the official values; then the schedule and
+the choices by behaviour, and the rewards of a real training run: clipped for learning, raw in the logged return."""
 import dataclasses
 import math
 
@@ -67,13 +67,14 @@ OFFICIAL = {
     "tokens": (121, "networks.FullRainbowMoENetwork: routing_type = 'PER_PIXEL' on the 11x11 Impala output"),
     "slots per expert": (31, "softmoe.SoftMoE.capacity_factor = 1.0: ceil(121 x 1.0 / 4)"),
     "extra linear layer before the heads": (False, f"{GIN}: FullRainbowMoENetwork.use_extra_linear_layer = False"),
-    # ReDo: the lab's recycled_rainbow_agent.py and its NeuronRecycler (labs/redo/weight_recyclers.py); configs/rainbow_dense.gin binds none of these
+    # ReDo: the lab's recycled_rainbow_agent.py and its NeuronRecycler (weight_recyclers.py); configs/rainbow_dense.gin
+    # binds none of these
     "ReDo": (False, f"{REDO}/recycled_rainbow_agent.py:36: reset_mode = None (no recycler)"),
     "ReDo period (gradient updates)": (200_000, f"{REDO}/weight_recyclers.py:149: BaseRecycler.reset_period = 200_000"),
     "ReDo threshold tau": (0.0, f"{REDO}/weight_recyclers.py:147: BaseRecycler.dead_neurons_threshold = 0.0"),
     "ReDo probe batch": (256, f"{REDO}/recycled_rainbow_agent.py:39: batch_size_statistics = 256"),
-    "ReDo probe sampling": ("prioritized", f"{REDO}/recycled_rainbow_agent.py:184: replay.sample_transition_batch, by priority in "
-                            "Dopamine's prioritized buffer"),
+    "ReDo probe sampling": ("prioritized", f"{REDO}/recycled_rainbow_agent.py:184: "
+                            "replay.sample_transition_batch, by priority in Dopamine's prioritized buffer"),
 }
 
 
