@@ -14,7 +14,8 @@ Learning: cross-entropy to the projected 10-step double-Q C51 target, one update
 exploration by noisy nets, a lost life is terminal for learning only. After 100k agent steps the final agent is
 evaluated for 100 episodes (epsilon 0.001, noise off, up to 30 no-op starts) and scored as raw and human-normalized
 score. `--encoder der` is the van Hasselt et al. network instead (two 5x5 stride-5 convs, noisy 256-unit streams);
-with `--n-step 20 --max-grad-norm 10` it is that paper's DER. Deviations from the official code are in the docs.
+with `--n-step 20 --max-grad-norm 10` it is that paper's DER. `--redo` recycles dormant neurons (ReDo, Sokar et al.
+2023, Fig. 10d's agent), noisy layers and experts included. Deviations from the official code are in the docs.
 """
 import contextlib
 import dataclasses

@@ -14,7 +14,9 @@ Learning: cross-entropy to the projected n-step double-Q C51 target, proportiona
 importance weights, exploration by noisy nets. `--moe-type baseline` replaces tokenizer + MoE by
 flatten -> noisy dense(512 x num_experts) -> ReLU (Dopamine's Rainbow network for --num-experts 1); with
 `--baseline-aggregation sum|mean` the dense layer is applied to every token and the tokens are summed or
-averaged (the paper's tokenized baseline). Deviations from the official code are listed in the docs.
+averaged (the paper's tokenized baseline). `--redo` recycles dormant neurons (ReDo, Sokar et al. 2023) as the
+ReDo lab's recycled Rainbow agents do, noisy layers and experts included. Deviations from the official code are
+listed in the docs.
 """
 import contextlib
 import dataclasses
@@ -156,9 +158,9 @@ class Args:
     # ReDo (Sokar et al. 2023, "The Dormant Neuron Phenomenon in Deep RL"; defaults: the official RecycledRainbowAgent,
     # labs/redo/recycled_rainbow_agent.py with configs/rainbow_dense.gin, and its NeuronRecycler)
     redo: bool = False
-    """recycle dormant neurons (ReDo, the paper's Algorithm 1, section 4): every hidden layer's neurons, the experts'
-    (expert, unit) pairs and the noisy layers' units included; the official `reset_mode = 'neurons'` (default None:
-    off). The paper's Atari results are DQN (Fig. 10a-c) and DrQ(eps) (Fig. 10d); its lab also recycles this Rainbow"""
+    """recycle dormant neurons (ReDo, the paper's Algorithm 1): every hidden layer's neurons, the experts' (expert,
+    unit) pairs and the noisy layers' units included; the official `reset_mode = 'neurons'` (default None: off). No
+    figure of the paper shows Rainbow (its Atari ones: DQN, Fig. 10a-c; DrQ(eps), Fig. 10d), but its lab recycles it"""
     redo_period: int = 200_000
     """recycle every this many gradient updates (official NeuronRecycler.reset_period: 200,000, the SAC value, which no
     Rainbow gin file overrides; the paper's Atari runs: 1000)"""
