@@ -14,8 +14,9 @@ CUDA = torch.cuda.is_available()
 SCRIPTS = {
     "dqn_softmoe": dict(num_experts=4),
     "dqn_redo": dict(redo_period=3, redo_tau=0.5, replay_ratio=2.0),  # ReDo events between graph replays
-    "rainbow_tokenized": dict(num_experts=2, n_step=3),
-    "der_single_expert": dict(expert_hidden_units=256, n_step=3),
+    # ReDo events (experts recycled) between graph replays
+    "rainbow_tokenized": dict(num_experts=2, n_step=3, redo=True, redo_period=3, redo_tau=0.1, redo_batch_size=16),
+    "der_single_expert": dict(expert_hidden_units=256, n_step=3, redo=True, redo_period=3, redo_tau=0.1, redo_batch_size=16),
 }
 STEPS = 24  # 3 eager warm-up calls, the recording, then replays
 
