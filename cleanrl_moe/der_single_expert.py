@@ -14,7 +14,8 @@ Learning: cross-entropy to the projected 10-step double-Q C51 target, one update
 exploration by noisy nets, a lost life is terminal for learning only. After 100k agent steps the final agent is
 evaluated for 100 episodes (epsilon 0.001, noise off, up to 30 no-op starts) and scored as raw and human-normalized
 score. `--encoder der` is the van Hasselt et al. network instead (two 5x5 stride-5 convs, noisy 256-unit streams);
-with `--n-step 20 --max-grad-norm 10` it is that paper's DER. Deviations from the official code are in the docs.
+with `--n-step 20 --max-grad-norm 10` it is that paper's DER. `--redo` recycles dormant neurons (ReDo, Sokar et al.
+2023, Fig. 10d's agent), noisy layers and experts included. Deviations from the official code are in the docs.
 """
 import contextlib
 import dataclasses
@@ -214,6 +215,21 @@ class Args:
     baseline_aggregation: Literal["flatten", "sum", "mean"] = "flatten"
     """baseline only: flatten the encoder output (official), or apply the dense layer to every token of
     --tokenization and sum or average the tokens (the paper's tokenized baseline)"""
+
+    # ReDo (Sokar et al. 2023, "The Dormant Neuron Phenomenon in Deep RL"; defaults: the official
+    # RecycledAtari100kRainbowAgent, labs/redo/recycled_atari100k_rainbow_agent.py, and its NeuronRecycler)
+    redo: bool = False
+    """recycle dormant neurons (ReDo, the paper's Algorithm 1): every hidden layer's neurons, the experts' (expert,
+    unit) pairs and the noisy layers' units included, as in the paper's Atari 100k experiment (Fig. 10d, the same
+    recycled Atari-100k Rainbow agent); the official `reset_mode = 'neurons'` (default None: off)"""
+    redo_period: int = 200_000
+    """recycle every this many gradient updates (official NeuronRecycler.reset_period: 200,000, the SAC value, which no
+    Rainbow gin file overrides; the paper's Atari runs: 1000)"""
+    redo_tau: float = 0.0
+    """a neuron is dormant, and recycled, when its score <= tau (official dead_neurons_threshold: 0; the paper: 0.1)"""
+    redo_batch_size: int = 256
+    """size of the fresh prioritized replay sample that scores the neurons at each ReDo event (official
+    batch_size_statistics: 256; the paper: 64)"""
 
 
 # >>> shared block: env
@@ -527,11 +543,25 @@ class NoisyLinear(nn.Module):
         self.bias_sigma = nn.Parameter(torch.full((out_features,), sigma0 * bound))
         self.register_buffer("eps_in", torch.zeros(in_features), persistent=False)
         self.register_buffer("eps_out", torch.zeros(out_features), persistent=False)
-        self.noise_enabled = True
+        self.noise_enabled, self.sigma0 = True, sigma0
 
     def sample_noise(self, generator):
         self.eps_in.copy_(factorized_noise(self.eps_in.shape, generator))
         self.eps_out.copy_(factorized_noise(self.eps_out.shape, generator))
+
+    def redo_incoming(self):
+        """ReDo (`incoming`): an output unit's weight mu redrawn from U(+-1/sqrt(fan_in)), its weight and bias sigma
+        back to sigma0/sqrt(fan_in) (their construction-time values), its bias mu zeroed as the official recycler zeroes
+        every bias."""
+        bound = 1.0 / math.sqrt(self.weight_mu.shape[1])
+        sigma = lambda p: torch.full_like(p, self.sigma0 * bound)  # noqa: E731
+        return [(self.weight_mu, (0,), lambda p: torch.empty_like(p).uniform_(-bound, bound)),
+                (self.weight_sigma, (0,), sigma), (self.bias_mu, (0,), torch.zeros_like), (self.bias_sigma, (0,), sigma)]
+
+    def redo_input_weights(self):
+        """ReDo (`outgoing`): the weights that read input i, mu and sigma, so that a zeroed input weight stays zero
+        whatever the noise."""
+        return [(self.weight_mu, (1,)), (self.weight_sigma, (1,))]
 
     def forward(self, x):
         if not (self.training and self.noise_enabled):
@@ -574,7 +604,7 @@ class NoisyExperts(nn.Module):
         self.reset_parameters()
         self.register_buffer("eps_in", torch.zeros(num_experts, dim), persistent=False)
         self.register_buffer("eps_out", torch.zeros(num_experts, hidden), persistent=False)
-        self.noise_enabled = True
+        self.noise_enabled, self.sigma0 = True, sigma0
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -592,6 +622,19 @@ class NoisyExperts(nn.Module):
     def sample_noise(self, generator):
         self.eps_in.copy_(factorized_noise(self.eps_in.shape, generator))
         self.eps_out.copy_(factorized_noise(self.eps_out.shape, generator))
+
+    def redo_incoming(self):
+        """ReDo (`incoming`): the neuron (expert e, unit j), recorded as e*h + j, renewed within its expert only, as a
+        NoisyLinear unit: w1_mu[e, :, j] redrawn from U(+-1/sqrt(d)), w1_sigma[e, :, j] and b1_sigma[e, j] back to
+        sigma0/sqrt(d), b1_mu[e, j] zeroed. Its outgoing weights are w2[e, j, :] (axes (0, 1))."""
+        bound = 1.0 / math.sqrt(self.w1_mu.shape[1])
+        sigma = lambda p: torch.full_like(p, self.sigma0 * bound)  # noqa: E731
+        return [(self.w1_mu, (0, 2), lambda p: torch.empty_like(p).uniform_(-bound, bound)), (self.w1_sigma, (0, 2), sigma),
+                (self.b1_mu, (0, 1), torch.zeros_like), (self.b1_sigma, (0, 1), sigma)]
+
+    def redo_input_weights(self):
+        """ReDo (`outgoing`): the first layer's weights that read input dimension i of every expert, mu and sigma."""
+        return [(self.w1_mu, (1,)), (self.w1_sigma, (1,))]
 
     def forward(self, slots, record=None):
         w1, b1 = self.w1_mu, self.b1_mu
@@ -806,6 +849,57 @@ class QNetwork(nn.Module):
         logits = value + advantage - advantage.mean(dim=1, keepdim=True)  # dueling, per atom
         log_probs = logits.log_softmax(dim=-1)
         return log_probs, (log_probs.exp() * self.support).sum(-1)
+
+    def redo_layers(self):
+        """(name, incoming parameters, outgoing weights) of every layer that ReDo recycles, in forward order
+        (`recycle_dormant`); `name` is its `record` key. The Nature CNN's channels, read by the next conv and, for conv3,
+        by whatever reads the encoder output (`encoder_readers`); the Impala encoder's first conv of each residual block,
+        read by the block's second conv (as the official recycler treats its ResNet; the residual stream and the
+        encoder output are sums, not one layer's neurons); the experts' (expert, unit) pairs, read by w2; the baseline's
+        noisy hidden units, read by both heads; with --encoder der, its two convs and the two streams' hidden layers. The
+        heads are never recycled."""
+        e, layers = self.encoder, []
+        if self.kind == "der":  # van Hasselt et al.: conv1 -> conv2 -> the two streams' hidden layers -> their heads
+            return [("conv1", incoming(e.conv1), outgoing(e.conv2)),
+                    ("conv2", incoming(e.conv2), outgoing(self.value_hidden, self.advantage_hidden)),
+                    ("value_hidden", incoming(self.value_hidden), outgoing(self.value)),
+                    ("advantage_hidden", incoming(self.advantage_hidden), outgoing(self.advantage))]
+        if isinstance(e, NatureEncoder):
+            layers += [("conv1", incoming(e.conv1), outgoing(e.conv2)), ("conv2", incoming(e.conv2), outgoing(e.conv3))]
+            if self.encoder_readers():
+                layers.append(("conv3", incoming(e.conv3), self.encoder_readers()))
+        else:
+            lecun = lambda w: lecun_normal_(w, fan_in=w[0].numel())  # noqa: E731  (the blocks' init: Flax's default)
+            for i, blocks in enumerate(e.blocks):
+                for j, block in enumerate(blocks):
+                    layers.append((f"stack{i}.block{j}.relu1", incoming(block.conv0, lecun), outgoing(block.conv1)))
+        heads = [self.extra] if self.args.use_extra_linear_layer else [self.advantage, self.value]
+        if self.kind == "moe":
+            layers.append(("experts", incoming(self.moe.experts), [(self.moe.experts.w2, (0, 1))]))
+        else:
+            layers.append(("hidden", incoming(self.hidden), outgoing(*heads)))
+        if self.args.use_extra_linear_layer:  # its units, read by both heads (the MoE's output tokens are no layer)
+            layers.append(("extra", incoming(self.extra), outgoing(self.advantage, self.value)))
+        return layers
+
+    def encoder_readers(self):
+        """The weights that read each channel of the encoder output, as `outgoing` lists them: the flattened baseline's
+        dense layer, the per-patch embedding, or, for tokens made of channels at a position (perconv) or of the whole
+        flattened output (persample), the dense layer of the tokenized baseline or the experts' first layer and the
+        router (Soft MoE's phi, Top-1's linear router). Per-channel tokens (perfeat): none, no weight reads one
+        channel, so the encoder's last layer is not recycled."""
+        if self.kind == "baseline":
+            return outgoing(self.hidden)
+        if self.kind == "simplicial_embedding_v1":  # a silent channel's softmax is 1/W, not 0: it is not recycled
+            return []
+        if self.tokenizer.kind == "perfeat":
+            return []
+        if self.tokenizer.kind == "perpatch":
+            return outgoing(self.tokenizer.embedding)
+        if self.kind != "moe":
+            return outgoing(self.hidden)
+        router = [(self.moe.phi, (0,))] if isinstance(self.moe, SoftMoE) else outgoing(self.moe.router)
+        return outgoing(self.moe.experts) + router
 
 
 # >>> shared block: replay
@@ -1150,6 +1244,106 @@ def reset_experts(experts, optimizer, shrink_factor):
             if torch.is_tensor(value) and value.shape == p.shape:
                 value.zero_()
 # <<< shared block: expert_reset
+# ALGO LOGIC: ReDo. These functions work for any network whose forward(x, record) records the post-ReLU activations
+# [B, neurons, ...] of the layers that its redo_layers() lists as (name, incoming parameters, outgoing weights).
+# >>> shared block: dormant
+def neuron_scores(activation):
+    """ReDo's score: mean |activation| over everything but the neuron axis (dim 1: channels, units or
+    (expert, unit) pairs), divided by the layer's mean score (Sokar et al. 2023, mean normalization)."""
+    score = activation.abs().mean(dim=[d for d in range(activation.dim()) if d != 1])
+    return score / (score.mean() + 1e-9)
+
+
+def dormant_statistics(record, taus):
+    """Percentage of tau-dormant neurons (score <= tau) per layer and pooled over all hidden layers."""
+    routing = ("dispatch", "combine", "router_logits", "router_probs", "top_experts", "kept")
+    layers = {k: v for k, v in record.items() if k not in routing}
+    stats = {}
+    for tau in taus:
+        dormant, total = 0, 0
+        for name, activation in layers.items():
+            mask = neuron_scores(activation) <= tau
+            stats[f"dormant/{name}_tau{tau:g}_pct"] = 100.0 * mask.float().mean().item()
+            dormant, total = dormant + mask.sum().item(), total + mask.numel()
+        stats[f"dormant/tau{tau:g}_pct"] = 100.0 * dormant / total
+    return stats
+# <<< shared block: dormant
+
+
+# >>> shared block: redo
+def incoming(layer, init_=nn.init.xavier_uniform_):
+    """The incoming parameters of a layer's neurons (a Linear's output units, a Conv2d's channels), as ReDo renews
+    them: [(parameter, neuron axes, fresh values)] (see `neuron_entries`, `recycle_dormant`). The weight is redrawn
+    from `init_`, the layer's construction-time initializer, applied to a whole new weight tensor (so with its fans);
+    the bias is zeroed, as the official recycler does. A layer with a `redo_incoming()` (noisy layers, experts) says
+    itself."""
+    if hasattr(layer, "redo_incoming"):
+        return layer.redo_incoming()
+    return [(layer.weight, (0,), lambda w: init_(torch.empty_like(w))), (layer.bias, (0,), torch.zeros_like)]
+
+
+def outgoing(*layers):
+    """The outgoing weights of the neurons that `layers` read, as [(parameter, neuron axes)]: dim 1 of a Linear or
+    Conv2d weight (its inputs); a layer with a `redo_input_weights()` (noisy layers, experts) says itself."""
+    return [entry for layer in layers
+            for entry in (layer.redo_input_weights() if hasattr(layer, "redo_input_weights") else [(layer.weight, (1,))])]
+
+
+def neuron_entries(dormant, param, axes):
+    """The entries of `param` that belong to the neurons marked in `dormant` [N], as a boolean mask shaped like
+    `param`. The neuron index runs over the dims `axes` of `param` (ascending) in row-major order: (0,) for a
+    Linear's output units, (0, 2) for the units (expert e, unit j) -> e*h + j of experts' [n, d, h] kernel. Where
+    those dims hold k x N entries, neuron i owns the k consecutive ones i*k ... i*k + k - 1: a conv channel c feeds the
+    inputs c*H*W ... (c+1)*H*W - 1 of an NCHW flatten."""
+    sizes = [param.shape[d] for d in axes]
+    owned = dormant.repeat_interleave(math.prod(sizes) // dormant.numel()).view(sizes)
+    return owned.view([param.shape[d] if d in axes else 1 for d in range(param.dim())]).expand_as(param)
+
+
+def dormant_neurons(network, obs, tau):
+    """Masks and scores {layer name: [neurons]} of the hidden neurons of `network` on the batch `obs`.
+
+    Score = mean |post-ReLU activation| over the batch (and positions, for a conv channel) divided by the
+    layer's mean score; a neuron is tau-dormant when its score <= tau (tau = 0: silent on the whole batch). The network
+    runs in eval mode, i.e. noisy layers on their mean weights."""
+    record, training = {}, network.training
+    network.eval()
+    with torch.no_grad():
+        network(obs, record)
+    network.train(training)
+    scores = {name: neuron_scores(record[name]) for name, _, _ in network.redo_layers()}
+    return {name: score <= tau for name, score in scores.items()}, scores
+
+
+@torch.no_grad()
+def recycle_dormant(network, optimizer, masks):
+    """Recycle the neurons marked in `masks` (from `dormant_neurons`) in place; returns their count per layer.
+
+    `network.redo_layers()` lists every hidden layer as (name, incoming parameters of its neurons, their outgoing
+    weights) (see `incoming`, `outgoing`). As the official code, with every mask computed before any change: (1) renew
+    the incoming parameters of every dormant neuron (weights redrawn from their initializer, biases zeroed); (2) then
+    zero its outgoing weights, so that a weight between two recycled neurons ends at 0; (3) zero the optimizer's
+    per-entry state (Adam's exp_avg and exp_avg_sq) at exactly the weight entries touched. Adam's step count and the
+    moments of biases (parameters with one entry per neuron) are left alone."""
+    touched = {}  # weight -> entries that were redrawn or zeroed
+    layers = network.redo_layers()
+    for name, renewed, _ in layers:  # (1) incoming weights and biases
+        for param, axes, fresh in renewed:
+            dead = neuron_entries(masks[name], param, axes)
+            param[dead] = fresh(param)[dead]
+            if len(axes) < param.dim():  # a weight; a bias holds one entry per neuron and keeps its moments
+                touched[param] = touched.get(param, False) | dead
+    for name, _, zeroed in layers:  # (2) outgoing weights, after every redraw
+        for param, axes in zeroed:
+            dead = neuron_entries(masks[name], param, axes)
+            param[dead] = 0.0
+            touched[param] = touched.get(param, False) | dead
+    for param, reset in touched.items():  # (3) optimizer state of the touched entries only
+        for value in optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value[reset] = 0.0
+    return {name: int(masks[name].sum()) for name, _, _ in layers}
+# <<< shared block: redo
 
 
 # >>> shared block: rainbow_update
@@ -1229,16 +1423,27 @@ def update(q_network, target_network, optimizer, rb, index, weights, noise, max_
     return loss.detach(), weighted_loss.detach(), q_taken.detach().mean(), {k: v.detach() for k, v in aux.items()}
 
 
+def update_number(args, step):
+    """The number, counted from 1 after the warm-up, of the gradient update made at agent step `step` (0: none)."""
+    if step <= args.learning_starts or step % args.train_frequency != 0:
+        return 0
+    return step // args.train_frequency - args.learning_starts // args.train_frequency
+
+
 def train_step(step, args, q_network, target_network, optimizer, rb, rng, noise, update_fn=update):
     """Dopamine's _train_step at agent step `step`: after the warm-up, one update every train_frequency steps on a
-    prioritized batch, whose priorities are then set from its losses; the experts' reset of --expert-reset when due;
-    a hard target copy every target_network_frequency steps. `update_fn` is `update` or its CUDA graph. Returns
-    (weighted loss, mean Q, mean importance weight, {name: auxiliary loss}) of the update, or None; a non-finite loss
-    leaves the priorities alone."""
+    prioritized batch, whose priorities are then set from its losses; with --redo, after every redo-period-th update, a
+    ReDo event (the recycled Rainbow agents' `_training_step_update`): the hidden neurons are scored on a fresh
+    prioritized sample (the official agents' `sample_transition_batch`) with the parameters of this update, and the
+    dormant ones recycled; the experts' reset of --expert-reset when due; a hard target copy every
+    target_network_frequency steps. `update_fn` is `update` or its CUDA graph. Returns ((weighted loss, mean Q, mean
+    importance weight, {name: auxiliary loss}) of the update or None, the neurons recycled per layer or None); a
+    non-finite loss leaves the priorities alone."""
+    out, recycled = None, None
     if step <= args.learning_starts:
-        return None
-    out = None
-    if step % args.train_frequency == 0:
+        return out, recycled
+    number = update_number(args, step)
+    if number:
         index, probabilities = rb.sample_prioritized(args.batch_size, rng)
         weights = importance_weights(probabilities, beta_at(args, step))
         loss, weighted_loss, q_mean, aux = update_fn(
@@ -1247,11 +1452,15 @@ def train_step(step, args, q_network, target_network, optimizer, rb, rng, noise,
         out = (weighted_loss, q_mean, float(weights.mean()), aux)
         if torch.isfinite(weighted_loss + sum(aux.values())):
             rb.update_priorities(index, (loss.cpu().double().numpy() + 1e-10) ** args.priority_exponent)
+        if args.redo and number % args.redo_period == 0:
+            probe, _ = rb.sample_prioritized(args.redo_batch_size, rng)
+            masks, _ = dormant_neurons(q_network, rb.stacks(probe).to(next(q_network.parameters()).device), args.redo_tau)
+            recycled = recycle_dormant(q_network, optimizer, masks)
     if expert_reset_number(args, step):
         reset_experts(q_network.moe.experts, optimizer, args.shrink_factor if args.expert_reset == "shrink_perturb" else 0.0)
     if step % args.target_network_frequency == 0:
         target_network.load_state_dict(q_network.state_dict())  # in place: a CUDA graph sees the new weights
-    return out
+    return out, recycled
 # <<< shared block: rainbow_update
 
 
@@ -1287,30 +1496,6 @@ def set_env_state(env, state):
     pre.lives, pre.game_over = state["lives"], state["game_over"]
     env.unwrapped.np_random.bit_generator.state = state["np_random"]
 # <<< shared block: envstate
-
-
-# >>> shared block: dormant
-def neuron_scores(activation):
-    """ReDo's score: mean |activation| over everything but the neuron axis (dim 1: channels, units or
-    (expert, unit) pairs), divided by the layer's mean score (Sokar et al. 2023, mean normalization)."""
-    score = activation.abs().mean(dim=[d for d in range(activation.dim()) if d != 1])
-    return score / (score.mean() + 1e-9)
-
-
-def dormant_statistics(record, taus):
-    """Percentage of tau-dormant neurons (score <= tau) per layer and pooled over all hidden layers."""
-    routing = ("dispatch", "combine", "router_logits", "router_probs", "top_experts", "kept")
-    layers = {k: v for k, v in record.items() if k not in routing}
-    stats = {}
-    for tau in taus:
-        dormant, total = 0, 0
-        for name, activation in layers.items():
-            mask = neuron_scores(activation) <= tau
-            stats[f"dormant/{name}_tau{tau:g}_pct"] = 100.0 * mask.float().mean().item()
-            dormant, total = dormant + mask.sum().item(), total + mask.numel()
-        stats[f"dormant/tau{tau:g}_pct"] = 100.0 * dormant / total
-    return stats
-# <<< shared block: dormant
 
 
 # >>> shared block: routing
@@ -1841,6 +2026,20 @@ def check_args(args):
             fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if args.dormant_tau < 0:
         fail(f"--dormant-tau must be >= 0, got {args.dormant_tau}")
+    for name in ("redo_period", "redo_batch_size"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not args.redo_tau >= 0:
+        fail(f"--redo-tau must be >= 0, got {args.redo_tau}")
+    for flag, given in (("--expert-type big", args.expert_type == "big"), ("--shuffle-tokens", args.shuffle_tokens),
+                        ("--moe-type simplicial_embedding_v2", args.moe_type == "simplicial_embedding_v2")):
+        if args.redo and given:  # no layer-to-layer map for the experts' encoders, the shuffled features, a softmax group
+            fail(f"--redo does not recycle the network of {flag} (no neuron maps onto the weights that read it); "
+                 f"drop --redo or {flag}")
+    num_updates = update_number(args, (args.total_timesteps - 1) // args.train_frequency * args.train_frequency)
+    if args.redo and args.redo_period > num_updates:
+        fail(f"--redo-period {args.redo_period} is more than the run's {num_updates:,} gradient updates, so --redo would "
+             "never recycle; use a smaller --redo-period (the paper's Atari runs: 1000)")
     if args.n_atoms < 2:
         fail(f"--n-atoms must be at least 2, got {args.n_atoms}")
     if not args.v_min < args.v_max:
@@ -2103,7 +2302,8 @@ if __name__ == "__main__":
             stack = np.concatenate([stack[1:], next_frame[None]])
 
         # ALGO LOGIC: training.
-        update_out = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, noise, update_fn)
+        update_out, recycled = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, noise,
+                                          update_fn)
         if update_out is not None:
             loss, q_mean, weight_mean = (float(value) for value in update_out[:3])
             aux = {name: value.item() for name, value in update_out[3].items()}
@@ -2116,6 +2316,10 @@ if __name__ == "__main__":
             aux_sums = {name: aux_sums[name] + value for name, value in aux.items()}
         if expert_reset_number(args, global_step):
             writer.add_scalar("moe/expert_resets", expert_reset_number(args, global_step), global_step)
+        if recycled is not None:
+            for layer, count in recycled.items():
+                writer.add_scalar(f"redo/{layer}_recycled_count", count, global_step)
+            writer.add_scalar("redo/recycled_count", sum(recycled.values()), global_step)
 
         if (global_step + 1) % args.log_frequency == 0:
             if num_logged:

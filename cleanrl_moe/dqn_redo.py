@@ -231,11 +231,11 @@ class QNetwork(nn.Module):
         return self.head(x)
 
     def redo_layers(self):
-        """(name, layer, next layer) for every hidden layer, in forward order; `name` is its `record` key.
-        The Q head has no entry: it is never scored nor recycled."""
+        """(name, incoming parameters, outgoing weights) of every hidden layer, in forward order (`recycle_dormant`);
+        `name` is its `record` key. The Q head has no entry: it is never scored nor recycled."""
         e = self.encoder
-        return [("conv1", e.conv1, e.conv2), ("conv2", e.conv2, e.conv3), ("conv3", e.conv3, self.hidden),
-                ("hidden", self.hidden, self.head)]
+        return [("conv1", incoming(e.conv1), outgoing(e.conv2)), ("conv2", incoming(e.conv2), outgoing(e.conv3)),
+                ("conv3", incoming(e.conv3), outgoing(self.hidden)), ("hidden", incoming(self.hidden), outgoing(self.head))]
 
 
 # >>> shared block: replay
@@ -426,8 +426,8 @@ def update(q_network, target_network, optimizer, rb, index):
 # <<< shared block: dqn_update
 
 
-# ALGO LOGIC: ReDo. Both functions work for any network whose forward(x, record) records the post-ReLU
-# activations of the layers that its redo_layers() lists as (name, Linear or Conv2d, next Linear or Conv2d).
+# ALGO LOGIC: ReDo. These functions work for any network whose forward(x, record) records the post-ReLU activations
+# [B, neurons, ...] of the layers that its redo_layers() lists as (name, incoming parameters, outgoing weights).
 # >>> shared block: dormant
 def neuron_scores(activation):
     """ReDo's score: mean |activation| over everything but the neuron axis (dim 1: channels, units or
@@ -452,49 +452,80 @@ def dormant_statistics(record, taus):
 # <<< shared block: dormant
 
 
+# >>> shared block: redo
+def incoming(layer, init_=nn.init.xavier_uniform_):
+    """The incoming parameters of a layer's neurons (a Linear's output units, a Conv2d's channels), as ReDo renews
+    them: [(parameter, neuron axes, fresh values)] (see `neuron_entries`, `recycle_dormant`). The weight is redrawn
+    from `init_`, the layer's construction-time initializer, applied to a whole new weight tensor (so with its fans);
+    the bias is zeroed, as the official recycler does. A layer with a `redo_incoming()` (noisy layers, experts) says
+    itself."""
+    if hasattr(layer, "redo_incoming"):
+        return layer.redo_incoming()
+    return [(layer.weight, (0,), lambda w: init_(torch.empty_like(w))), (layer.bias, (0,), torch.zeros_like)]
+
+
+def outgoing(*layers):
+    """The outgoing weights of the neurons that `layers` read, as [(parameter, neuron axes)]: dim 1 of a Linear or
+    Conv2d weight (its inputs); a layer with a `redo_input_weights()` (noisy layers, experts) says itself."""
+    return [entry for layer in layers
+            for entry in (layer.redo_input_weights() if hasattr(layer, "redo_input_weights") else [(layer.weight, (1,))])]
+
+
+def neuron_entries(dormant, param, axes):
+    """The entries of `param` that belong to the neurons marked in `dormant` [N], as a boolean mask shaped like
+    `param`. The neuron index runs over the dims `axes` of `param` (ascending) in row-major order: (0,) for a
+    Linear's output units, (0, 2) for the units (expert e, unit j) -> e*h + j of experts' [n, d, h] kernel. Where
+    those dims hold k x N entries, neuron i owns the k consecutive ones i*k ... i*k + k - 1: a conv channel c feeds the
+    inputs c*H*W ... (c+1)*H*W - 1 of an NCHW flatten."""
+    sizes = [param.shape[d] for d in axes]
+    owned = dormant.repeat_interleave(math.prod(sizes) // dormant.numel()).view(sizes)
+    return owned.view([param.shape[d] if d in axes else 1 for d in range(param.dim())]).expand_as(param)
+
+
 def dormant_neurons(network, obs, tau):
     """Masks and scores {layer name: [neurons]} of the hidden neurons of `network` on the batch `obs`.
 
     Score = mean |post-ReLU activation| over the batch (and positions, for a conv channel) divided by the
-    layer's mean score; a neuron is tau-dormant when its score <= tau (tau = 0: silent on the whole batch)."""
-    record = {}
+    layer's mean score; a neuron is tau-dormant when its score <= tau (tau = 0: silent on the whole batch). The network
+    runs in eval mode, i.e. noisy layers on their mean weights."""
+    record, training = {}, network.training
+    network.eval()
     with torch.no_grad():
         network(obs, record)
+    network.train(training)
     scores = {name: neuron_scores(record[name]) for name, _, _ in network.redo_layers()}
     return {name: score <= tau for name, score in scores.items()}, scores
 
 
 @torch.no_grad()
-def recycle_dormant(network, optimizer, masks, init_=nn.init.xavier_uniform_):
+def recycle_dormant(network, optimizer, masks):
     """Recycle the neurons marked in `masks` (from `dormant_neurons`) in place; returns their count per layer.
 
-    As the official code, with every mask computed before any change: (1) redraw the incoming weights of
-    every dormant neuron from `init_`, the construction-time initializer applied to a whole new weight
-    tensor (so with its fans), and zero its bias; (2) then zero its outgoing weights, so that a weight between
-    two recycled neurons ends at 0; (3) zero the optimizer's per-entry state (Adam's exp_avg and exp_avg_sq)
-    at exactly the weight entries touched. Adam's step count and the bias moments are left alone."""
+    `network.redo_layers()` lists every hidden layer as (name, incoming parameters of its neurons, their outgoing
+    weights) (see `incoming`, `outgoing`). As the official code, with every mask computed before any change: (1) renew
+    the incoming parameters of every dormant neuron (weights redrawn from their initializer, biases zeroed); (2) then
+    zero its outgoing weights, so that a weight between two recycled neurons ends at 0; (3) zero the optimizer's
+    per-entry state (Adam's exp_avg and exp_avg_sq) at exactly the weight entries touched. Adam's step count and the
+    moments of biases (parameters with one entry per neuron) are left alone."""
     touched = {}  # weight -> entries that were redrawn or zeroed
-
-    def entries(weight):
-        return touched.setdefault(weight, torch.zeros_like(weight, dtype=torch.bool))
-
-    for name, layer, _ in network.redo_layers():  # (1) incoming weights and biases
-        dead = masks[name]
-        layer.weight[dead] = init_(torch.empty_like(layer.weight))[dead]
-        layer.bias[dead] = 0.0
-        entries(layer.weight)[dead] = True
-    for name, _, next_layer in network.redo_layers():  # (2) outgoing weights, after every redraw
-        dead = masks[name]
-        fan_in = next_layer.weight.shape[1]
-        # a conv channel c feeds the NCHW-flattened inputs c*H*W ... (c+1)*H*W - 1 of a dense layer
-        inputs = dead.repeat_interleave(fan_in // dead.numel())
-        next_layer.weight[:, inputs] = 0.0
-        entries(next_layer.weight)[:, inputs] = True
-    for weight, reset in touched.items():  # (3) optimizer state of the touched entries only
-        for value in optimizer.state.get(weight, {}).values():
-            if torch.is_tensor(value) and value.shape == weight.shape:
+    layers = network.redo_layers()
+    for name, renewed, _ in layers:  # (1) incoming weights and biases
+        for param, axes, fresh in renewed:
+            dead = neuron_entries(masks[name], param, axes)
+            param[dead] = fresh(param)[dead]
+            if len(axes) < param.dim():  # a weight; a bias holds one entry per neuron and keeps its moments
+                touched[param] = touched.get(param, False) | dead
+    for name, _, zeroed in layers:  # (2) outgoing weights, after every redraw
+        for param, axes in zeroed:
+            dead = neuron_entries(masks[name], param, axes)
+            param[dead] = 0.0
+            touched[param] = touched.get(param, False) | dead
+    for param, reset in touched.items():  # (3) optimizer state of the touched entries only
+        for value in optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.shape == param.shape:
                 value[reset] = 0.0
-    return {name: int(dead.sum()) for name, dead in masks.items()}
+    return {name: int(masks[name].sum()) for name, _, _ in layers}
+# <<< shared block: redo
 
 
 def updates_at(args, step):

@@ -440,3 +440,44 @@ def priority_settings(m, args, calls, memory):
             "importance-sampling exponent at the last step": m.beta_at(args, args.total_timesteps),
             "priority exponent": round(float(exponents.mean()), 4),
             "gradient clipping": "none" if calls[0]["max_grad_norm"] == 0 else f"to norm {calls[0]['max_grad_norm']}"}
+
+
+def redo_settings(m, args, numbers, monkeypatch):
+    """The ReDo events train_step makes with `args` at the agent steps of the gradient updates numbered `numbers` (the
+    update stood in for, the scoring and the recycling recorded), on a prioritized memory of 1-pixel frames whose
+    priority sits on one transition: {"events": the numbers followed by an event, "probe batch", "tau", "probe
+    sampling"}; a prioritized probe holds that transition only, a uniform one mixes many."""
+    memory = filled_memory(m.PrioritizedReplayMemory(1000, frame_shape=(1,), stack_size=1, n_step=args.n_step,
+                                                     gamma=args.gamma), 300, np.random.default_rng(0))
+    lo, hi = memory.sample_range()
+    valid = np.arange(lo, hi + 1)[memory.is_valid(np.arange(lo, hi + 1))]
+    favoured = valid[len(valid) // 2]
+    memory.update_priorities(valid, np.where(valid == favoured, 1.0, 1e-12))
+    probes = []
+
+    def update(q_network, target_network, optimizer, rb, index, weights, noise, max_grad_norm):
+        loss = torch.full((len(index),), 0.5)
+        return loss, loss.mean(), torch.tensor(0.0)
+
+    def dormant_neurons(network, obs, tau):
+        probes.append((obs, tau))
+        return {}, {}
+
+    with monkeypatch.context() as patch:
+        patch.setattr(m, "dormant_neurons", dormant_neurons)
+        patch.setattr(m, "recycle_dormant", lambda network, optimizer, masks: {"layer": 1})
+        events = []
+        for number in numbers:
+            step = (args.learning_starts // args.train_frequency + number) * args.train_frequency
+            assert m.update_number(args, step) == number
+            _, recycled = m.train_step(step, args, Counter(), Counter(), None, memory, np.random.default_rng(number),
+                                       torch.Generator().manual_seed(0), update_fn=update)
+            if recycled is not None:
+                events.append(number)
+    settings = {"events": events}
+    if probes:
+        obs, tau = probes[0]
+        frames = obs[:, -1, 0].numpy()
+        settings.update({"probe batch": len(obs), "tau": tau, "probe sampling": "prioritized" if (
+            frames == memory.frames[favoured % memory.capacity].item()).all() else "uniform"})
+    return settings

@@ -202,8 +202,8 @@ def test_suites_are_valid_data():
 
     gym.register_envs(ale_py)
     names = sorted(p.stem for p in (ROOT / "benchmark" / "suites").glob("*.toml"))
-    assert {"smoke", "atari100k", "atari100k_26", "dqn_softmoe", "rainbow_tokenized", "dqn_redo", "moe_routing",
-            "moe_baselines", "tokenize_ablations"} <= set(names)
+    assert {"smoke", "atari100k", "atari100k_26", "atari100k_redo", "dqn_softmoe", "rainbow_tokenized", "dqn_redo",
+            "moe_routing", "moe_baselines", "tokenize_ablations"} <= set(names)
     known_scripts = {"dqn_softmoe", "dqn_redo", "rainbow_tokenized", "der_single_expert"}
     for name in names:
         suite = suites.load_suite(name)

@@ -14,8 +14,9 @@ CUDA = torch.cuda.is_available()
 SCRIPTS = {
     "dqn_softmoe": dict(num_experts=4),
     "dqn_redo": dict(redo_period=3, redo_tau=0.5, replay_ratio=2.0),  # ReDo events between graph replays
-    "rainbow_tokenized": dict(num_experts=2, n_step=3),
-    "der_single_expert": dict(expert_hidden_units=256, n_step=3),
+    # ReDo events (experts recycled) between graph replays
+    "rainbow_tokenized": dict(num_experts=2, n_step=3, redo=True, redo_period=3, redo_tau=0.1, redo_batch_size=16),
+    "der_single_expert": dict(expert_hidden_units=256, n_step=3, redo=True, redo_period=3, redo_tau=0.1, redo_batch_size=16),
 }
 STEPS = 24  # 3 eager warm-up calls, the recording, then replays
 
@@ -46,8 +47,10 @@ def run(name, device, graphs, steps=STEPS, seed=0):
     losses = []
     for step in range(9, 9 + steps):
         out = m.train_step(step, args, q_network, target_network, optimizer, memory, rng, *extra, update_fn=update_fn)
-        if name == "dqn_redo":
+        if name == "dqn_redo":  # (the updates' outputs, recycled)
             out = out[0][-1] if out[0] else None
+        elif rainbow:  # (the update's output or None, recycled)
+            out = out[0]
         if out is not None:
             losses.append(float(out[0]))
     priorities = memory.tree.get(np.arange(400)).copy() if rainbow else None

@@ -77,9 +77,10 @@ def test_end_to_end_writes_the_atari_100k_result_and_ends_learning_episodes_at_a
     assert result(only_run_dir(tmp_path / "no_life_loss"))["score"] is None
 
 
-# target copies at 150, 300, 450, 600 (DER.gin: every 2,000): the interruption comes after the first
+# target copies at 150, 300, 450, 600 (DER.gin: every 2,000): the interruption comes after the first; ReDo events
+# after every 50th update (steps 150, 200, ..., 550) on both sides of it
 RESUME = [*TINY, "--total-timesteps", 600, "--checkpoint-every", 100, "--eval-episodes", 0,
-          "--target-network-frequency", 150]
+          "--target-network-frequency", 150, "--redo", "--redo-period", 50, "--redo-tau", 0.1, "--redo-batch-size", 16]
 
 
 def test_sigterm_then_resume_is_bit_identical(tmp_path):
@@ -108,6 +109,9 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
         assert torch.equal(uninterrupted["replay"][key], final["replay"][key]), key
     assert torch.equal(uninterrupted["replay"]["priorities"], final["replay"]["priorities"])
     assert_same_scalars(only_run_dir(tmp_path / "uninterrupted"), run_dir)
+    tags = scalars(run_dir)
+    assert [s for s, _ in tags["redo/recycled_count"]] == list(range(150, 600, 50))
+    assert sum(v for _, v in tags["redo/recycled_count"]) > 0
 
 
 @pytest.mark.parametrize("kwargs,flag", [
@@ -119,6 +123,11 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
     (dict(learning_starts=15, n_step=10), "--learning-starts"),
     (dict(capacity_factor=0.0), "--capacity-factor"),
     (dict(encoder="der", capacity_factor=0.5), "--capacity-factor"),
+    (dict(redo_period=-5), "--redo-period"),
+    (dict(redo_batch_size=0), "--redo-batch-size"),
+    (dict(redo_tau=-1.0), "--redo-tau"),
+    # the official period (200,000 updates) never comes in 100k agent steps: --redo alone would never recycle
+    (dict(redo=True), "--redo-period"),
 ])
 def test_bad_flags_stop_with_one_clear_line(kwargs, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -126,6 +135,16 @@ def test_bad_flags_stop_with_one_clear_line(kwargs, flag, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and flag in err[0], err
+
+
+def test_redo_needs_a_period_that_comes_within_the_run(capsys):
+    with pytest.raises(SystemExit):
+        m.check_args(m.Args(redo=True))
+    assert capsys.readouterr().err.strip() == (
+        "error: --redo-period 200000 is more than the run's 98,399 gradient updates, so --redo would never recycle; use "
+        "a smaller --redo-period (the paper's Atari runs: 1000)")
+    m.check_args(m.Args(redo=True, redo_period=1000, redo_tau=0.1, redo_batch_size=64))  # the paper's settings
+    m.check_args(m.Args(redo=True, redo_period=98_399))  # one event, after the last update
 
 
 def test_cli_bad_flag_exits_fast_with_one_line(tmp_path):

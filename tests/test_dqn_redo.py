@@ -251,7 +251,8 @@ class SmallConvNet(torch.nn.Module):
         return self.out(h)
 
     def redo_layers(self):
-        return [("conv", self.conv, self.dense), ("dense", self.dense, self.out)]
+        return [("conv", m.incoming(self.conv), m.outgoing(self.dense)),
+                ("dense", m.incoming(self.dense), m.outgoing(self.out))]
 
 
 def test_recycling_is_generic_and_maps_a_channel_to_its_flattened_inputs():

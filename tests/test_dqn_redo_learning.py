@@ -68,7 +68,7 @@ class MLPQ(torch.nn.Module):
         return self.head(h)
 
     def redo_layers(self):
-        return [("fc", self.fc, self.head)]
+        return [("fc", m.incoming(self.fc), m.outgoing(self.head))]
 
 
 def make_args(**overrides):

@@ -367,3 +367,15 @@ def test_the_experts_are_reset_every_period_updates_after_the_warm_up(script, mo
     assert [s for s, _ in resets] == [112, 124, 136, 148, 160]  # after updates 3, 6, 9, ...
     assert [m.expert_reset_number(args, s) for s, _ in resets] == [1, 2, 3, 4, 5]
     assert {factor for _, factor in resets} == {0.0}
+
+
+@pytest.mark.parametrize("script", ["rainbow_tokenized", "der_single_expert"])
+@pytest.mark.parametrize("kwargs,flag", [(dict(expert_type="big"), "--expert-type big"),
+                                         (dict(shuffle_tokens=True), "--shuffle-tokens"),
+                                         (dict(moe_type="simplicial_embedding_v2"), "--moe-type simplicial_embedding_v2")])
+def test_redo_refuses_the_networks_it_cannot_recycle(script, kwargs, flag, capsys):
+    m = load_script(script)
+    with pytest.raises(SystemExit):
+        m.check_args(m.Args(redo=True, redo_period=1000, num_experts=4, expert_hidden_units=512, **kwargs))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--redo" in err[0] and flag in err[0], err

@@ -1,8 +1,9 @@
-"""rainbow_tokenized.py against Dopamine's `labs/moes/configs/full_rainbow.gin` (JaxFullRainbowAgent): every default
-measured on the script's own code path (Args, make_optimizer, make_replay, make_training_env, train_step with its
-prioritized sampling, update, beta_at, clip_reward, evaluation_settings, QNetwork) and compared with a table of the
-official values; then the schedule and the choices by behaviour, and the rewards of a real training run: clipped for
-learning, raw in the logged return."""
+"""rainbow_tokenized.py against Dopamine's `labs/moes/configs/full_rainbow.gin` (JaxFullRainbowAgent) and, for ReDo,
+the ReDo lab's recycled Rainbow agent: every default measured on the script's own code path (Args, make_optimizer,
+make_replay, make_training_env, train_step with its prioritized sampling and ReDo events, update, beta_at,
+clip_reward, evaluation_settings, QNetwork) and compared with a table of the official values; then the schedule and
+the choices by behaviour, and the rewards of a real training run: clipped for learning, raw in the logged return."""
+import dataclasses
 import math
 
 import numpy as np
@@ -11,11 +12,12 @@ from harness import load_script
 from official_config import (
     assert_matches_official, assert_rewards_clipped_for_learning_and_raw_in_the_return, categorical_candidates,
     categorical_settings, clip_settings, crafted_categorical_update, env_settings, evaluation_run,
-    first_update_and_period, optimizer_settings, prioritized_schedule, priority_settings, replay_settings,
-    run_and_replay)
+    first_update_and_period, optimizer_settings, prioritized_schedule, priority_settings, redo_settings,
+    replay_settings, run_and_replay)
 
 m = load_script("rainbow_tokenized")
 
+REDO = "labs/redo"
 GIN = "labs/moes/configs/full_rainbow.gin"
 # Dopamine's official values, each with the gin line (or the code, where the gin sets nothing) it comes from
 OFFICIAL = {
@@ -66,7 +68,27 @@ OFFICIAL = {
     "slots per expert": (31, "softmoe.SoftMoE.capacity_factor = 1.0: ceil(121 x 1.0 / 4)"),
     "expert type": ("small", f"{GIN}: FullRainbowMoENetwork.expert_type = 'SMALL'"),
     "extra linear layer before the heads": (False, f"{GIN}: FullRainbowMoENetwork.use_extra_linear_layer = False"),
+    # ReDo: the lab's recycled_rainbow_agent.py and its NeuronRecycler (weight_recyclers.py); configs/rainbow_dense.gin
+    # binds none of these
+    "ReDo": (False, f"{REDO}/recycled_rainbow_agent.py:36: reset_mode = None (no recycler)"),
+    "ReDo period (gradient updates)": (200_000, f"{REDO}/weight_recyclers.py:149: BaseRecycler.reset_period = 200_000"),
+    "ReDo threshold tau": (0.0, f"{REDO}/weight_recyclers.py:147: BaseRecycler.dead_neurons_threshold = 0.0"),
+    "ReDo probe batch": (256, f"{REDO}/recycled_rainbow_agent.py:39: batch_size_statistics = 256"),
+    "ReDo probe sampling": ("prioritized", f"{REDO}/recycled_rainbow_agent.py:184: "
+                            "replay.sample_transition_batch, by priority in Dopamine's prioritized buffer"),
 }
+
+
+def redo_defaults(args, monkeypatch):
+    """The ReDo period, tau, probe batch and probe sampling that --redo runs with at the other defaults, measured at
+    update numbers around the paper's period (1000) and the official one (200,000): the events depend on the update
+    number only."""
+    numbers = [1, 999, 1000, 1001, 199_999, 200_000, 200_001, 400_000]
+    redo = redo_settings(m, dataclasses.replace(args, redo=True), numbers, monkeypatch)
+    period = redo["events"][0]
+    assert redo["events"] == [n for n in numbers if n % period == 0], redo["events"]
+    return {"ReDo period (gradient updates)": period, "ReDo threshold tau": redo["tau"],
+            "ReDo probe batch": redo["probe batch"], "ReDo probe sampling": redo["probe sampling"]}
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +120,8 @@ def test_defaults_match_the_official_full_rainbow_gin(default_schedule, monkeypa
         "slots per expert": net.moe.slots_per_expert,
         "expert type": "big" if isinstance(net.moe.experts, m.BigExperts) else "small",
         "extra linear layer before the heads": net.value.weight_mu.shape[1] != features,
+        "ReDo": bool(redo_settings(m, args, [args.redo_period], monkeypatch)["events"]),
+        **redo_defaults(args, monkeypatch),
     }
     assert {len(call["index"]) for call in calls} == {32}
     assert_matches_official(OFFICIAL, measured)

@@ -49,12 +49,13 @@ def test_end_to_end_logs_checkpoint_and_evaluation(tmp_path):
 
 
 # target copies at 150, 300, 450, 600: the interruption (at 200 or later) comes after the first, and after the first
-# priority updates and noise draws
-# with the experts shrunk and perturbed after updates 60 and 120 (steps 340 and 580, after the interruption: the fresh
-# draws come from torch's generator) and the importance loss, whose interval sums must resume too
+# priority updates and noise draws; ReDo events after every 25th update, at steps 200, 300, 400 and 500, recycle the
+# experts' units and the convs' channels on both sides of it; the experts shrunk and perturbed after updates 60 and 120
+# (steps 340 and 580: the fresh draws come from torch's generator); the importance loss, whose interval sums must
+# resume too
 RESUME = [*TINY, "--encoder", "nature", "--total-timesteps", 600, "--checkpoint-every", 100,
-          "--target-network-frequency", 150, "--expert-reset", "shrink_perturb", "--expert-reset-period", 60,
-          "--aux-loss-fns", "importance_loss"]
+          "--target-network-frequency", 150, "--redo", "--redo-period", 25, "--redo-tau", 0.1, "--redo-batch-size", 16,
+          "--expert-reset", "shrink_perturb", "--expert-reset-period", 60, "--aux-loss-fns", "importance_loss"]
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,10 @@ def test_killed_run_resumes_bit_identically(tmp_path, uninterrupted, kill):
     assert f"at step {interrupted_at:,}" in resumed.stdout
     assert_same_training_state(read_checkpoint(uninterrupted), read_checkpoint(run_dir))
     assert_same_scalars(uninterrupted, run_dir)  # the log interval in progress at the stop included
+    tags = scalars(run_dir)
+    assert [s for s, _ in tags["redo/recycled_count"]] == [200, 300, 400, 500]
+    assert {f"redo/{layer}_recycled_count" for layer in ("conv1", "conv2", "conv3", "experts")} <= set(tags)
+    assert sum(v for _, v in tags["redo/experts_recycled_count"]) > 0
     steps = [s for s, _ in scalars(run_dir)["charts/SPS"]]
     assert steps == sorted(set(steps)), "a resumed run must not log the same step twice"
 
@@ -143,6 +148,11 @@ BAD_FLAGS = [
     (dict(moe_type="baseline", tokenization="perfeat"), "--tokenization"),
     (dict(baseline_aggregation="sum"), "--baseline-aggregation"),
     (dict(moe_type="top1", moe_normalization=True), "--moe-normalization"),
+    (dict(redo_period=0), "--redo-period"),
+    (dict(redo_batch_size=0), "--redo-batch-size"),
+    (dict(redo_tau=-0.1), "--redo-tau"),
+    (dict(redo_tau=float("nan")), "--redo-tau"),
+    (dict(redo=True, total_timesteps=100_000), "--redo-period"),  # 20,000 updates: the period of 200,000 never comes
 ]
 
 
@@ -158,7 +168,8 @@ def test_bad_flags_stop_with_one_clear_line(kwargs, flag, capsys):
 def test_good_variants_pass_the_checks():
     for kwargs in (dict(), dict(moe_type="baseline"), dict(moe_type="baseline", baseline_aggregation="mean",
                                                            tokenization="perfeat"), dict(moe_type="top1"),
-                   dict(num_experts=1, expert_hidden_units=2048), dict(priority_beta_start=0.4, priority_beta_end=1.0)):
+                   dict(num_experts=1, expert_hidden_units=2048), dict(priority_beta_start=0.4, priority_beta_end=1.0),
+                   dict(redo=True), dict(redo=True, redo_period=1000, redo_tau=0.1, redo_batch_size=64)):
         m.check_args(m.Args(**kwargs))
 
 

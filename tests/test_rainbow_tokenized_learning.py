@@ -79,7 +79,7 @@ def train(memory, steps=2000):
     args = SimpleNamespace(expert_reset="none",
                            learning_starts=0, train_frequency=1, target_network_frequency=50, batch_size=128,
                            total_timesteps=steps, priority_exponent=0.5, priority_beta_start=1.0, priority_beta_end=1.0,
-                           max_grad_norm=0.0)
+                           max_grad_norm=0.0, redo=False)
     rng, noise = np.random.default_rng(2), torch.Generator().manual_seed(0)
     for step in range(1, steps + 1):
         if step == 3 * steps // 4:
@@ -115,10 +115,10 @@ def test_update_schedule_and_target_sync():
     args = SimpleNamespace(expert_reset="none",
                            learning_starts=10, train_frequency=4, target_network_frequency=8, batch_size=8,
                            total_timesteps=100, priority_exponent=0.5, priority_beta_start=0.5, priority_beta_end=0.5,
-                           max_grad_norm=0.0)
+                           max_grad_norm=0.0, redo=False)
     rng, noise = np.random.default_rng(0), torch.Generator()
     updates = [s for s in range(1, 41)
-               if m.train_step(s, args, q_network, target_network, optimizer, memory, rng, noise) is not None]
+               if m.train_step(s, args, q_network, target_network, optimizer, memory, rng, noise)[0] is not None]
     assert updates == [12, 16, 20, 24, 28, 32, 36, 40]
     torch.testing.assert_close(target_network.logits, q_network.logits)  # synced at step 40
     m.train_step(44, args, q_network, target_network, optimizer, memory, rng, noise)  # update, no sync

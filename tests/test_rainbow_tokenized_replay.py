@@ -337,7 +337,7 @@ def test_train_step_sets_priorities_from_the_losses_and_weights_the_loss():
     optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.01, adam_eps=1e-8), online)
     sample_rng = np.random.default_rng(9)
     index, probabilities = memory.sample_prioritized(16, copy.deepcopy(sample_rng))  # what train_step will draw
-    out = m.train_step(11, args, online, target, optimizer, memory, sample_rng, torch.Generator())
+    out, _ = m.train_step(11, args, online, target, optimizer, memory, sample_rng, torch.Generator())
     losses = np.array([-(reference[t]["target"] * log_probs_before[reference[t]["state"], reference[t]["action"]]).sum()
                        for t in index])
     weights = (len(index) * probabilities) ** -0.8

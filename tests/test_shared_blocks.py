@@ -15,12 +15,12 @@ COMMON = {"env", "nature", "replay", "optimizer", "envstate", "dormant", "runtim
 MOE = {"impala", "tokenizer", "softmoe", "topkmoe", "routing", "moe_losses", "moe_args", "expert_reset",
        "bigexperts"}
 # the Rainbow machinery that rainbow_tokenized.py and der_single_expert.py share (their tests cover one another's copy)
-RAINBOW = COMMON | MOE | {"noisy", "noisyexperts", "sumtree", "prioritized", "categorical", "rainbow_update"}
+RAINBOW = COMMON | MOE | {"noisy", "noisyexperts", "sumtree", "prioritized", "categorical", "rainbow_update", "redo"}
 DQN = COMMON | {"epsilon_greedy", "dqn_update", "dqn_evaluate"}
 # the blocks each script must carry
 EXPECTED = {
     "dqn_softmoe": DQN | MOE,
-    "dqn_redo": DQN,
+    "dqn_redo": DQN | {"redo"},  # the recycling, shared with the Rainbow scripts
     "rainbow_tokenized": RAINBOW,
     "der_single_expert": RAINBOW,
 }

@@ -27,7 +27,8 @@ SECTIONS = {  # what each definition is part of, in the words of the papers' met
     "moe_aux_losses": "loss",
     "project_distribution": "loss", "categorical_target": "loss", "categorical_loss": "loss", "update": "update",
     "neuron_scores": "ReDo", "dormant_statistics": "ReDo", "dormant_neurons": "ReDo", "recycle_dormant": "ReDo",
-    "updates_at": "training step", "train_step": "training step", "evaluation_settings": "evaluation",
+    "incoming": "ReDo", "outgoing": "ReDo", "neuron_entries": "ReDo", "updates_at": "training step",
+    "update_number": "training step", "train_step": "training step", "evaluation_settings": "evaluation",
     "Frames": "experts", "grouped_encoder": "experts", "BigExperts": "experts",
 }
 

@@ -5,6 +5,7 @@ catches any drift of this copy."""
 UNIT = "tests/test_der_single_expert.py"
 E2E = "tests/test_der_single_expert_e2e.py"
 CONFIG = "tests/test_der_single_expert_config.py"
+REDO = "tests/test_rainbow_redo.py"
 
 DEFAULTS = f"{CONFIG}::test_defaults_match_the_official_der_gin_with_one_scaled_expert"
 SCHEDULE = f"{CONFIG}::test_an_update_every_step_after_the_warm_up_and_a_target_copy_every_2000"
@@ -68,4 +69,9 @@ MUTANTS = [
      "rb.add(stack[-1], action, clip_reward(reward),", "rb.add(stack[-1], action, reward,", [REWARDS]),
     ("der_single_expert", "config: the logged return sums clipped rewards",
      "        episode_return += reward\n", "        episode_return += clip_reward(reward)\n", [REWARDS]),
+    # ReDo: this QNetwork's redo_layers (the recycling itself is the shared block, mutated in rainbow_tokenized.py)
+    ("der_single_expert", "ReDo (DER network): a recycled value-stream unit still feeds the value head",
+     '("value_hidden", incoming(self.value_hidden), outgoing(self.value)),',
+     '("value_hidden", incoming(self.value_hidden), []),', [REDO]),
+    ("der_single_expert", "config: defaults: ReDo on", "    redo: bool = False\n", "    redo: bool = True\n", [DEFAULTS]),
 ]

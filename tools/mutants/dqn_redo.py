@@ -5,20 +5,27 @@ LEARN = "tests/test_dqn_redo_learning.py"
 E2E = "tests/test_dqn_redo_e2e.py"
 
 OFFICIAL_ORDER = """\
-    for name, layer, _ in network.redo_layers():  # (1) incoming weights and biases
-        dead = masks[name]
-        layer.weight[dead] = init_(torch.empty_like(layer.weight))[dead]
-        layer.bias[dead] = 0.0
-        entries(layer.weight)[dead] = True
-    for name, _, next_layer in network.redo_layers():  # (2) outgoing weights, after every redraw
-        dead = masks[name]
+    for name, renewed, _ in layers:  # (1) incoming weights and biases
+        for param, axes, fresh in renewed:
+            dead = neuron_entries(masks[name], param, axes)
+            param[dead] = fresh(param)[dead]
+            if len(axes) < param.dim():  # a weight; a bias holds one entry per neuron and keeps its moments
+                touched[param] = touched.get(param, False) | dead
+    for name, _, zeroed in layers:  # (2) outgoing weights, after every redraw
+        for param, axes in zeroed:
 """
 LAYER_BY_LAYER = """\
-    for name, layer, next_layer in network.redo_layers():  # the PyTorch port's order: redraw, zero, next layer
-        dead = masks[name]
-        layer.weight[dead] = init_(torch.empty_like(layer.weight))[dead]
-        layer.bias[dead] = 0.0
-        entries(layer.weight)[dead] = True
+    for name, renewed, zeroed in layers:  # the PyTorch port's order: redraw, zero, next layer
+        for param, axes, fresh in renewed:
+            dead = neuron_entries(masks[name], param, axes)
+            param[dead] = fresh(param)[dead]
+            if len(axes) < param.dim():
+                touched[param] = touched.get(param, False) | dead
+        for param, axes in zeroed:
+"""
+ZERO_OUTGOING = """\
+            param[dead] = 0.0
+            touched[param] = touched.get(param, False) | dead
 """
 
 CONFIG = "tests/test_dqn_redo_config.py"
@@ -30,20 +37,22 @@ REWARDS = f"{CONFIG}::test_rewards_are_clipped_for_learning_and_raw_in_the_logge
 
 MUTANTS = [
     ("dqn_redo", "conv channel expanded with repeat (tile) instead of repeat_interleave at the flatten",
-     "inputs = dead.repeat_interleave(fan_in // dead.numel())", "inputs = dead.repeat(fan_in // dead.numel())",
+     "owned = dormant.repeat_interleave(math.prod(sizes) // dormant.numel())",
+     "owned = dormant.repeat(math.prod(sizes) // dormant.numel())",
      [UNIT]),
     ("dqn_redo", "recycled biases not zeroed",
-     "layer.bias[dead] = 0.0", "layer.bias[dead] = layer.bias[dead]", [UNIT]),
+     "(layer.bias, (0,), torch.zeros_like)", "(layer.bias, (0,), torch.clone)", [UNIT]),
     ("dqn_redo", "Adam moments of recycled weights not zeroed",
      "value[reset] = 0.0", "value[reset] = value[reset]", [UNIT]),
     ("dqn_redo", "Adam step count restarted at every recycling",
      "                value[reset] = 0.0\n",
-     "                value[reset] = 0.0\n        optimizer.state.get(weight, {}).get('step', torch.zeros(())).zero_()\n",
+     "                value[reset] = 0.0\n        optimizer.state.get(param, {}).get('step', torch.zeros(())).zero_()\n",
      [UNIT]),
     ("dqn_redo", "incoming redraw overwrites the zeros of the previous layer's outgoing weights (per-layer order)",
      OFFICIAL_ORDER, LAYER_BY_LAYER, [UNIT]),
     ("dqn_redo", "recycling zeroes the next layer's bias (the Q head's included)",
-     "next_layer.weight[:, inputs] = 0.0", "next_layer.weight[:, inputs] = 0.0\n        next_layer.bias.zero_()",
+     ZERO_OUTGOING, ZERO_OUTGOING + "            [lay.bias.zero_() for lay in network.modules() if getattr(lay, 'weight', "
+     "None) is param and dead.any()]\n",
      [UNIT]),
     ("dqn_redo", "Q head recorded, hence scored and counted as hidden neurons",
      "return self.head(x)", 'return self.head(x) if record is None else record.setdefault("head", self.head(x))',
@@ -70,7 +79,7 @@ MUTANTS = [
     ("dqn_redo", "--redo-reset-adam-step has no effect",
      "if args.redo_reset_adam_step:", "if False:", [LEARN]),
     ("dqn_redo", "recycled neurons get no new incoming weights",
-     "layer.weight[dead] = init_(torch.empty_like(layer.weight))[dead]", "init_(torch.empty_like(layer.weight))",
+     "param[dead] = fresh(param)[dead]", "fresh(param)",
      [UNIT, LEARN]),
     # configuration: a choice changed rather than a formula (tests/test_dqn_redo_config.py)
     ("dqn_redo", "config: defaults: tau 0.1 (the paper's high replay-ratio value) at replay ratio 0.25",

@@ -3,6 +3,7 @@
 NET = "tests/test_rainbow_tokenized_network.py"
 REPLAY = "tests/test_rainbow_tokenized_replay.py"
 LEARN = "tests/test_rainbow_tokenized_learning.py"
+REDO = "tests/test_rainbow_redo.py"
 
 CONFIG = "tests/test_rainbow_tokenized_config.py"
 DEFAULTS = f"{CONFIG}::test_defaults_match_the_official_full_rainbow_gin"
@@ -82,10 +83,10 @@ MUTANTS = [
      "        if self.noise_enabled:\n            w1 = ", [NET]),
     ("rainbow_tokenized", "experts share one noise sample",
      "self.eps_in.copy_(factorized_noise(self.eps_in.shape, generator))\n        self.eps_out.copy_(factorized_noise("
-     "self.eps_out.shape, generator))\n\n    def forward(self, slots",
+     "self.eps_out.shape, generator))\n\n    def redo_incoming(self):\n        \"\"\"ReDo (`incoming`): the neuron",
      "self.eps_in.copy_(factorized_noise(self.eps_in.shape[1:], generator).expand_as(self.eps_in))\n"
      "        self.eps_out.copy_(factorized_noise(self.eps_out.shape[1:], generator).expand_as(self.eps_out))\n\n"
-     "    def forward(self, slots", [NET]),
+     "    def redo_incoming(self):\n        \"\"\"ReDo (`incoming`): the neuron", [NET]),
     ("rainbow_tokenized", "noise without the factorization function f",
      "return e.sign() * e.abs().sqrt()", "return e", [NET]),
     ("rainbow_tokenized", "sigma initialized with sigma0 / fan_out",
@@ -121,7 +122,8 @@ MUTANTS = [
      "return PrioritizedReplayMemory(args.buffer_size, n_step=args.n_step, gamma=args.gamma, device=device)",
      "return PrioritizedReplayMemory(args.buffer_size, gamma=args.gamma, device=device)", [DEFAULTS]),
     ("rainbow_tokenized", "config: update period ignored: an update every agent step",
-     "    if step % args.train_frequency == 0:\n", "    if True:\n", [SCHEDULE, DEFAULTS]),
+     "if step <= args.learning_starts or step % args.train_frequency != 0:", "if step <= args.learning_starts:",
+     [SCHEDULE, DEFAULTS]),
     ("rainbow_tokenized", "config: KL divergence instead of the cross-entropy (same gradient, other priorities)",
      'loss = -(target * log_probs[rows, batch["actions"]]).sum(1)',
      'loss = (target * (target.clamp_min(1e-30).log() - log_probs[rows, batch["actions"]])).sum(1)', [LOSS, DEFAULTS]),
@@ -132,4 +134,21 @@ MUTANTS = [
      '{"epsilon": args.eval_epsilon,', '{"epsilon": args.epsilon_train,', [DEFAULTS, EVAL]),
     ("rainbow_tokenized", "config: the replay memory stores raw rewards (clipping dropped)",
      "rb.add(stack[-1], action, clip_reward(reward),", "rb.add(stack[-1], action, reward,", [REWARDS]),
+    # ReDo (the shared redo block, the noisy layers' and experts' parts of it, and this QNetwork's redo_layers)
+    ("rainbow_tokenized", "ReDo: the experts' outgoing weights (w2) not zeroed",
+     "[(self.moe.experts.w2, (0, 1))]", "[]", [REDO]),
+    ("rainbow_tokenized", "ReDo: a recycled noisy unit keeps its weight sigma (only mu redrawn)",
+     "(self.weight_sigma, (0,), sigma), (self.bias_mu, (0,), torch.zeros_like)", "(self.bias_mu, (0,), torch.zeros_like)",
+     [REDO]),
+    ("rainbow_tokenized", "ReDo: a noisy layer's outgoing sigma kept (only mu zeroed)",
+     "return [(self.weight_mu, (1,)), (self.weight_sigma, (1,))]", "return [(self.weight_mu, (1,))]", [REDO]),
+    ("rainbow_tokenized", "ReDo: the Soft MoE router (phi) still reads a recycled conv3 channel",
+     "router = [(self.moe.phi, (0,))] if", "router = [] if", [REDO]),
+    ("rainbow_tokenized", "ReDo: events every redo-period agent steps instead of gradient updates",
+     "if args.redo and number % args.redo_period == 0:", "if args.redo and step % args.redo_period == 0:", [REDO]),
+    ("rainbow_tokenized", "config: ReDo probe drawn uniformly instead of by priority (the official sample_transition_batch)",
+     "probe, _ = rb.sample_prioritized(args.redo_batch_size, rng)", "probe = rb.sample_indices(args.redo_batch_size, rng)",
+     [DEFAULTS]),
+    ("rainbow_tokenized", "config: defaults: the paper's ReDo period 1000 instead of the official 200,000",
+     "    redo_period: int = 200_000\n", "    redo_period: int = 1000\n", [DEFAULTS]),
 ]
