@@ -457,7 +457,7 @@ def redo_settings(m, args, numbers, monkeypatch):
 
     def update(q_network, target_network, optimizer, rb, index, weights, noise, max_grad_norm):
         loss = torch.full((len(index),), 0.5)
-        return loss, loss.mean(), torch.tensor(0.0)
+        return loss, loss.mean(), torch.tensor(0.0), {}
 
     def dormant_neurons(network, obs, tau):
         probes.append((obs, tau))
