@@ -685,7 +685,7 @@ class BigExperts(nn.Module):
     residual convs, zero biases) and xavier-uniform dense kernels of each expert's own [F, h] and [h, p * d] shapes.
     `sigma0` None: the first dense layer is plain (DQN's experts); a number: it is noisy as Rainbow's experts are
     (NoisyLinear's init on fan-in F, factorized noise drawn independently for each expert, off in eval mode and by
-    `set_noise`; `factorized_noise` comes from the noisy block)."""
+    `set_noise`)."""
 
     def __init__(self, num_experts, dim, slots, hidden, make_encoder, sigma0=None):
         super().__init__()
@@ -719,9 +719,10 @@ class BigExperts(nn.Module):
         self.noise_enabled = True
 
     def sample_noise(self, generator):
-        if self.noisy:
-            self.eps_in.copy_(factorized_noise(self.eps_in.shape, generator))
-            self.eps_out.copy_(factorized_noise(self.eps_out.shape, generator))
+        if self.noisy:  # factorized noise f(e) = sign(e) sqrt(|e|), as the noisy block's (which DQN does not carry)
+            for eps in (self.eps_in, self.eps_out):
+                e = torch.randn(eps.shape, generator=generator, device=generator.device)
+                eps.copy_(e.sign() * e.abs().sqrt())
 
     def forward(self, slots, record=None):
         batch, num_experts, num_slots, dim = slots.shape
@@ -2054,9 +2055,9 @@ def check_args(args):
         defaults = Args()
         for name in ("moe_type", "tokenization", "num_experts", "expert_hidden_units", "moe_normalization",
                      "capacity_factor", "baseline_aggregation", "expert_type", "use_random_phi",
-                     "num_selected_experts", "noisy_routing", "noise_std", "aux_loss_fns", "entropy_weight", "importance_weight", "load_weight",
-                     "std_scale", "use_extra_linear_layer", "sem_tau", "shuffle_tokens", "expert_reset",
-                     "expert_reset_period", "shrink_factor"):
+                     "num_selected_experts", "noisy_routing", "noise_std", "aux_loss_fns", "entropy_weight",
+                     "importance_weight", "load_weight", "std_scale", "use_extra_linear_layer", "sem_tau",
+                     "shuffle_tokens", "expert_reset", "expert_reset_period", "shrink_factor"):
             if getattr(args, name) != getattr(defaults, name):
                 flag = "--" + name.replace("_", "-")
                 fail(f"{flag} does not apply to --encoder der (the van Hasselt et al. network has no MoE and its own "
@@ -2111,8 +2112,9 @@ def evaluate(q_network, args, num_episodes, device, seed, scores=None, stop=None
              parallel=100):
     """The Atari 100k protocol: {episode: raw score} of `num_episodes` episodes of the network's noise-free greedy
     policy, epsilon-greedy with --eval-epsilon. Up to `parallel` episodes run side by side (batched forward passes of
-    --batch-size states per step); episode i runs in its own environment seeded seed + i, draws its random actions from its own generator and
-    starts with 1 to --eval-noop-max random no-ops, so its score does not depend on what runs beside it. A lost life
+    --batch-size states per step); episode i runs in its own environment seeded seed + i, draws its random actions
+    from its own generator and starts with 1 to --eval-noop-max random no-ops, so its score does not depend on what
+    runs beside it. A lost life
     restarts the frame stack, as in training; an episode ends at game over or at the cap. Stopped by a signal (`stop`),
     it returns the episodes finished so far; given them back (`scores`), it runs only the others. With `video_dir`, the
     first `videos` episodes are recorded."""

@@ -656,7 +656,7 @@ class BigExperts(nn.Module):
     residual convs, zero biases) and xavier-uniform dense kernels of each expert's own [F, h] and [h, p * d] shapes.
     `sigma0` None: the first dense layer is plain (DQN's experts); a number: it is noisy as Rainbow's experts are
     (NoisyLinear's init on fan-in F, factorized noise drawn independently for each expert, off in eval mode and by
-    `set_noise`; `factorized_noise` comes from the noisy block)."""
+    `set_noise`)."""
 
     def __init__(self, num_experts, dim, slots, hidden, make_encoder, sigma0=None):
         super().__init__()
@@ -690,9 +690,10 @@ class BigExperts(nn.Module):
         self.noise_enabled = True
 
     def sample_noise(self, generator):
-        if self.noisy:
-            self.eps_in.copy_(factorized_noise(self.eps_in.shape, generator))
-            self.eps_out.copy_(factorized_noise(self.eps_out.shape, generator))
+        if self.noisy:  # factorized noise f(e) = sign(e) sqrt(|e|), as the noisy block's (which DQN does not carry)
+            for eps in (self.eps_in, self.eps_out):
+                e = torch.randn(eps.shape, generator=generator, device=generator.device)
+                eps.copy_(e.sign() * e.abs().sqrt())
 
     def forward(self, slots, record=None):
         batch, num_experts, num_slots, dim = slots.shape

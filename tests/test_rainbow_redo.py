@@ -3,7 +3,6 @@ the recycling itself is the `redo` block shared with dqn_redo.py): one recycling
 dormant neurons, checked entry by entry against a restatement (conv channels, noisy units, the experts' (expert,
 unit) pairs, the conv -> flatten and conv -> token boundaries, Adam's moments); function preservation at tau 0 in
 every network configuration; the ReDo events of train_step."""
-import copy
 import math
 
 import numpy as np
