@@ -1222,12 +1222,19 @@ def moe_aux_losses(args, record):
 
 
 # >>> shared block: expert_reset
+def update_number(args, step):
+    """The number, counted from 1 after the warm-up, of the gradient update made at agent step `step` (0: none)."""
+    if step <= args.learning_starts or step % args.train_frequency != 0:
+        return 0
+    return step // args.train_frequency - args.learning_starts // args.train_frequency
+
+
 def expert_reset_number(args, step):
     """The number (1, 2, ...) of the reset of the experts (or their shrink-and-perturb) that follows the update of agent
     step `step`, or 0 when none does: one every --expert-reset-period updates, counted from the warm-up's end."""
-    if args.expert_reset == "none" or step <= args.learning_starts or step % args.train_frequency:
+    number = update_number(args, step)
+    if args.expert_reset == "none" or not number:
         return 0
-    number = step // args.train_frequency - args.learning_starts // args.train_frequency  # this update's number
     return number // args.expert_reset_period if number % args.expert_reset_period == 0 else 0
 
 
@@ -1422,13 +1429,6 @@ def update(q_network, target_network, optimizer, rb, index, weights, noise, max_
     optimizer.found_inf.copy_(~torch.isfinite(total))
     optimizer.step()
     return loss.detach(), weighted_loss.detach(), q_taken.detach().mean(), {k: v.detach() for k, v in aux.items()}
-
-
-def update_number(args, step):
-    """The number, counted from 1 after the warm-up, of the gradient update made at agent step `step` (0: none)."""
-    if step <= args.learning_starts or step % args.train_frequency != 0:
-        return 0
-    return step // args.train_frequency - args.learning_starts // args.train_frequency
 
 
 def train_step(step, args, q_network, target_network, optimizer, rb, rng, noise, update_fn=update):
