@@ -125,7 +125,7 @@ def official_random_phi(shape, dtype):
     """The phi that the official SoftMoE draws with use_random_phi from the key the networks get (PRNGKey(0) here)."""
     key, _ = jax.random.split(jax.random.PRNGKey(0))
     with x64(dtype == np.float64):
-        return np.asarray(jax.random.normal(key, shape, dtype=dtype))
+        return np.array(jax.random.normal(key, shape, dtype=dtype))  # a writable copy
 
 
 def run_official(official, params, x):
