@@ -604,7 +604,7 @@ class NoisyExperts(nn.Module):
         self.reset_parameters()
         self.register_buffer("eps_in", torch.zeros(num_experts, dim), persistent=False)
         self.register_buffer("eps_out", torch.zeros(num_experts, hidden), persistent=False)
-        self.noise_enabled, self.sigma0 = True, sigma0
+        self.noise_enabled = True
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -2316,8 +2316,8 @@ if __name__ == "__main__":
                          f"learning rate: --resume {ckpt.folder} --learning-rate {args.learning_rate / 4:g}", 1)
             loss_sum, q_sum, weight_sum, num_logged = loss_sum + loss, q_sum + q_mean, weight_sum + weight_mean, num_logged + 1
             aux_sums = {name: aux_sums[name] + value for name, value in aux.items()}
-        if expert_reset_number(args, global_step):
-            writer.add_scalar("moe/expert_resets", expert_reset_number(args, global_step), global_step)
+        if reset := expert_reset_number(args, global_step):
+            writer.add_scalar("moe/expert_resets", reset, global_step)
         if recycled is not None:
             for layer, count in recycled.items():
                 writer.add_scalar(f"redo/{layer}_recycled_count", count, global_step)

@@ -1717,8 +1717,8 @@ if __name__ == "__main__":
             loss_sum, q_sum, num_logged = loss_sum + loss, q_sum + q_mean, num_logged + 1
             for name, value in aux.items():
                 aux_sums[name] += value.item()
-        if expert_reset_number(args, global_step):
-            writer.add_scalar("moe/expert_resets", expert_reset_number(args, global_step), global_step)
+        if reset := expert_reset_number(args, global_step):
+            writer.add_scalar("moe/expert_resets", reset, global_step)
 
         if (global_step + 1) % args.log_frequency == 0:
             if num_logged:
