@@ -188,6 +188,8 @@ class SameConv2d(nn.Conv2d):
     def forward(self, x):
         top, bottom = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])
         left, right = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])
+        if (top, left) == (bottom, right):  # symmetric: the conv pads by itself, without a padded copy of x
+            return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
         return super().forward(F.pad(x, (left, right, top, bottom)))
 
 
@@ -204,7 +206,7 @@ class NatureEncoder(nn.Module):
 
     def forward(self, x, record=None):
         for name in ("conv1", "conv2", "conv3"):
-            x = F.relu(getattr(self, name)(x))
+            x = F.relu(getattr(self, name)(x), inplace=True)  # in place: a conv's backward needs its input only
             if record is not None:
                 record[name] = x
         return x
@@ -224,6 +226,7 @@ class QNetwork(nn.Module):
 
     def forward(self, x, record=None):
         """`record`, when a dict, receives the post-ReLU activations [B, neurons, ...] of the hidden layers."""
+        x = x.contiguous(memory_format=torch.channels_last)  # NHWC: the faster layout for oneDNN's convolutions
         x = self.encoder(x.float() / 255.0, record)
         x = F.relu(self.hidden(x.flatten(1)))
         if record is not None:

@@ -280,6 +280,8 @@ class SameConv2d(nn.Conv2d):
     def forward(self, x):
         top, bottom = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])
         left, right = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])
+        if (top, left) == (bottom, right):  # symmetric: the conv pads by itself, without a padded copy of x
+            return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
         return super().forward(F.pad(x, (left, right, top, bottom)))
 
 
@@ -296,7 +298,7 @@ class NatureEncoder(nn.Module):
 
     def forward(self, x, record=None):
         for name in ("conv1", "conv2", "conv3"):
-            x = F.relu(getattr(self, name)(x))
+            x = F.relu(getattr(self, name)(x), inplace=True)  # in place: a conv's backward needs its input only
             if record is not None:
                 record[name] = x
         return x
@@ -332,7 +334,7 @@ class ResidualBlock(nn.Module):
         h = F.relu(x)
         if record is not None:
             record[f"{name}.relu0"] = h
-        h = F.relu(self.conv0(h))
+        h = F.relu(self.conv0(h), inplace=True)
         if record is not None:
             record[f"{name}.relu1"] = h
         return x + self.conv1(h)
@@ -391,8 +393,8 @@ class Tokenizer(nn.Module):
             raise ValueError(f"unknown tokenization {kind!r}")
 
     def forward(self, fmap):
-        if self.kind == "perconv":
-            return fmap.flatten(2).transpose(1, 2)
+        if self.kind == "perconv":  # a view of a channels-last map
+            return fmap.permute(0, 2, 3, 1).flatten(1, 2)
         if self.kind == "perfeat":
             return fmap.flatten(2)
         if self.kind == "persample":
@@ -612,10 +614,13 @@ class NoisyExperts(nn.Module):
         if self.training and self.noise_enabled:
             w1 = w1 + self.w1_sigma * self.eps_in[:, :, None] * self.eps_out[:, None, :]
             b1 = b1 + self.b1_sigma * self.eps_out
-        hidden = F.relu(torch.einsum("bnpd,ndh->bnph", slots, w1) + b1[:, None])
+        batch, num_experts, num_slots, dim = slots.shape
+        x = slots.transpose(0, 1).reshape(num_experts, batch * num_slots, dim)  # expert-major: one matmul per expert
+        hidden = torch.baddbmm(b1[:, None], x, w1).relu_()  # [n, B*p, h], bias and ReLU without copies
         if record is not None:  # neurons = (expert, unit) pairs on dim 1
-            record["experts"] = hidden.permute(0, 1, 3, 2).flatten(1, 2)
-        return torch.einsum("bnph,nhd->bnpd", hidden, self.w2) + self.b2[:, None]
+            record["experts"] = hidden.view(num_experts, batch, num_slots, -1).permute(1, 0, 3, 2).flatten(1, 2)
+        outputs = torch.baddbmm(self.b2[:, None], hidden, self.w2)
+        return outputs.view(num_experts, batch, num_slots, dim).transpose(0, 1)
 # <<< shared block: noisyexperts
 
 
@@ -772,6 +777,7 @@ class QNetwork(nn.Module):
 
     def forward(self, x, record=None):
         """`record`, when a dict, receives post-ReLU activations [B, neurons, ...] and routing weights."""
+        x = x.contiguous(memory_format=torch.channels_last)  # NHWC: the faster layout for oneDNN's convolutions
         x = self.encoder(x.float() / 255.0, record)
         if self.kind == "moe":
             if self.args.shuffle_tokens:

@@ -87,6 +87,9 @@ MUTANTS = [
      "self.eps_in.copy_(factorized_noise(self.eps_in.shape[1:], generator).expand_as(self.eps_in))\n"
      "        self.eps_out.copy_(factorized_noise(self.eps_out.shape[1:], generator).expand_as(self.eps_out))\n\n"
      "    def redo_incoming(self):\n        \"\"\"ReDo (`incoming`): the neuron", [NET]),
+    ("rainbow_tokenized", "noisy experts' slots regrouped without the expert-major transpose",
+     "x = slots.transpose(0, 1).reshape(num_experts, batch * num_slots, dim)  # expert-major",
+     "x = slots.reshape(num_experts, batch * num_slots, dim)  # expert-major", [NET]),
     ("rainbow_tokenized", "noise without the factorization function f",
      "return e.sign() * e.abs().sqrt()", "return e", [NET]),
     ("rainbow_tokenized", "sigma initialized with sigma0 / fan_out",
