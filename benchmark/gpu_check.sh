@@ -32,9 +32,9 @@ timeout 90 python3 -m pytest -q -p no:cacheprovider -n 0 tests/test_cuda.py 2>&1
 
 # 2. the environment's own speed: 1/t_env bounds every script's SPS
 ENV_STEPS=$([ "$DRY" = 1 ] && echo 500 || echo 5000)
-timeout 60 python3 - "$ENV_STEPS" <<'EOF' 2>&1 | tee "$OUT/env_speed.txt"
+timeout 60 python3 - "$ENV_STEPS" "$WORK/t_env" <<'EOF' 2>&1 | tee "$OUT/env_speed.txt"
 import sys, time
-sys.argv, steps = ["x"], int(sys.argv[1])
+steps, sys.argv = int(sys.argv[1]), ["x", *sys.argv[1:]]
 sys.path.insert(0, "cleanrl_moe")
 import dqn_softmoe as m
 env = m.make_env("ALE/Breakout-v5", 1, 0.25, 27_000)
@@ -46,6 +46,7 @@ for _ in range(steps):
         env.reset()
 t_env = (time.perf_counter() - start) / steps
 print(f"t_env {t_env * 1e3:.3f} ms per agent step (Breakout, sticky actions, frame skip 4): env-bound limit {1 / t_env:,.0f} SPS")
+open(sys.argv[2], "w").write(repr(t_env))
 EOF
 
 # 3. eager and graphed, each script's default network; budgets sized for about 30 s a run on an H100 (the eager
@@ -69,7 +70,20 @@ done
   echo "## Environment"; echo; cat "$OUT/env_speed.txt"; echo
   for script in dqn_softmoe dqn_redo rainbow_tokenized der_single_expert; do
       echo "## $script"; echo; grep '^|' "$WORK/perf_$script/perf.md" 2>/dev/null || tail -5 "$WORK/perf_$script.txt"; echo
-  done; } > "$OUT/summary.md"
+  done
+  echo "## Learning SPS as a fraction of the env-bound limit 1/t_env"; echo
+  python3 - "$WORK" <<'EOF'
+import json, pathlib, sys
+work = pathlib.Path(sys.argv[1])
+t_env = float((work / "t_env").read_text()) if (work / "t_env").is_file() else None
+print("| variant | learning SPS | fraction of 1/t_env |\n|---|---|---|")
+for path in sorted(work.glob("perf_*/perf.json")):
+    for row in json.loads(path.read_text()):
+        sps = row.get("learning_sps")
+        share = f"{sps * t_env:.2f}" if sps and t_env else ""
+        print(f"| {row['variant']} | {f'{sps:,.0f}' if sps else row.get('note', '')} | {share} |")
+EOF
+  } > "$OUT/summary.md"
 tar -czf "$OUT/runs.tar.gz" -C "$WORK" --exclude='*.npz' --exclude='state.pt' . 2>/dev/null  # logs, events, perf.md
 cat "$OUT/summary.md"
 echo "gpu_check: results in $OUT (summary.md, test_cuda.txt, env_speed.txt, machine.txt, runs.tar.gz)"

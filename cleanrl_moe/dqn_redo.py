@@ -205,6 +205,7 @@ class NatureEncoder(nn.Module):
         self.conv3 = xavier_(SameConv2d(64, 64, 3, stride=1))
 
     def forward(self, x, record=None):
+        x = x.contiguous(memory_format=torch.channels_last)  # NHWC: oneDNN's faster layout for these convs (same values)
         for name in ("conv1", "conv2", "conv3"):
             x = F.relu(getattr(self, name)(x), inplace=True)  # in place: a conv's backward needs its input only
             if record is not None:
@@ -226,7 +227,6 @@ class QNetwork(nn.Module):
 
     def forward(self, x, record=None):
         """`record`, when a dict, receives the post-ReLU activations [B, neurons, ...] of the hidden layers."""
-        x = x.contiguous(memory_format=torch.channels_last)  # NHWC: the faster layout for oneDNN's convolutions
         x = self.encoder(x.float() / 255.0, record)
         x = F.relu(self.hidden(x.flatten(1)))
         if record is not None:

@@ -257,6 +257,7 @@ class NatureEncoder(nn.Module):
         self.conv3 = xavier_(SameConv2d(64, 64, 3, stride=1))
 
     def forward(self, x, record=None):
+        x = x.contiguous(memory_format=torch.channels_last)  # NHWC: oneDNN's faster layout for these convs (same values)
         for name in ("conv1", "conv2", "conv3"):
             x = F.relu(getattr(self, name)(x), inplace=True)  # in place: a conv's backward needs its input only
             if record is not None:
@@ -316,6 +317,7 @@ class ImpalaEncoder(nn.Module):
             in_channels = channels
 
     def forward(self, x, record=None):
+        x = x.contiguous(memory_format=torch.channels_last)  # NHWC: oneDNN's faster layout for these convs (same values)
         for i, (conv, blocks) in enumerate(zip(self.convs, self.blocks)):
             x = max_pool_same(conv(x))
             for j, block in enumerate(blocks):
@@ -623,7 +625,6 @@ class QNetwork(nn.Module):
 
     def forward(self, x, record=None):
         """`record`, when a dict, receives post-ReLU activations [B, neurons, ...] and routing weights."""
-        x = x.contiguous(memory_format=torch.channels_last)  # NHWC: the faster layout for oneDNN's convolutions
         x = self.encoder(x.float() / 255.0, record)
         if self.kind in ("softmoe", "top1"):
             if self.args.shuffle_tokens:

@@ -475,7 +475,7 @@ def test_runs_are_sized_by_their_scripts_replay_class(tmp_path, monkeypatch, cap
 # End to end on the real ALE
 # ----------------------------------------------------------------------------------------------------------------
 TINY = ("--total-timesteps 300 --learning-starts 200 --buffer-size 500 --eval-episodes 1 --checkpoint-every 100 "
-        "--max-episode-steps 100")  # episodes end in training: learning curves
+        "--max-episode-steps 100 --batch-size 8")  # episodes end in training: learning curves; small batches
 
 
 def wait_for(predicate, proc, timeout=120):

@@ -13,7 +13,7 @@ SCRIPT = "dqn_redo"
 # 2 updates every 4 agent steps after step 100: updates 1..98, a ReDo event after every 5th
 TINY = ["--env-id", "ALE/SpaceInvaders-v5", "--total-timesteps", 300, "--learning-starts", 100, "--buffer-size", 600,
         "--log-frequency", 50, "--stats-frequency", 100, "--stats-batch-size", 32, "--max-episode-steps", 150,
-        "--replay-ratio", 0.5, "--redo-period", 5, "--redo-tau", 0.1, "--checkpoint-every", 100]
+        "--replay-ratio", 0.5, "--redo-period", 5, "--redo-tau", 0.1, "--checkpoint-every", 100, "--batch-size", 8]
 LAYERS = ("conv1", "conv2", "conv3", "hidden")
 
 

@@ -9,8 +9,10 @@ from harness import (assert_same_scalars, fake_checkpoint, load_script, only_run
 
 m = load_script("dqn_softmoe")
 SCRIPT = "dqn_softmoe"
+# the default network shrunk for a CPU (4 experts of 64 units, batches of 8: the statistics probe runs in 4 chunks)
 TINY = ["--total-timesteps", 400, "--learning-starts", 100, "--buffer-size", 600, "--log-frequency", 50,
-        "--stats-frequency", 100, "--stats-batch-size", 32, "--max-episode-steps", 150, "--num-experts", 4]
+        "--stats-frequency", 100, "--stats-batch-size", 32, "--max-episode-steps", 150, "--num-experts", 4,
+        "--expert-hidden-units", 64, "--batch-size", 8]
 
 
 def test_end_to_end_logs_and_checkpoint(tmp_path):

@@ -18,8 +18,8 @@ from harness import (fake_checkpoint, load_script, offline_wandb_runs, only_run_
 NAMES = ["dqn_softmoe", "dqn_redo", "rainbow_tokenized", "der_single_expert"]
 # each script's network shrunk for a CPU, short episodes (Breakout ends a few per 150 steps) and a tiny memory
 SMALL = {
-    "dqn_softmoe": ["--num-experts", 2, "--expert-hidden-units", 16],
-    "dqn_redo": ["--redo-period", 10],
+    "dqn_softmoe": ["--num-experts", 2, "--expert-hidden-units", 16, "--batch-size", 8],
+    "dqn_redo": ["--redo-period", 10, "--batch-size", 8],
     "rainbow_tokenized": ["--encoder", "nature", "--num-experts", 2, "--expert-hidden-units", 16, "--batch-size", 8],
     "der_single_expert": ["--encoder", "der", "--batch-size", 8],
 }
