@@ -541,8 +541,9 @@ class NoisyLinear(nn.Module):
     def forward(self, x):
         if not (self.training and self.noise_enabled):
             return F.linear(x, self.weight_mu, self.bias_mu)
-        weight = self.weight_mu + self.weight_sigma * torch.outer(self.eps_out, self.eps_in)
-        return F.linear(x, weight, self.bias_mu + self.bias_sigma * self.eps_out)
+        # (mu_w + sigma_w * e_out e_in^T) x = mu_w x + e_out * (sigma_w (e_in * x)): the noisy weight is never built
+        noise = F.linear(x * self.eps_in, self.weight_sigma) * self.eps_out
+        return F.linear(x, self.weight_mu, self.bias_mu + self.bias_sigma * self.eps_out) + noise
 
 
 def resample_noise(module, generator):

@@ -29,9 +29,13 @@ def episode_ends(run_dir):
     return int(terminated.sum()), int(ends.sum()), checkpoint["episode"][2]
 
 
+# the lost-life test needs episodes, not learning: 200 updates (from step 600) instead of 700
+LIVES = [*TINY, "--learning-starts", 600]
+
+
 def test_end_to_end_writes_the_atari_100k_result_and_ends_learning_episodes_at_a_lost_life(tmp_path):
     # a random evaluation policy, so that the episodes' scores differ and their mean differs from their best
-    proc = run_script(SCRIPT, *TINY, "--checkpoint-every", 800, "--save-model", "--eval-episodes", 3,
+    proc = run_script(SCRIPT, *LIVES, "--checkpoint-every", 800, "--save-model", "--eval-episodes", 3,
                       "--eval-epsilon", 1.0, cwd=tmp_path)
     assert "score" in proc.stdout and "human-normalized" in proc.stdout
     run_dir = only_run_dir(tmp_path)
@@ -49,7 +53,7 @@ def test_end_to_end_writes_the_atari_100k_result_and_ends_learning_episodes_at_a
                 "dormant/tau0_pct", "dormant/value_hidden_tau0.1_pct", "eval/episodic_return", "eval/score",
                 "eval/human_normalized_score"):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
-    assert [s for s, _ in tags["losses/td_loss"]] == list(range(149, 800, 50))  # an update every step after 100
+    assert [s for s, _ in tags["losses/td_loss"]] == list(range(649, 800, 50))  # an update every step after 600
 
     # a lost life ends the n-step return in the replay memory, but the episode (and its return) goes on to game over
     terminations, ends, episodes = episode_ends(run_dir)
@@ -65,12 +69,12 @@ def test_end_to_end_writes_the_atari_100k_result_and_ends_learning_episodes_at_a
     for total, restarted in ((step + 1, True), (step, False)):
         cwd = tmp_path / f"stop_at_{total}"
         cwd.mkdir()
-        run_script(SCRIPT, *TINY, "--total-timesteps", total, "--checkpoint-every", total, "--eval-episodes", 0,
+        run_script(SCRIPT, *LIVES, "--total-timesteps", total, "--checkpoint-every", total, "--eval-episodes", 0,
                    cwd=cwd)
         stack = read_checkpoint(only_run_dir(cwd))["stack"]
         assert all(torch.equal(stack[k], stack[3]) for k in range(3)) == restarted
     (tmp_path / "no_life_loss").mkdir()
-    run_script(SCRIPT, *TINY, "--checkpoint-every", 800, "--eval-episodes", 0, "--no-terminal-on-life-loss",
+    run_script(SCRIPT, *LIVES, "--checkpoint-every", 800, "--eval-episodes", 0, "--no-terminal-on-life-loss",
                cwd=tmp_path / "no_life_loss")
     terminations, ends, episodes = episode_ends(only_run_dir(tmp_path / "no_life_loss"))
     assert ends == episodes >= 3  # only game overs and the time limit end a learning episode
@@ -79,8 +83,9 @@ def test_end_to_end_writes_the_atari_100k_result_and_ends_learning_episodes_at_a
 
 # target copies at 150, 300, 450, 600 (DER.gin: every 2,000): the interruption comes after the first; ReDo events
 # after every 50th update (steps 150, 200, ..., 550) on both sides of it
-RESUME = [*TINY, "--total-timesteps", 600, "--checkpoint-every", 100, "--eval-episodes", 0,
-          "--target-network-frequency", 150, "--redo", "--redo-period", 50, "--redo-tau", 0.1, "--redo-batch-size", 16]
+# an update every 2 steps (half the cost): ReDo every 25 updates still comes at steps 150, 200, ..., 550
+RESUME = [*TINY, "--total-timesteps", 600, "--checkpoint-every", 100, "--eval-episodes", 0, "--train-frequency", 2,
+          "--target-network-frequency", 150, "--redo", "--redo-period", 25, "--redo-tau", 0.1, "--redo-batch-size", 16]
 
 
 def test_sigterm_then_resume_is_bit_identical(tmp_path):
