@@ -80,7 +80,7 @@ print("| variant | learning SPS | fraction of 1/t_env |\n|---|---|---|")
 for path in sorted(work.glob("perf_*/perf.json")):
     for row in json.loads(path.read_text()):
         sps = row.get("learning_sps")
-        share = f"{sps * t_env:.2f}" if sps and t_env else ""
+        share = f"{sps * t_env:.3f}" if sps and t_env else ""
         print(f"| {row['variant']} | {f'{sps:,.0f}' if sps else row.get('note', '')} | {share} |")
 EOF
   } > "$OUT/summary.md"
