@@ -143,4 +143,10 @@ MUTANTS = [
      "    return number // args.expert_reset_period if number % args.expert_reset_period == 0 else 0",
      "    return number // args.expert_reset_period if number % args.expert_reset_period == 1 else 0",
      [f"{KNOBS}::test_the_experts_are_reset_every_period_updates_after_the_warm_up"]),
+    ("dqn_softmoe", "freed memory goes back to the OS (glibc's own trim threshold)",
+     "    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)\n", "",
+     ["tests/test_runs.py::test_freed_activations_stay_in_the_heap"]),
+    ("dqn_softmoe", "the run never calls keep_freed_memory",
+     "    check_args(args)\n    keep_freed_memory()\n", "    check_args(args)\n",
+     ["tests/test_runs.py::test_every_run_keeps_freed_memory"]),
 ]
