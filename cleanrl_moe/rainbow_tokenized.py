@@ -1645,11 +1645,12 @@ def exit_run(message, code):
           flush=True)
     raise SystemExit(code)
 
+
 def keep_freed_memory():
     """Keep freed blocks of up to 32 MiB in the heap for reuse (glibc; elsewhere a no-op). glibc otherwise returns
-    them to the OS, and each update on a CPU page-faults its activations back in: about 1,800 page faults per SoftMoE-8
-    update of dqn_softmoe, whose experts' hidden layer alone takes 8 MiB. Larger blocks, such as the replay memory,
-    are still mapped and unmapped on their own."""
+    them to the OS, and each update on a CPU page-faults its activations back in: thousands of page faults per
+    SoftMoE-8 update of dqn_softmoe, whose experts' hidden layer alone takes 8 MiB. Larger blocks, such as the replay
+    memory, are still mapped and unmapped on their own."""
     if not sys.platform.startswith("linux"):
         return
     try:
