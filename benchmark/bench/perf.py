@@ -24,8 +24,13 @@ except ModuleNotFoundError:  # Python 3.10
 
 PERF_DIR = BENCHMARK / "perf"  # variant files: ./benchmark.sh perf NAME
 PERF_SCRIPTS = ["dqn_softmoe", "dqn_redo", "rainbow_tokenized", "der_single_expert"]
-# flags that keep a script's measured run to its training: der_single_expert evaluates 100 episodes after every run
-PERF_SCRIPT_FLAGS = {"der_single_expert": ["--eval-episodes", "0"]}
+# flags that make a script's measured run act as a long run does, and keep it to its training. The DQN scripts hold
+# epsilon near 1 for their first 250,000 learning steps (Dopamine's schedule), so a short run would almost never run
+# the acting forward pass, which a long run runs at 99% of its steps: --exploration-steps 1 puts epsilon at end-e
+# (0.01) from the first learning step, as CleanRL's run (`cleanrl_variant`). The Rainbow scripts act greedily on
+# noisy networks every step anyway; der_single_expert evaluates 100 episodes after every run.
+PERF_SCRIPT_FLAGS = {"dqn_softmoe": ["--exploration-steps", "1"], "dqn_redo": ["--exploration-steps", "1"],
+                     "der_single_expert": ["--eval-episodes", "0"]}
 # runs a script as __main__ in this process (as `python script.py`), then records its replay bytes per transition
 # and, when it used CUDA, PyTorch's peak GPU memory (the GPU hook: any torch script, no print or log needed)
 PERF_WRAPPER = """
@@ -88,12 +93,15 @@ def load_variants(name, config):
 
 def cleanrl_variant(path, opts):
     """CleanRL's dqn_atari.py at the flags it shares with the configuration: the same game as <game>NoFrameskip-v4
-    (its wrappers skip frames themselves), seed, steps, learning starts, buffer size, train frequency, device."""
+    (its wrappers skip frames themselves), seed, steps, learning starts, buffer size, train frequency, device; and an
+    exploration fraction that brings its epsilon to end-e (0.01) at the first learning step, as PERF_SCRIPT_FLAGS
+    does for the DQN scripts: both run the acting forward pass at 99% of the learning steps."""
     match = re.fullmatch(r"ALE/(\w+)-v5", opts.env_id)
     if not match:
         fail(f"--cleanrl needs an --env-id of the form ALE/<Game>-v5 (CleanRL runs <Game>NoFrameskip-v4), got {opts.env_id}")
     flags = ["--env-id", f"{match.group(1)}NoFrameskip-v4", "--seed", "1", "--total-timesteps", str(opts.steps),
              "--learning-starts", str(opts.learning_starts), "--buffer-size", str(opts.buffer_size),
+             "--exploration-fraction", str(max(opts.learning_starts, 1) / opts.steps),  # CleanRL divides by it
              *(["--train-frequency", str(opts.train_frequency)] if opts.train_frequency else []),
              *(["--no-cuda"] if opts.cpu else [])]
     return {"name": "cleanrl_dqn_atari", "path": Path(path).resolve(), "flags": flags}
@@ -265,7 +273,9 @@ def perf(opts):
           f"{os.getloadavg()[0]:.1f} at the end; GPU: {', '.join(used_gpus) or 'none used'}. Torch threads: "
           f"{opts.threads or 'its default (one per CPU)'}; one process at a time, {opts.rounds} round(s), the variants "
           "interleaved.",
-          f"Configuration: `{shlex.join(config)}`, then each variant's flags (CleanRL: the flags it shares). SPS: median "
+          f"Configuration: `{shlex.join(config)}`, then each variant's flags (CleanRL: the flags it shares). Acting: epsilon 0.01 from the first learning step "
+          "in the DQN scripts and CleanRL (PERF_SCRIPT_FLAGS), as in a long run; the Rainbow scripts act on noisy "
+          "networks at every step. SPS: median "
           "over the log intervals wholly in the warm-up (no updates) and wholly in the learning phase, each from the "
           "steps and wall times of two consecutive `charts/SPS` events. CPU: user + sys seconds of the process per "
           "1,000 learning steps, over the same learning intervals. Several rounds: the median, and the range in "
