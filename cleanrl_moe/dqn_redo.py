@@ -319,7 +319,9 @@ class ReplayMemory:
         index = torch.as_tensor(index, dtype=torch.int64, device=self.device)
         back = torch.arange(self.stack_size - 1, -1, -1, device=self.device)  # oldest frame first
         back = torch.minimum(back[None, :], self.history[index % self.capacity][:, None])
-        return self.frames[(index[:, None] - back) % self.capacity]
+        slots = (index[:, None] - back) % self.capacity
+        # index_select copies whole frames; indexing with a 2-D tensor copies element by element (16x slower on a CPU)
+        return self.frames.index_select(0, slots.flatten()).view(*slots.shape, *self.frames.shape[1:])
 
     def get(self, index):
         """The transitions at linear indices `index` [B] (numpy or a tensor), with n-step returns and bootstrap
