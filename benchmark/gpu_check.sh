@@ -32,7 +32,7 @@ timeout 90 python3 -m pytest -q -p no:cacheprovider -n 0 tests/test_cuda.py 2>&1
 
 # 2. the environment's own speed: 1/t_env bounds every script's SPS
 ENV_STEPS=$([ "$DRY" = 1 ] && echo 500 || echo 5000)
-timeout 60 python3 - "$ENV_STEPS" "$WORK/t_env" <<'EOF' 2>&1 | tee "$OUT/env_speed.txt"
+timeout 20 python3 - "$ENV_STEPS" "$WORK/t_env" <<'EOF' 2>&1 | tee "$OUT/env_speed.txt"
 import sys, time
 steps, sys.argv = int(sys.argv[1]), ["x", *sys.argv[1:]]
 sys.path.insert(0, "cleanrl_moe")
@@ -50,18 +50,19 @@ open(sys.argv[2], "w").write(repr(t_env))
 EOF
 
 # 3. eager and graphed, each script's default network; budgets sized for about 30 s a run on an H100 (the eager
-#    dqn_softmoe learned at about 300 SPS there), 100 s at most per script: the whole check stays under 8.5 minutes
+#    dqn_softmoe learned at about 300 SPS there, before perf made it run its acting forward pass at every learning
+#    step), 92 s at most per script: with the limits of steps 1 and 2 the whole check stays under 8 minutes
 budget() {  # SCRIPT -> "--steps N --learning-starts M"
     if [ "$DRY" = 1 ]; then echo "--steps 400 --learning-starts 300 --log-frequency 50"; return; fi
     case $1 in
-        dqn_softmoe|dqn_redo) echo "--steps 12000 --learning-starts 4000 --log-frequency 1000" ;;
+        dqn_softmoe|dqn_redo) echo "--steps 9000 --learning-starts 3000 --log-frequency 1000" ;;
         rainbow_tokenized) echo "--steps 8000 --learning-starts 3000 --log-frequency 1000" ;;
-        der_single_expert) echo "--steps 4000 --learning-starts 1600 --log-frequency 400" ;;
+        der_single_expert) echo "--steps 3000 --learning-starts 1200 --log-frequency 300" ;;
     esac
 }
 for script in dqn_softmoe dqn_redo rainbow_tokenized der_single_expert; do
     # shellcheck disable=SC2046
-    timeout 100 ./benchmark.sh perf --variant "${script}_eager $script" --variant "${script}_graphs $script --cuda-graphs" \
+    timeout 92 ./benchmark.sh perf --variant "${script}_eager $script" --variant "${script}_graphs $script --cuda-graphs" \
         --buffer-size 100000 $(budget "$script") --out "$WORK/perf_$script" 2>&1 | tail -20 > "$WORK/perf_$script.txt"
 done
 
