@@ -73,8 +73,8 @@ def parser():
     pf.add_argument("--variant", action="append", metavar="'NAME SCRIPT [FLAGS...]'",
                     help="a variant to compare (repeatable); SCRIPT: a cleanrl_moe script's name or a .py path")
     pf.add_argument("--cleanrl", metavar="PATH", help="also CleanRL's dqn_atari.py (patched for gymnasium 1.x) at the "
-                    "flags it shares: env id, seed, steps, learning starts, buffer size, train frequency; epsilon 0.01 from the first "
-                    "learning step, as the DQN scripts here")
+                    "flags it shares: env id, seed, steps, learning starts, buffer size, train frequency; epsilon 0.01 "
+                    "from the first learning step, as the DQN scripts here")
     pf.add_argument("--rounds", type=int, default=1, help="measure every variant this many times, interleaved")
     pf.add_argument("--scripts", nargs="+", default=PERF_SCRIPTS, help="the scripts measured without FILE or --variant")
     pf.add_argument("--env-id", default="ALE/Breakout-v5")

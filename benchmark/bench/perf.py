@@ -24,10 +24,10 @@ except ModuleNotFoundError:  # Python 3.10
 
 PERF_DIR = BENCHMARK / "perf"  # variant files: ./benchmark.sh perf NAME
 PERF_SCRIPTS = ["dqn_softmoe", "dqn_redo", "rainbow_tokenized", "der_single_expert"]
-# flags that make a script's measured run act as a long run does, and keep it to its training. The DQN scripts hold
-# epsilon near 1 for their first 250,000 learning steps (Dopamine's schedule), so a short run would almost never run
-# the acting forward pass, which a long run runs at 99% of its steps: --exploration-steps 1 puts epsilon at end-e
-# (0.01) from the first learning step, as CleanRL's run (`cleanrl_variant`). The Rainbow scripts act greedily on
+# flags that make a script's measured run act as a long run does, and keep it to its training. The DQN scripts decay
+# epsilon from 1 to 0.01 over the 250,000 steps after the warm-up (Dopamine's schedule), so a short run would almost
+# never run the acting forward pass, which a long run runs at 99% of its steps: --exploration-steps 1 puts epsilon at
+# end-e from the first learning step, as CleanRL's run (`cleanrl_variant`). The Rainbow scripts act greedily on
 # noisy networks every step anyway; der_single_expert evaluates 100 episodes after every run.
 PERF_SCRIPT_FLAGS = {"dqn_softmoe": ["--exploration-steps", "1"], "dqn_redo": ["--exploration-steps", "1"],
                      "der_single_expert": ["--eval-episodes", "0"]}
@@ -273,10 +273,9 @@ def perf(opts):
           f"{os.getloadavg()[0]:.1f} at the end; GPU: {', '.join(used_gpus) or 'none used'}. Torch threads: "
           f"{opts.threads or 'its default (one per CPU)'}; one process at a time, {opts.rounds} round(s), the variants "
           "interleaved.",
-          f"Configuration: `{shlex.join(config)}`, then each variant's flags (CleanRL: the flags it shares). Acting: epsilon 0.01 from the first learning step "
-          "in the DQN scripts and CleanRL (PERF_SCRIPT_FLAGS), as in a long run; the Rainbow scripts act on noisy "
-          "networks at every step. SPS: median "
-          "over the log intervals wholly in the warm-up (no updates) and wholly in the learning phase, each from the "
+          f"Configuration: `{shlex.join(config)}`, then each variant's flags (CleanRL: the flags it shares). Acting: "
+          "epsilon 0.01 from the first learning step in the DQN scripts and CleanRL (PERF_SCRIPT_FLAGS), as in a long "
+          "run; the Rainbow scripts act on noisy networks at every step. SPS: median over the log intervals wholly in the warm-up (no updates) and wholly in the learning phase, each from the "
           "steps and wall times of two consecutive `charts/SPS` events. CPU: user + sys seconds of the process per "
           "1,000 learning steps, over the same learning intervals. Several rounds: the median, and the range in "
           "brackets. Peak RSS: the process's maximum resident set (its rusage); peak GPU memory: PyTorch's allocator "
