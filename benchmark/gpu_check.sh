@@ -51,7 +51,7 @@ EOF
 
 # 3. eager and graphed, each script's default network; budgets sized for about 30 s a run on an H100 (the eager
 #    dqn_softmoe learned at about 300 SPS there, before perf made it run its acting forward pass at every learning
-#    step), 92 s at most per script: with the limits of steps 1 and 2 the whole check stays under 8 minutes
+#    step), 88 s at most per script: with the limits of steps 1 and 2 the whole check stays under 8 minutes
 budget() {  # SCRIPT -> "--steps N --learning-starts M"
     if [ "$DRY" = 1 ]; then echo "--steps 400 --learning-starts 300 --log-frequency 50"; return; fi
     case $1 in
@@ -62,7 +62,7 @@ budget() {  # SCRIPT -> "--steps N --learning-starts M"
 }
 for script in dqn_softmoe dqn_redo rainbow_tokenized der_single_expert; do
     # shellcheck disable=SC2046
-    timeout 92 ./benchmark.sh perf --variant "${script}_eager $script" --variant "${script}_graphs $script --cuda-graphs" \
+    timeout 88 ./benchmark.sh perf --variant "${script}_eager $script" --variant "${script}_graphs $script --cuda-graphs" \
         --buffer-size 100000 $(budget "$script") --out "$WORK/perf_$script" 2>&1 | tail -20 > "$WORK/perf_$script.txt"
 done
 
