@@ -29,7 +29,7 @@ OVERHEAD_S = 15  # beyond the limited steps: installing the wheels, machine.txt,
 # on 2026-11-17: PyTorch, numpy, OpenCV, TensorBoard, rich, pytest, pytest-xdist and the packages below).
 DEVICE_IMAGE = {"torch", "numpy", "opencv-python-headless", "tensorboard", "rich", "pytest", "pytest-xdist",
                 "cloudpickle", "typing-extensions"}
-# Imported by code that the check never runs: wandb (--track), moviepy (--capture-video), rliable and matplotlib
+# Imported by code that the check never runs: wandb (--track), moviepy (--capture-video), rliable, matplotlib, pandas
 # (benchmark.sh report).
 NOT_ON_THE_CHECK_PATH = {"wandb", "moviepy", "rliable", "matplotlib", "pandas"}
 # The code that the check runs: the scripts, benchmark.sh perf (the bench package; report.py is imported by its CLI
