@@ -12,7 +12,8 @@ from harness import load_script
 
 CUDA = torch.cuda.is_available()
 SCRIPTS = {
-    "dqn_softmoe": dict(num_experts=4),
+    # shrink-and-perturb of the experts between graph replays: weights and Adam's moments must change in place
+    "dqn_softmoe": dict(num_experts=4, expert_reset="shrink_perturb", expert_reset_period=2),
     "dqn_redo": dict(redo_period=3, redo_tau=0.5, replay_ratio=2.0),  # ReDo events between graph replays
     # ReDo events (experts recycled) between graph replays
     "rainbow_tokenized": dict(num_experts=2, n_step=3, redo=True, redo_period=3, redo_tau=0.1, redo_batch_size=16),
