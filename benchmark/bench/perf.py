@@ -275,8 +275,9 @@ def perf(opts):
           "interleaved.",
           f"Configuration: `{shlex.join(config)}`, then each variant's flags (CleanRL: the flags it shares). Acting: "
           "epsilon 0.01 from the first learning step in the DQN scripts and CleanRL (PERF_SCRIPT_FLAGS), as in a long "
-          "run; the Rainbow scripts act on noisy networks at every step. SPS: median over the log intervals wholly in the warm-up (no updates) and wholly in the learning phase, each from the "
-          "steps and wall times of two consecutive `charts/SPS` events. CPU: user + sys seconds of the process per "
+          "run; the Rainbow scripts act on noisy networks at every step. SPS: median over the log intervals wholly in "
+          "the warm-up (no updates) and wholly in the learning phase, each from the steps and wall times of two "
+          "consecutive `charts/SPS` events. CPU: user + sys seconds of the process per "
           "1,000 learning steps, over the same learning intervals. Several rounds: the median, and the range in "
           "brackets. Peak RSS: the process's maximum resident set (its rusage); peak GPU memory: PyTorch's allocator "
           "(allocated / reserved), without the CUDA context. Replay bytes per transition: the replay class's "
