@@ -14,11 +14,13 @@ and Adam's moments of exactly those weights zeroed.
 
 Replay ratio: every `--train-frequency` (4) agent steps, `--replay-ratio` x 4 gradient updates (0.25: one,
 the default DQN; 1: four), as the official agent's `num_updates_per_train_step`. The target network is
-copied every 8000 agent steps whatever the replay ratio. Deviations from the official code: docs/dqn_redo.md.
+copied every 8000 agent steps whatever the replay ratio. The file reads in four parts: the method; the research
+knobs (one ablation); the run plumbing; the main loop. Deviations from the official code: docs/dqn_redo.md.
 """
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import glob
 import io
 import itertools
@@ -31,7 +33,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import ale_py
 import gymnasium as gym
@@ -45,42 +47,12 @@ from torch.utils.tensorboard import SummaryWriter
 gym.register_envs(ale_py)
 
 
+# =====================================================================================================================
+# The method: DQN with ReDo, as the paper states it (environment, encoder, network, replay, loss, update, ReDo,
+# training step). No research knob is read in this part.
+# =====================================================================================================================
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, cuda will be used when available"""
-    cuda_graphs: bool = False
-    """on CUDA, record the acting forward and each whole update (batch gather, loss, backward, Adam step) as CUDA
-    graphs (same math, far fewer kernel launches); opt-in until tests/test_cuda.py has passed on a GPU"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
-    wandb_project_name: str = "cleanrl-moe"
-    """the wandb's project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of wandb's project"""
-    capture_video: bool = False
-    """whether to capture videos of the agent performances (check out `videos` folder)"""
-    save_model: bool = False
-    """whether to save the final model into `runs/{run_name}` and evaluate it"""
-    eval_episodes: int = 10
-    """number of evaluation episodes run after training when `--save-model` is set"""
-    checkpoint_every: int = 0
-    """save a resumable checkpoint every this many agent steps (0: only on SIGTERM and non-finite loss)"""
-    resume: Optional[str] = None
-    """path of a checkpoint to resume; the run keeps the checkpoint's flags unless given again"""
-    log_frequency: int = 1000
-    """log losses and SPS every this many agent steps"""
-    stats_frequency: int = 50_000
-    """log dormant-neuron statistics (at tau 0 and at --redo-tau) every this many agent steps, ReDo on or off"""
-    stats_batch_size: int = 256
-    """size of the replay sample used for the logged dormant-neuron statistics"""
-
     # Environment (Dopamine's Atari defaults)
     env_id: str = "ALE/Breakout-v5"
     """the id of the ALE environment"""
@@ -89,7 +61,7 @@ class Args:
     max_episode_steps: int = 27_000
     """episodes are truncated after this many agent steps (4 frames each)"""
 
-    # Algorithm specific arguments
+    # Algorithm (dqn.gin)
     total_timesteps: int = 2_500_000
     """total agent steps of the experiment (4 frames each: 2.5M steps = 10M frames, the paper's runs)"""
     learning_rate: float = 6.25e-5
@@ -128,9 +100,46 @@ class Args:
     """recycle dormant neurons every this many gradient updates"""
     redo_batch_size: int = 64
     """size of the fresh uniform replay sample that scores the neurons at each ReDo event"""
+
+    # Research knob, off by default (the "Research knobs" part below)
     redo_reset_adam_step: bool = False
     """ablation, the PyTorch port's behaviour (timoklein/redo): also restart Adam's step count of every parameter
     at each ReDo event (the official code never does)"""
+
+    # The run: seeding, device, tracking, checkpoints, logging, evaluation
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    cuda_graphs: bool = False
+    """on CUDA, record the acting forward and each whole update (batch gather, loss, backward, Adam step) as CUDA
+    graphs (same math, far fewer kernel launches); opt-in until tests/test_cuda.py has passed on a GPU"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "cleanrl-moe"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture videos of the agent performances (check out `videos` folder)"""
+    save_model: bool = False
+    """whether to save the final model into `runs/{run_name}` and evaluate it"""
+    eval_episodes: int = 10
+    """number of evaluation episodes run after training when `--save-model` is set"""
+    checkpoint_every: int = 0
+    """save a resumable checkpoint every this many agent steps (0: only on SIGTERM and non-finite loss)"""
+    resume: Optional[str] = None
+    """path of a checkpoint to resume; the run keeps the checkpoint's flags unless given again"""
+    log_frequency: int = 1000
+    """log losses and SPS every this many agent steps"""
+    stats_frequency: int = 50_000
+    """log dormant-neuron statistics (at tau 0 and at --redo-tau) every this many agent steps, ReDo on or off"""
+    stats_batch_size: int = 256
+    """size of the replay sample used for the logged dormant-neuron statistics"""
 
 
 # >>> shared block: env
@@ -168,7 +177,6 @@ def make_training_env(args, run_name):
                     capture_video=args.capture_video, video_dir=f"videos/{run_name}")
 
 
-# ALGO LOGIC: initialize agent here:
 # >>> shared block: nature
 def xavier_(layer):
     """Flax's xavier_uniform kernel and zero bias (Dopamine's init for convs and dense layers)."""
@@ -217,10 +225,9 @@ class NatureEncoder(nn.Module):
 
 class QNetwork(nn.Module):
     """Dopamine's Nature DQN (the ReDo lab's `ScalableNatureDQNNetwork`): uint8 frame stacks [B, 4, 84, 84]
-    -> Nature CNN with SAME padding [B, 64, 11, 11] -> flatten (NCHW: 7744) -> dense 512 -> ReLU -> Q-values.
-    `args` is unused: the paper's network has no options."""
+    -> Nature CNN with SAME padding [B, 64, 11, 11] -> flatten (NCHW: 7744) -> dense 512 -> ReLU -> Q-values."""
 
-    def __init__(self, args, num_actions):
+    def __init__(self, num_actions):
         super().__init__()
         self.encoder = NatureEncoder()
         self.hidden = xavier_(nn.Linear(math.prod(self.encoder.output_shape), 512))
@@ -403,36 +410,38 @@ def make_optimizer(args, q_network):
 # <<< shared block: optimizer
 
 
-def dqn_loss(q_network, target_network, batch):
+def dqn_loss(q_network, target_network, batch, record=None):
     """Huber loss (delta 1, Dopamine's huber_loss) between Q(s, a) and the target R + discount * max_a'
     Q_target(s', a'), where the discount is gamma, or 0 after a termination (from the replay memory). Returns (loss,
-    Q(s, a) [B], {}): no auxiliary losses (the update adds those of the MoE scripts)."""
+    Q(s, a) [B])."""
     with torch.no_grad():
         target_max = target_network(batch["next_obs"]).max(dim=1).values
         td_target = batch["returns"] + batch["discounts"] * target_max
-    q_taken = q_network(batch["obs"]).gather(1, batch["actions"].unsqueeze(1)).squeeze(1)
-    return F.smooth_l1_loss(q_taken, td_target, beta=1.0), q_taken, {}
+    q_taken = q_network(batch["obs"], record).gather(1, batch["actions"].unsqueeze(1)).squeeze(1)
+    return F.smooth_l1_loss(q_taken, td_target, beta=1.0), q_taken
 
 
 # >>> shared block: dqn_update
-def update(q_network, target_network, optimizer, rb, index):
+def update(q_network, target_network, optimizer, rb, index, extra_losses=None):
     """One gradient step on the replay transitions at linear indices `index` [B] (on the memory's device): gather the
-    batch, loss (plus the auxiliary losses `dqn_loss` returns), backward, Adam step. Recorded as one CUDA graph on GPUs.
-    Returns (TD loss, mean Q(s, a), {name: auxiliary loss}) as tensors; a non-finite loss leaves the weights and Adam's
-    state unchanged (`make_optimizer`)."""
+    batch, TD loss (plus any `extra_losses(record)`, {name: loss} from the same forward pass), backward, Adam step.
+    Recorded as one CUDA graph on GPUs. Returns {"td_loss", "q_values" (mean Q(s, a)), and each extra loss's name} as
+    tensors; a non-finite loss leaves the weights and Adam's state unchanged (`make_optimizer`)."""
     device = next(q_network.parameters()).device
     batch = {k: v.to(device) for k, v in rb.get(index).items()}  # a no-op when the memory is on that device
-    loss, q_taken, aux = dqn_loss(q_network, target_network, batch)
-    total = loss + sum(aux.values())
+    record = {} if extra_losses else None
+    loss, q_taken = dqn_loss(q_network, target_network, batch, record)
+    extra = extra_losses(record) if extra_losses else {}
+    total = loss + sum(extra.values())
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.found_inf.copy_(~torch.isfinite(total))
     optimizer.step()
-    return loss.detach(), q_taken.detach().mean(), {name: value.detach() for name, value in aux.items()}
+    return {"td_loss": loss.detach(), "q_values": q_taken.detach().mean(), **{k: v.detach() for k, v in extra.items()}}
 # <<< shared block: dqn_update
 
 
-# ALGO LOGIC: ReDo. These functions work for any network whose forward(x, record) records the post-ReLU activations
+# ReDo. These functions work for any network whose forward(x, record) records the post-ReLU activations
 # [B, neurons, ...] of the layers that its redo_layers() lists as (name, incoming parameters, outgoing weights).
 # >>> shared block: dormant
 def neuron_scores(activation):
@@ -442,14 +451,13 @@ def neuron_scores(activation):
     return score / (score.mean() + 1e-9)
 
 
-def dormant_statistics(record, taus):
-    """Percentage of tau-dormant neurons (score <= tau) per layer and pooled over all hidden layers."""
-    routing = ("dispatch", "combine", "router_logits", "router_probs", "top_experts", "kept")
-    layers = {k: v for k, v in record.items() if k not in routing}
+def dormant_statistics(activations, taus):
+    """Percentage of tau-dormant neurons (score <= tau) per layer and pooled over all layers of `activations`
+    ({layer name: post-ReLU activations [B, neurons, ...]})."""
     stats = {}
     for tau in taus:
         dormant, total = 0, 0
-        for name, activation in layers.items():
+        for name, activation in activations.items():
             mask = neuron_scores(activation) <= tau
             stats[f"dormant/{name}_tau{tau:g}_pct"] = 100.0 * mask.float().mean().item()
             dormant, total = dormant + mask.sum().item(), total + mask.numel()
@@ -544,12 +552,13 @@ def updates_at(args, step):
     return range(first, first + per_step)
 
 
-def train_step(step, args, q_network, target_network, optimizer, rb, rng, update_fn=update):
+def train_step(step, args, q_network, target_network, optimizer, rb, rng, update_fn=update, after_recycle=None):
     """Dopamine's _train_step at agent step `step`, as the ReDo agent runs it: the updates of `updates_at` on uniform
-    replay samples, each followed by a ReDo event when its number is a multiple of redo-period, and a hard target
-    copy every target-network-frequency agent steps. `update_fn` is `update` or its CUDA graph. Returns the (loss,
-    mean Q) of each update and the neurons recycled per layer (None without a ReDo event)."""
-    updates, recycled = [], None
+    replay samples, each followed by a ReDo event when its number is a multiple of redo-period (then
+    `after_recycle(optimizer)`), and a hard target copy every target-network-frequency agent steps. `update_fn` is
+    `update` or its CUDA graph. Returns the metrics of each update and the events to log: the neurons recycled per
+    layer (redo/<layer>_recycled_count) and in all (redo/recycled_count), summed over the step's ReDo events."""
+    updates, recycled = [], {}
     for number in updates_at(args, step):
         index = torch.as_tensor(rb.sample_indices(args.batch_size, rng), device=rb.device)
         updates.append(update_fn(q_network, target_network, optimizer, rb, index))
@@ -557,14 +566,14 @@ def train_step(step, args, q_network, target_network, optimizer, rb, rng, update
             # the neurons are scored on a fresh uniform sample, with the parameters of this update
             probe = rb.stacks(rb.sample_indices(args.redo_batch_size, rng)).to(next(q_network.parameters()).device)
             masks, _ = dormant_neurons(q_network, probe, args.redo_tau)
-            counts = recycle_dormant(q_network, optimizer, masks)
-            if args.redo_reset_adam_step:  # ablation: restarts the bias correction of the whole network
-                for state in optimizer.state.values():
-                    state["step"].zero_()
-            recycled = counts if recycled is None else {k: recycled[k] + v for k, v in counts.items()}
+            for name, count in recycle_dormant(q_network, optimizer, masks).items():
+                recycled[name] = recycled.get(name, 0) + count
+            if after_recycle:
+                after_recycle(optimizer)
     if step > args.learning_starts and step % args.target_network_frequency == 0:
         target_network.load_state_dict(q_network.state_dict())  # in place: a CUDA graph sees the new weights
-    return updates, recycled
+    events = {f"redo/{name}_recycled_count": count for name, count in recycled.items()}
+    return updates, {**events, "redo/recycled_count": sum(recycled.values())} if recycled else {}
 
 
 def evaluation_settings(args):
@@ -574,11 +583,25 @@ def evaluation_settings(args):
 
 
 # =====================================================================================================================
+# Research knobs: the ablation of the PyTorch port (--redo-reset-adam-step), off by default. It enters the method in
+# one place, `research_knobs`; cut this part and that call, and the script runs its defaults.
+# =====================================================================================================================
+def reset_adam_steps(optimizer):
+    """--redo-reset-adam-step, the PyTorch port's behaviour (timoklein/redo): after each ReDo event, Adam's step count
+    of every parameter restarts (and with it the bias correction of the whole network); the official code never does."""
+    for state in optimizer.state.values():
+        state["step"].zero_()
+
+
+def research_knobs(args):
+    """The hooks that plug the knob in; with it off, the paper's network and no hook."""
+    return Hooks(QNetwork, after_recycle=reset_adam_steps if args.redo_reset_adam_step else None)
+
+
+# =====================================================================================================================
 # Run plumbing: what a training run needs besides the method (environment state, statistics, failure and resource
 # checks, checkpoints, flags, progress, CUDA graphs, evaluation). Nothing below changes what the agent learns.
 # =====================================================================================================================
-
-
 # >>> shared block: envstate
 def get_env_state(env):
     """Everything needed to continue the current episode bit-exactly after a restart."""
@@ -748,7 +771,7 @@ def keep_freed_memory():
 
 
 # >>> shared block: checkpoint
-CHECKPOINT_FORMAT = 2  # version of the layout below; a checkpoint of another version is refused with one line
+CHECKPOINT_FORMAT = 3  # version of the layout below; a checkpoint of another version is refused with one line
 
 
 class Checkpoint:
@@ -938,9 +961,6 @@ class Progress:
         else:
             print(line, flush=True)
 
-    def print(self, message):
-        print(("\n" if self.tty else "") + message, flush=True)
-
 
 class PhaseClock:
     """Wall seconds spent in each phase of the run (warm-up, learning, evaluation), kept across resumes."""
@@ -964,6 +984,142 @@ def print_summary(title, rows):
     width = max(len(label) for label, _ in rows)
     print("\n".join([title, *(f"  {label:<{width}}  {value}" for label, value in rows)]), flush=True)
 # <<< shared block: progress
+
+
+# >>> shared block: run
+class Run:
+    """What a training run keeps besides the agent: its directory (runs/<run>, or the checkpoint's on --resume), the
+    TensorBoard writer and wandb run, the checkpoint folder, the stop signals, progress and phase times, the episode
+    returns and the metrics of the log interval. A checkpoint holds its `state_dict` under "run"."""
+
+    def __init__(self, args, checkpoint):
+        self.args, saved = args, checkpoint["run"] if checkpoint else {}
+        self.dir = os.path.dirname(checkpoint["folder"]) if checkpoint else make_run_dir(args)
+        self.name = os.path.basename(self.dir)
+        self.checkpoint = Checkpoint(os.path.join(self.dir, "checkpoint"))
+        self.wandb_id = init_wandb(args, self.name, saved.get("wandb_id")) if args.track else None
+        self.start_step = checkpoint["global_step"] if checkpoint else 0
+        try:
+            self.writer = SummaryWriter(self.dir, purge_step=self.start_step if checkpoint else None)
+        except OSError as error:
+            fail(f"cannot write TensorBoard events in {self.dir}: {error.strerror}; resume from a writable directory")
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(
+            f"|{key}|{value}|" for key, value in vars(args).items()))
+        self.episode_return, self.episode_length, self.episodes, self.updates = saved.get("episode", (0.0, 0, 0, 0))
+        self.recent_returns = deque(saved.get("recent_returns", ()), maxlen=100)
+        self.sums, self.num_logged = saved.get("metric_sums", {}), saved.get("num_logged", 0)  # of the log interval
+        self.eval_returns = saved.get("eval_returns", [])
+        self.clock, self.progress = PhaseClock(saved.get("phase_seconds")), Progress(args.total_timesteps, self.start_step)
+        self.stop, self.videos, self.last_log = StopSignal(), set(), (time.time(), self.start_step)
+
+    def state_dict(self):
+        return {"wandb_id": self.wandb_id, "recent_returns": list(self.recent_returns), "eval_returns": self.eval_returns,
+                "episode": (self.episode_return, self.episode_length, self.episodes, self.updates),
+                "metric_sums": self.sums, "num_logged": self.num_logged, "phase_seconds": self.clock.state_dict()}
+
+    def start_step_of_loop(self, step, save):
+        """Phase time; a signal saves and leaves (--resume continues exactly here); the periodic checkpoint."""
+        self.clock.enter("warm-up" if step <= self.args.learning_starts else "learning")
+        if self.stop:
+            self.stop_here(step, save)
+        if self.args.checkpoint_every and step > self.start_step and step % self.args.checkpoint_every == 0:
+            save(step)
+
+    def add_reward(self, reward):
+        self.episode_return += reward
+        self.episode_length += 1
+
+    def end_episode(self, step):
+        self.writer.add_scalar("charts/episodic_return", self.episode_return, step)
+        self.writer.add_scalar("charts/episodic_length", self.episode_length, step)
+        self.recent_returns.append(self.episode_return)
+        self.episode_return, self.episode_length, self.episodes = 0.0, 0, self.episodes + 1
+        if self.args.track and self.args.capture_video:
+            upload_videos(f"videos/{self.name}", "videos/train", self.videos)
+
+    def log_training(self, step, updates, events, save):
+        """The metrics of a training step's updates, summed for the log interval's means (losses/<name>), and its
+        `events` {tag: value}, logged at once. A non-finite loss (whose step Adam skipped) saves the last finite
+        weights and ends the run."""
+        for metrics in updates:
+            self.updates += 1
+            values = {name: value.item() for name, value in metrics.items()}
+            if not all(math.isfinite(value) for value in values.values()):
+                save(step + 1)
+                exit_run(f"error: non-finite loss {values} at step {step:,}; checkpoint saved; resume with a lower "
+                         f"learning rate: --resume {self.checkpoint.folder} --learning-rate {self.args.learning_rate / 4:g}",
+                         1)
+            for name, value in values.items():
+                self.sums[name] = self.sums.get(name, 0.0) + value
+            self.num_logged += 1
+        for tag, value in events.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def log_interval(self, step, charts):
+        """Every --log-frequency steps: the interval's mean losses, SPS, and `charts` {name: value} as charts/<name>."""
+        if (step + 1) % self.args.log_frequency:
+            return
+        if self.num_logged:
+            for name, value in self.sums.items():
+                self.writer.add_scalar(f"losses/{name}", value / self.num_logged, step)
+            self.sums, self.num_logged = dict.fromkeys(self.sums, 0.0), 0
+        now = time.time()  # SPS over the last log interval
+        self.writer.add_scalar("charts/SPS", int((step + 1 - self.last_log[1]) / (now - self.last_log[0])), step)
+        self.last_log = (now, step + 1)
+        for name, value in charts.items():
+            self.writer.add_scalar(f"charts/{name}", value, step)
+
+    def show_progress(self, step, rb, force=False):
+        recent = np.mean(self.recent_returns) if self.recent_returns else None
+        self.progress.update(step, recent, self.updates, len(rb) / rb.capacity, force=force)
+
+    def stop_here(self, step, save, with_replay=True):
+        """A signal arrived: save, say how to resume, leave."""
+        save(step, with_replay)
+        self.writer.close()
+        if self.args.track:
+            finish_wandb(128 + self.stop.signum)
+        exit_run(f"{signal.Signals(self.stop.signum).name} at step {step:,}: checkpoint saved; resume with\n"
+                 f"  python {sys.argv[0]} --resume {self.checkpoint.folder}", 128 + self.stop.signum)
+
+    def save_model(self, q_network):
+        path = f"{self.dir}/{self.args.exp_name}.cleanrl_model"
+        torch.save({"model": q_network.state_dict(), "args": vars(self.args)}, path)
+        return path
+
+    def log_evaluation(self):
+        for idx, episodic_return in enumerate(self.eval_returns):
+            self.writer.add_scalar("eval/episodic_return", episodic_return, idx)
+        if self.args.track and self.args.capture_video:
+            upload_videos(f"videos/{self.name}-eval", "videos/eval", self.videos)
+
+    def finish(self, model_path):
+        """result.json, the writers closed, and the end-of-run summary."""
+        args, seconds, returns = self.args, self.clock.state_dict(), self.recent_returns
+        write_json(f"{self.dir}/result.json", {
+            "script": args.exp_name, "env_id": args.env_id, "seed": args.seed, "steps": args.total_timesteps,
+            "episodes": self.episodes, "train_return_last100": float(np.mean(returns)) if returns else None,
+            "eval_returns": self.eval_returns or None,
+            "eval_return_mean": float(np.mean(self.eval_returns)) if self.eval_returns else None,
+            "wall_time_s": sum(seconds.values()), "phase_seconds": seconds, "args": vars(args),
+        })
+        self.writer.close()
+        if args.track:
+            finish_wandb()
+        warmup_steps = min(args.learning_starts + 1, args.total_timesteps)
+        print_summary(f"{args.exp_name} on {args.env_id}, seed {args.seed}: done", [
+            ("steps", f"{args.total_timesteps:,} in {format_seconds(sum(seconds.values()))}, {self.updates:,} updates"),
+            ("speed", f"warm-up {warmup_steps / max(seconds.get('warm-up', 0.0), 1e-9):,.0f} SPS, learning "
+                      f"{(args.total_timesteps - warmup_steps) / max(seconds.get('learning', 0.0), 1e-9):,.0f} SPS"),
+            ("final return", f"{np.mean(returns):.1f} (mean of the last {len(returns)} episodes)" if returns
+             else "no finished episode"),
+            ("evaluation", f"{np.mean(self.eval_returns):.1f} (mean of {len(self.eval_returns)} episodes)"
+             if self.eval_returns else "none (--save-model evaluates)"),
+            ("run directory", self.dir),
+            ("model", model_path or "not saved (--save-model)"),
+            ("checkpoint", self.checkpoint.folder if os.path.isdir(self.checkpoint.folder) else "none (--checkpoint-every)"),
+        ])
+# <<< shared block: run
 
 
 # >>> shared block: cudagraph
@@ -1006,6 +1162,15 @@ class CudaGraph:
         self.graph.replay()
         return self.outputs
 # <<< shared block: cudagraph
+
+
+@dataclass
+class Hooks:
+    """How the research knobs plug into the method: the network (`make_network(num_actions)`) and a step after each
+    ReDo event (`after_recycle(optimizer)`)."""
+
+    make_network: Callable
+    after_recycle: Optional[Callable] = None
 
 
 def check_args(args):
@@ -1051,15 +1216,16 @@ def check_args(args):
 
 
 # >>> shared block: dqn_evaluate
-def evaluate(model_path, num_episodes, device, epsilon, seed, returns=(), stop=None, video_dir=None):
-    """Returns of `num_episodes` episodes of the saved model, epsilon-greedy with `epsilon`. Episode i starts
-    from env.reset(seed=seed + i) and draws its random actions from its own generator, so an evaluation stopped by a
-    signal (`stop`) resumes after its last finished episode (`returns`) and ends as an uninterrupted one would."""
+def evaluate(model_path, make_network, num_episodes, device, epsilon, seed, returns=(), stop=None, video_dir=None):
+    """Returns of `num_episodes` episodes of the saved model (built by `make_network(num_actions)`), epsilon-greedy
+    with `epsilon`. Episode i starts from env.reset(seed=seed + i) and draws its random actions from its own generator,
+    so an evaluation stopped by a signal (`stop`) resumes after its last finished episode (`returns`) and ends as an
+    uninterrupted one would."""
     saved = torch.load(model_path, map_location=device, weights_only=True)
     args = Args(**saved["args"])
     env = make_env(args.env_id, seed, args.repeat_action_probability, args.max_episode_steps,
                    capture_video=video_dir is not None, video_dir=video_dir, video_prefix="eval")
-    model = QNetwork(args, env.action_space.n).to(device)
+    model = make_network(env.action_space.n).to(device)
     model.load_state_dict(saved["model"])
     model.eval()
     returns = list(returns)
@@ -1083,216 +1249,140 @@ def evaluate(model_path, num_episodes, device, epsilon, seed, returns=(), stop=N
 # <<< shared block: dqn_evaluate
 
 
+# >>> shared block: dqn_run
+def rng_state(rng, device):
+    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def resume(checkpoint, run, q_network, target_network, optimizer, rb, env, rng, device, stack):
+    """Load a checkpoint (None: a fresh run) into the networks, the optimizer, the replay memory, the environment and
+    the generators. Returns the frame stack to act on and whether the replay memory was loaded (a checkpoint saved in
+    the evaluation after training may hold none: then only the evaluation can go on)."""
+    if not checkpoint:
+        return stack, True
+    q_network.load_state_dict(checkpoint["q_network"])
+    target_network.load_state_dict(checkpoint["target_network"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for group in optimizer.param_groups:  # --learning-rate may change on resume (a non-finite loss suggests it)
+        group["lr"] = run.args.learning_rate
+    if checkpoint["replay"] is not None:
+        run.checkpoint.load_replay(rb, checkpoint["replay"])
+    set_env_state(env, checkpoint["env"])
+    rng.bit_generator.state = checkpoint["rng"]["numpy"]
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+    print(f"resumed {run.name} at step {run.start_step:,} from {run.checkpoint.folder}", flush=True)
+    return checkpoint["stack"].numpy().copy(), checkpoint["replay"] is not None
+
+
+def statistics_sample(args, rb, step, device):
+    """A fresh uniform sample of --stats-batch-size states for the statistics, drawn from its own generator so that
+    analysis never changes training."""
+    return rb.stacks(rb.sample_indices(args.stats_batch_size, np.random.default_rng([args.seed, step]))).to(device)
+# <<< shared block: dqn_run
+
+
+def dormant_probe(q_network, probe, taus):
+    """The dormant/ statistics of `q_network` on the states `probe` (`dormant_statistics`)."""
+    record = {}
+    with torch.no_grad():
+        q_network(probe, record)
+    return dormant_statistics(record, taus)
+
+
 # flags that may change when resuming; everything else must match the checkpoint
 RESUMABLE_FIELDS = ("total_timesteps", "checkpoint_every", "cuda", "cuda_graphs", "track", "wandb_project_name",
                     "wandb_entity", "save_model", "eval_episodes", "log_frequency", "stats_frequency", "capture_video",
                     "learning_rate")
 
 
+# =====================================================================================================================
+# Main: set-up, then CleanRL's loop (act, step, store, train, log)
+# =====================================================================================================================
 if __name__ == "__main__":
     args, checkpoint = parse_args(Args, RESUMABLE_FIELDS)
     check_args(args)
+    hooks = research_knobs(args)  # without the knobs: hooks = Hooks(QNetwork)
     keep_freed_memory()
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     replay_device = place_replay(args.buffer_size, device, ReplayMemory.bytes_per_slot(), resuming=bool(checkpoint))
-    run_dir = os.path.dirname(checkpoint["folder"]) if checkpoint else make_run_dir(args)
-    run_name = os.path.basename(run_dir)
-    ckpt = Checkpoint(os.path.join(run_dir, "checkpoint"))
-    wandb_id = init_wandb(args, run_name, checkpoint and checkpoint["wandb_id"]) if args.track else None
-    start_step = checkpoint["global_step"] if checkpoint else 0
-    try:
-        writer = SummaryWriter(run_dir, purge_step=start_step if checkpoint else None)
-    except OSError as error:
-        fail(f"cannot write TensorBoard events in {run_dir}: {error.strerror}; resume from a writable directory")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    run = Run(args, checkpoint)
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    rng = np.random.default_rng(args.seed)  # epsilon-greedy actions, replay and ReDo samples
+    rng = np.random.default_rng(args.seed)  # epsilon-greedy actions and replay sampling
 
-    # env setup
-    env = make_training_env(args, run_name)
-    num_actions = env.action_space.n
-
-    q_network = QNetwork(args, num_actions).to(device)
+    env = make_training_env(args, run.name)
+    q_network = hooks.make_network(env.action_space.n).to(device)
     optimizer = make_optimizer(args, q_network)
-    target_network = QNetwork(args, num_actions).to(device)
+    target_network = hooks.make_network(env.action_space.n).to(device)
     target_network.load_state_dict(q_network.state_dict())
     rb = make_replay(args, replay_device)
-    print(f"{run_name}: {sum(p.numel() for p in q_network.parameters()):,} parameters on {device}, "
+    print(f"{run.name}: {sum(p.numel() for p in q_network.parameters()):,} parameters on {device}, "
           f"replay memory on {replay_device} ({ReplayMemory.bytes_per_slot()} bytes per transition)", flush=True)
-
-    # TRY NOT TO MODIFY: start the game
     frame, _ = env.reset(seed=args.seed)
     stack = np.repeat(frame[None], 4, axis=0)
-    episode_return, episode_length, episodes, updates = 0.0, 0, 0, 0
-    recent_returns = deque(maxlen=100)
-    loss_sum, q_sum, num_logged = 0.0, 0.0, 0  # of the log interval in progress
-    eval_returns, phase_seconds = [], {}
-    replay_loaded = not checkpoint or checkpoint["replay"] is not None  # else only the evaluation can go on
-    if checkpoint:
-        q_network.load_state_dict(checkpoint["q_network"])
-        target_network.load_state_dict(checkpoint["target_network"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        for group in optimizer.param_groups:  # --learning-rate may change on resume (a non-finite loss suggests it)
-            group["lr"] = args.learning_rate
-        if replay_loaded:
-            ckpt.load_replay(rb, checkpoint["replay"])
-        set_env_state(env, checkpoint["env"])
-        stack = checkpoint["stack"].numpy().copy()
-        episode_return, episode_length, episodes, updates = checkpoint["episode"]
-        recent_returns.extend(checkpoint["recent_returns"])
-        loss_sum, q_sum, num_logged = checkpoint["log_sums"]
-        eval_returns, phase_seconds = checkpoint["eval_returns"], checkpoint["phase_seconds"]
-        rng.bit_generator.state = checkpoint["rng"]["numpy"]
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
-        print(f"resumed {run_name} at step {start_step:,} from {ckpt.folder}", flush=True)
-        del checkpoint
+    stack, replay_loaded = resume(checkpoint, run, q_network, target_network, optimizer, rb, env, rng, device, stack)
+    checkpoint = None  # its tensors are loaded: free them
 
-    def save_checkpoint(next_step, with_replay=True):
-        ckpt.save({
-            "script": os.path.basename(__file__), "args": vars(args), "wandb_id": wandb_id, "global_step": next_step,
+    def save(next_step, with_replay=True):
+        run.checkpoint.save({
+            "script": os.path.basename(__file__), "args": vars(args), "global_step": next_step, "run": run.state_dict(),
             "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
             "optimizer": optimizer.state_dict(), "env": get_env_state(env), "stack": torch.from_numpy(stack.copy()),
-            "episode": (episode_return, episode_length, episodes, updates), "recent_returns": list(recent_returns),
-            "log_sums": (loss_sum, q_sum, num_logged), "eval_returns": eval_returns, "phase_seconds": clock.state_dict(),
-            "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-        }, rb if with_replay else None)
-
-    def stop_here(step, with_replay=True):
-        """A signal arrived: save, say how to resume, leave."""
-        save_checkpoint(step, with_replay)
-        writer.close()
-        if args.track:
-            finish_wandb(128 + stop.signum)
-        exit_run(f"{signal.Signals(stop.signum).name} at step {step:,}: checkpoint saved; resume with\n"
-                 f"  python {sys.argv[0]} --resume {ckpt.folder}", 128 + stop.signum)
+            "rng": rng_state(rng, device)}, rb if with_replay else None)
 
     # the gather of a batch runs inside the graph, so the memory must be on the GPU too
     use_graphs = args.cuda_graphs and device.type == "cuda" and replay_device.type == "cuda"
     act, update_fn = CudaGraph(greedy_action, use_graphs), CudaGraph(update, use_graphs)
-    stop = StopSignal()
-    progress, clock = Progress(args.total_timesteps, start_step), PhaseClock(phase_seconds)
-    videos_uploaded = set()
-    last_log = (time.time(), start_step)
-    for global_step in range(start_step, args.total_timesteps):
-        clock.enter("warm-up" if global_step <= args.learning_starts else "learning")
-        if stop:  # preemption or Ctrl-C: save and leave; --resume continues exactly here
-            stop_here(global_step)
-        if args.checkpoint_every and global_step > start_step and global_step % args.checkpoint_every == 0:
-            save_checkpoint(global_step)
+    for global_step in range(run.start_step, args.total_timesteps):
+        run.start_step_of_loop(global_step, save)
 
         # ALGO LOGIC: put action logic here
         epsilon = epsilon_at(args, global_step)
         if rng.random() < epsilon:
-            action = int(rng.integers(num_actions))
+            action = int(rng.integers(env.action_space.n))
         else:
             action = act(q_network, torch.as_tensor(stack, device=device).unsqueeze(0)).item()
 
-        # TRY NOT TO MODIFY: execute the game and log data.
+        # TRY NOT TO MODIFY: execute the game, save data to replay memory (the final frame of an episode is kept)
         next_frame, reward, terminated, truncated, _ = env.step(action)
-        episode_return += reward
-        episode_length += 1
-
-        # TRY NOT TO MODIFY: save data to replay memory; the final frame of an episode is kept
+        run.add_reward(reward)
         rb.add(stack[-1], action, clip_reward(reward), terminated, truncated, next_frame)
-
-        # TRY NOT TO MODIFY: record rewards for plotting purposes
         if terminated or truncated:
-            writer.add_scalar("charts/episodic_return", episode_return, global_step)
-            writer.add_scalar("charts/episodic_length", episode_length, global_step)
-            recent_returns.append(episode_return)
-            episode_return, episode_length, episodes = 0.0, 0, episodes + 1
+            run.end_episode(global_step)
             next_frame, _ = env.reset()
             stack = np.repeat(next_frame[None], 4, axis=0)
-            if args.track and args.capture_video:
-                upload_videos(f"videos/{run_name}", "videos/train", videos_uploaded)
-        else:
-            # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
+        else:  # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
             stack = np.concatenate([stack[1:], next_frame[None]])
 
         # ALGO LOGIC: training.
-        update_outs, recycled = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, update_fn)
-        for loss, q_mean in ((loss.item(), q_mean.item()) for loss, q_mean, _ in update_outs):
-            updates += 1
-            if not math.isfinite(loss):  # the step was skipped, so the checkpoint holds the last finite weights
-                save_checkpoint(global_step + 1)
-                exit_run(f"error: non-finite loss {loss} at step {global_step:,}; checkpoint saved; resume with a lower "
-                         f"learning rate: --resume {ckpt.folder} --learning-rate {args.learning_rate / 4:g}", 1)
-            loss_sum, q_sum, num_logged = loss_sum + loss, q_sum + q_mean, num_logged + 1
-        if recycled is not None:
-            for name, count in recycled.items():
-                writer.add_scalar(f"redo/{name}_recycled_count", count, global_step)
-            writer.add_scalar("redo/recycled_count", sum(recycled.values()), global_step)
-
-        if (global_step + 1) % args.log_frequency == 0:
-            if num_logged:
-                writer.add_scalar("losses/td_loss", loss_sum / num_logged, global_step)
-                writer.add_scalar("losses/q_values", q_sum / num_logged, global_step)
-                loss_sum, q_sum, num_logged = 0.0, 0.0, 0
-            now = time.time()  # SPS over the last log interval
-            writer.add_scalar("charts/SPS", int((global_step + 1 - last_log[1]) / (now - last_log[0])), global_step)
-            last_log = (now, global_step + 1)
-            writer.add_scalar("charts/epsilon", epsilon, global_step)
+        updates, events = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, update_fn,
+                                     hooks.after_recycle)
+        run.log_training(global_step, updates, events, save)
+        run.log_interval(global_step, {"epsilon": epsilon})
         if (global_step + 1) % args.stats_frequency == 0 and global_step > args.learning_starts:
-            # a fresh uniform sample, drawn from its own generator so that analysis never changes training
-            probe_rng = np.random.default_rng([args.seed, global_step])
-            probe = rb.stacks(rb.sample_indices(args.stats_batch_size, probe_rng)).to(device)
-            with torch.no_grad():
-                record = {}
-                q_network(probe, record)
-            for key, value in dormant_statistics(record, (0.0, args.redo_tau)).items():
-                writer.add_scalar(key, value, global_step)
-        progress.update(global_step + 1, np.mean(recent_returns) if recent_returns else None, updates,
-                        len(rb) / rb.capacity)
+            for key, value in dormant_probe(q_network, statistics_sample(args, rb, global_step, device),
+                                            (0.0, args.redo_tau)).items():
+                run.writer.add_scalar(key, value, global_step)
+        run.show_progress(global_step + 1, rb)
 
-    progress.update(args.total_timesteps, np.mean(recent_returns) if recent_returns else None, updates,
-                    len(rb) / rb.capacity, force=True)
-    if args.checkpoint_every and start_step < args.total_timesteps:
-        save_checkpoint(args.total_timesteps)
-    model_path = None
-    if args.save_model:
-        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
-        torch.save({"model": q_network.state_dict(), "args": vars(args)}, model_path)
-        clock.enter("evaluation")
-        eval_returns = evaluate(model_path, args.eval_episodes, device, **evaluation_settings(args), returns=eval_returns,
-                                stop=stop, video_dir=f"videos/{run_name}-eval" if args.capture_video else None)
-        if stop:  # only the unfinished episodes run again on resume
-            stop_here(args.total_timesteps, with_replay=replay_loaded and args.checkpoint_every > 0)
-        for idx, episodic_return in enumerate(eval_returns):
-            writer.add_scalar("eval/episodic_return", episodic_return, idx)
-        if args.track and args.capture_video:
-            upload_videos(f"videos/{run_name}-eval", "videos/eval", videos_uploaded)
-    seconds = clock.state_dict()
-    write_json(f"{run_dir}/result.json", {
-        "script": args.exp_name, "env_id": args.env_id, "seed": args.seed, "steps": args.total_timesteps,
-        "episodes": episodes, "train_return_last100": float(np.mean(recent_returns)) if recent_returns else None,
-        "eval_returns": eval_returns or None, "eval_return_mean": float(np.mean(eval_returns)) if eval_returns else None,
-        "wall_time_s": sum(seconds.values()), "phase_seconds": seconds, "args": vars(args),
-    })
+    run.show_progress(args.total_timesteps, rb, force=True)
+    if args.checkpoint_every and run.start_step < args.total_timesteps:
+        save(args.total_timesteps)
+    model_path = run.save_model(q_network) if args.save_model else None
+    if model_path:
+        run.clock.enter("evaluation")
+        run.eval_returns = evaluate(model_path, hooks.make_network, args.eval_episodes, device,
+                                    **evaluation_settings(args), returns=run.eval_returns, stop=run.stop,
+                                    video_dir=f"videos/{run.name}-eval" if args.capture_video else None)
+        if run.stop:  # only the unfinished episodes run again on resume
+            run.stop_here(args.total_timesteps, save, with_replay=replay_loaded and args.checkpoint_every > 0)
+        run.log_evaluation()
     env.close()
-    writer.close()
-    if args.track:
-        finish_wandb()
-    warmup_steps = min(args.learning_starts + 1, args.total_timesteps)
-    print_summary(f"{args.exp_name} on {args.env_id}, seed {args.seed}: done", [
-        ("steps", f"{args.total_timesteps:,} in {format_seconds(sum(seconds.values()))}, {updates:,} updates"),
-        ("speed", f"warm-up {warmup_steps / max(seconds.get('warm-up', 0.0), 1e-9):,.0f} SPS, learning "
-                  f"{(args.total_timesteps - warmup_steps) / max(seconds.get('learning', 0.0), 1e-9):,.0f} SPS"),
-        ("final return", f"{np.mean(recent_returns):.1f} (mean of the last {len(recent_returns)} episodes)"
-         if recent_returns else "no finished episode"),
-        ("evaluation", f"{np.mean(eval_returns):.1f} (mean of {len(eval_returns)} episodes)" if eval_returns
-         else "none (--save-model evaluates)"),
-        ("run directory", run_dir),
-        ("model", model_path or "not saved (--save-model)"),
-        ("checkpoint", ckpt.folder if os.path.isdir(ckpt.folder) else "none (--checkpoint-every)"),
-    ])
+    run.finish(model_path)

@@ -9,11 +9,14 @@ as implemented in google/dopamine `labs/moes` (defaults = its `dqn.gin`):
     -> flatten [B,121*C] -> linear Q head.
 
 `--moe-type baseline` replaces tokenizer + MoE by flatten -> dense(512 x num_experts) -> ReLU (plain DQN
-for `--num-experts 1`). Deviations from the official code are listed in docs/dqn_softmoe.md.
+for `--num-experts 1`). The file reads in four parts: the method; the research knobs of the official code (off by
+default, cut away in one piece); the run plumbing; the main loop. Deviations from the official code are listed in
+docs/dqn_softmoe.md.
 """
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import glob
 import io
 import itertools
@@ -26,7 +29,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import ale_py
 import gymnasium as gym
@@ -40,44 +43,12 @@ from torch.utils.tensorboard import SummaryWriter
 gym.register_envs(ale_py)
 
 
+# =====================================================================================================================
+# The method: DQN with a Soft MoE penultimate layer, as the paper states it (environment, encoder, tokenizer, Soft
+# MoE, experts, network, replay, loss, update, training step). No research knob is read in this part.
+# =====================================================================================================================
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, cuda will be used when available"""
-    cuda_graphs: bool = False
-    """on CUDA, record the acting forward and the loss/gradient computation as CUDA graphs (same math, far fewer
-    kernel launches); opt-in until tests/test_cuda.py has passed on a GPU"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
-    wandb_project_name: str = "cleanrl-moe"
-    """the wandb's project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of wandb's project"""
-    capture_video: bool = False
-    """whether to capture videos of the agent performances (check out `videos` folder)"""
-    save_model: bool = False
-    """whether to save the final model into `runs/{run_name}` and evaluate it"""
-    eval_episodes: int = 10
-    """number of evaluation episodes run after training when `--save-model` is set"""
-    checkpoint_every: int = 0
-    """save a resumable checkpoint every this many agent steps (0: only on SIGTERM and non-finite loss)"""
-    resume: Optional[str] = None
-    """path of a checkpoint to resume; the run keeps the checkpoint's flags unless given again"""
-    log_frequency: int = 1000
-    """log losses and SPS every this many agent steps"""
-    stats_frequency: int = 50_000
-    """log router and dormant-neuron statistics every this many agent steps"""
-    stats_batch_size: int = 256
-    """size of the replay sample used for router and dormant-neuron statistics"""
-    dormant_tau: float = 0.1
-    """dormancy threshold logged besides tau = 0 (a neuron is dormant when its score <= tau)"""
-
     # Environment (Dopamine's Atari defaults)
     env_id: str = "ALE/Breakout-v5"
     """the id of the ALE environment"""
@@ -86,7 +57,7 @@ class Args:
     max_episode_steps: int = 27_000
     """episodes are truncated after this many agent steps (4 frames each)"""
 
-    # Algorithm specific arguments
+    # Algorithm (dqn.gin)
     total_timesteps: int = 50_000_000
     """total agent steps of the experiment (4 frames each: 50M steps = 200M frames)"""
     learning_rate: float = 6.25e-5
@@ -134,6 +105,8 @@ class Args:
     """slots per expert = ceil(tokens x capacity-factor / experts), Top-1: each expert's capacity (Dopamine's
     SoftMoE.capacity_factor and MoE.capacity_factor); below 1 the Soft MoE combines tokens into fewer slots, the
     analysis of "Don't flatten, tokenize!" (about 10% of the slots keep the performance, even one loses little)"""
+
+    # Research knobs of the official code, all off by default (the "Research knobs" part below)
     use_random_phi: bool = False
     """route with a fixed random phi ~ N(0, 1) that is never trained (Dopamine's SoftMoE.use_random_phi, paper 1's
     question of whether the learned router matters); drawn once from --seed, where the official code redraws it at
@@ -184,6 +157,43 @@ class Args:
     include the encoder); no official config sets it. Soft MoE and perconv tokens only; with --encoder nature the
     experts hold Nature CNNs, where Dopamine's NatureDQNMoE keeps its shared convs (docs, Deviations)"""
 
+    # The run: seeding, device, tracking, checkpoints, logging, evaluation
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    cuda_graphs: bool = False
+    """on CUDA, record the acting forward and the loss/gradient computation as CUDA graphs (same math, far fewer
+    kernel launches); opt-in until tests/test_cuda.py has passed on a GPU"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "cleanrl-moe"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture videos of the agent performances (check out `videos` folder)"""
+    save_model: bool = False
+    """whether to save the final model into `runs/{run_name}` and evaluate it"""
+    eval_episodes: int = 10
+    """number of evaluation episodes run after training when `--save-model` is set"""
+    checkpoint_every: int = 0
+    """save a resumable checkpoint every this many agent steps (0: only on SIGTERM and non-finite loss)"""
+    resume: Optional[str] = None
+    """path of a checkpoint to resume; the run keeps the checkpoint's flags unless given again"""
+    log_frequency: int = 1000
+    """log losses and SPS every this many agent steps"""
+    stats_frequency: int = 50_000
+    """log router and dormant-neuron statistics every this many agent steps"""
+    stats_batch_size: int = 256
+    """size of the replay sample used for router and dormant-neuron statistics"""
+    dormant_tau: float = 0.1
+    """dormancy threshold logged besides tau = 0 (a neuron is dormant when its score <= tau)"""
+
 
 # >>> shared block: env
 def make_env(env_id, seed, repeat_action_probability=0.25, max_episode_steps=27_000, noop_max=0,
@@ -220,7 +230,6 @@ def make_training_env(args, run_name):
                     capture_video=args.capture_video, video_dir=f"videos/{run_name}")
 
 
-# ALGO LOGIC: initialize agent here:
 # >>> shared block: nature
 def xavier_(layer):
     """Flax's xavier_uniform kernel and zero bias (Dopamine's init for convs and dense layers)."""
@@ -370,23 +379,22 @@ class Tokenizer(nn.Module):
 class SoftMoE(nn.Module):
     """Soft MoE (Puigcerver et al. 2024) as in Dopamine: tokens [B, m, d] -> [B, m, d].
 
-    Per sample, logits L = X phi with phi of shape (d, n, p) and p = ceil(m / n) slots per expert (`num_slots`).
-    Each slot's input is a mix of the sample's tokens (dispatch: softmax over tokens); each output token
-    is a mix of all n*p slot outputs (combine: softmax over slots). Samples never mix.
-    `random_phi`: phi is a fixed N(0, 1) draw, a buffer that is never trained (Dopamine's use_random_phi draws the same
-    distribution anew at every call and for every sample)."""
+    Per sample, logits L = X phi with phi of shape (d, n, p) and p = ceil(m x capacity_factor / n) slots per expert
+    (or `slots_per_expert`). Each slot's input is a mix of the sample's tokens (dispatch: softmax over tokens); each
+    output token is a mix of all n*p slot outputs (combine: softmax over slots). Samples never mix. `normalize`:
+    l2-normalized tokens and phi in the logits, with a learned scale."""
 
-    def __init__(self, num_tokens, dim, num_experts, experts, normalize=False, capacity_factor=1.0, random_phi=False,
-                 square_slots=False):
+    def __init__(self, num_tokens, dim, num_experts, experts, capacity_factor=1.0, normalize=False,
+                 slots_per_expert=None):
         super().__init__()
-        self.slots_per_expert = self.num_slots(num_tokens, num_experts, capacity_factor, square_slots)
-        if random_phi:  # saved with the weights and copied into the target network, as a parameter would be
-            self.register_buffer("phi", torch.randn(dim, num_experts, self.slots_per_expert))
-        else:
-            self.phi = nn.Parameter(torch.empty(dim, num_experts, self.slots_per_expert))
-            lecun_normal_(self.phi, fan_in=num_experts * dim)  # Flax's fan-in of a 3-D (d, n, p) kernel
+        self.slots_per_expert = slots_per_expert or math.ceil(num_tokens * capacity_factor / num_experts)
+        self.phi = self.make_phi(dim, num_experts, self.slots_per_expert)
         self.scale = nn.Parameter(torch.ones(1)) if normalize else None
         self.experts = experts
+
+    def make_phi(self, dim, num_experts, slots):
+        """The learned router: Flax's lecun_normal with the fan-in of a 3-D (d, n, p) kernel, n x d."""
+        return nn.Parameter(lecun_normal_(torch.empty(dim, num_experts, slots), fan_in=num_experts * dim))
 
     def forward(self, x, record=None):
         x_logits, phi = x, self.phi
@@ -401,156 +409,7 @@ class SoftMoE(nn.Module):
         if record is not None:
             record["dispatch"], record["combine"] = dispatch, combine
         return torch.einsum("bmnp,bnpd->bmd", combine, outputs)
-
-    @staticmethod
-    def num_slots(num_tokens, num_experts, capacity_factor=1.0, square=False):
-        """Slots per expert, p = ceil(m x capacity factor / n); `square` (big experts, which read their slots as one
-        square image): the largest square number <= p, floor(sqrt(p))^2, as Dopamine's SoftMoE for expert_type BIG."""
-        slots = math.ceil(num_tokens * capacity_factor / num_experts)
-        return math.isqrt(slots) ** 2 if square else slots
 # <<< shared block: softmoe
-
-
-# >>> shared block: topkmoe
-class TopKMoE(nn.Module):
-    """Token-choice Top-k MoE as in Dopamine (MoE with its TopKRouter): tokens [B, m, d] -> [B, m, d].
-
-    A bias-free linear router gives each token a softmax over experts (with `noise_std` / n Gaussian noise on the
-    logits when `noisy_routing`); the token goes to its k most probable experts and its output is the sum of their
-    outputs, each scaled by its probability. Each expert takes at most ceil(k m capacity_factor / n) tokens per
-    sample, first come first served: all first choices in token order, then all second choices, ...; the other
-    assignments are dropped and contribute zeros (a token dropped by all its experts outputs zeros)."""
-
-    def __init__(self, num_tokens, dim, num_experts, experts, capacity_factor=1.0, k=1, noisy_routing=False,
-                 noise_std=1.0):
-        super().__init__()
-        self.num_experts, self.k = num_experts, k
-        self.capacity = math.ceil(k * num_tokens * capacity_factor / num_experts)
-        self.noise_std = noise_std / num_experts if noisy_routing else 0.0
-        self.router = nn.Linear(dim, num_experts, bias=False)
-        lecun_normal_(self.router.weight, fan_in=dim)  # Flax's default Dense init
-        self.experts = experts
-
-    def forward(self, x, record=None):
-        batch, num_tokens, dim = x.shape
-        logits = self.router(x)  # [B, m, n]
-        noisy = logits + self.noise_std * torch.randn_like(logits) if self.noise_std else logits
-        probs = noisy.softmax(dim=-1)
-        gate, expert = probs.topk(self.k, dim=-1)  # [B, m, k], most probable first
-        assigned = F.one_hot(expert.transpose(1, 2).flatten(1), self.num_experts)  # [B, k*m, n], choice-major queue
-        position = (assigned.cumsum(dim=1) * assigned).sum(-1) - 1  # rank of the assignment in its expert's queue
-        position = position.view(batch, self.k, num_tokens).transpose(1, 2)  # [B, m, k]
-        kept = position < self.capacity
-        num_slots = self.num_experts * self.capacity
-        slot = torch.where(kept, expert * self.capacity + position, num_slots).flatten(1)  # dropped -> spare slot
-        tokens = x.repeat_interleave(self.k, dim=1) if self.k > 1 else x  # [B, m*k, d], as `slot`
-        slots = x.new_zeros(batch, num_slots + 1, dim).scatter(1, slot.unsqueeze(-1).expand(-1, -1, dim), tokens)
-        slots = slots[:, :num_slots].view(batch, self.num_experts, self.capacity, dim)
-        outputs = self.experts(slots, record).reshape(batch, num_slots, dim)
-        outputs = outputs.gather(1, slot.clamp(max=num_slots - 1).unsqueeze(-1).expand(-1, -1, dim))
-        if record is not None:
-            record.update(router_logits=logits, router_probs=probs, top_experts=expert, kept=kept)
-        weights = (gate * kept).view(batch, num_tokens * self.k, 1)
-        return (outputs * weights).view(batch, num_tokens, self.k, dim).sum(2)
-# <<< shared block: topkmoe
-
-
-# >>> shared block: bigexperts
-class Frames(nn.Module):
-    """The shared 'encoder' when the experts hold the encoders (--expert-type big): the frames [B, 4, 84, 84] in
-    [0, 1] themselves, so that the tokens are pixels (perconv: 7,056 tokens of dim 4)."""
-
-    output_shape = (4, 84, 84)
-
-    def forward(self, x, record=None):
-        return x
-
-
-def grouped_encoder(encoders):
-    """n encoders of one architecture run side by side as one: the first encoder, each of whose convs becomes a grouped
-    conv (groups = n) holding the n encoders' kernels and biases, expert-major ([n * out, in, k, k]). It maps the n
-    experts' images stacked on the channels, [B, n * C, H, W], to their encodings stacked likewise; every other layer
-    (ReLU, max-pool, residual sum) acts channel by channel, so expert j's channels only ever meet encoder j's weights."""
-    grouped, n = encoders[0], len(encoders)
-    for name, conv in list(grouped.named_modules()):
-        if isinstance(conv, nn.Conv2d):
-            convs = [encoder.get_submodule(name) for encoder in encoders]
-            conv.weight = nn.Parameter(torch.cat([c.weight.detach() for c in convs]))
-            conv.bias = nn.Parameter(torch.cat([c.bias.detach() for c in convs]))
-            conv.in_channels, conv.out_channels, conv.groups = n * conv.in_channels, n * conv.out_channels, n
-    return grouped
-
-
-class BigExperts(nn.Module):
-    """n experts that each hold their own encoder (Dopamine's BigExpertModel, SoftMoE expert_type "BIG"): slots
-    [B, n, p, d] -> [B, n, p, d], p a square number.
-
-    Expert j reads its p slots as one sqrt(p) x sqrt(p) image with d channels (slot r * sqrt(p) + c at row r, column c),
-    encodes it with its own `make_encoder()`, flattens the encoding (F features) and maps it by dense F -> h, ReLU,
-    dense h -> p * d back to its p slots (no activation). The n encoders run as one grouped conv per layer
-    (`grouped_encoder`); each expert is initialized on its own, by the encoder's init (xavier-uniform, lecun-normal
-    residual convs, zero biases) and xavier-uniform dense kernels of each expert's own [F, h] and [h, p * d] shapes.
-    `sigma0` None: the first dense layer is plain (DQN's experts); a number: it is noisy as Rainbow's experts are
-    (NoisyLinear's init on fan-in F, factorized noise drawn independently for each expert, off in eval mode and by
-    `set_noise`)."""
-
-    def __init__(self, num_experts, dim, slots, hidden, make_encoder, sigma0=None):
-        super().__init__()
-        self.side = math.isqrt(slots)
-        if self.side**2 != slots:
-            raise ValueError(f"big experts read their slots as a square image: {slots} slots is no square number")
-        encoders = [make_encoder() for _ in range(num_experts)]
-        first = next(layer for layer in encoders[0].modules() if isinstance(layer, nn.Conv2d))
-        if first.in_channels != dim:
-            raise ValueError(f"the experts' encoder reads {first.in_channels} channels, the tokens have {dim}")
-        with torch.no_grad():
-            self.encoding_shape = tuple(encoders[0](torch.zeros(1, dim, self.side, self.side)).shape[1:])
-        self.encoder = grouped_encoder(encoders)
-        features, out = math.prod(self.encoding_shape), slots * dim
-        self.noisy = sigma0 is not None
-        if self.noisy:
-            bound = 1.0 / math.sqrt(features)
-            self.w1_mu = nn.Parameter(torch.empty(num_experts, features, hidden).uniform_(-bound, bound))
-            self.w1_sigma = nn.Parameter(torch.full((num_experts, features, hidden), sigma0 * bound))
-            self.b1_mu = nn.Parameter(torch.empty(num_experts, hidden).uniform_(-bound, bound))
-            self.b1_sigma = nn.Parameter(torch.full((num_experts, hidden), sigma0 * bound))
-            self.register_buffer("eps_in", torch.zeros(num_experts, features), persistent=False)
-            self.register_buffer("eps_out", torch.zeros(num_experts, hidden), persistent=False)
-        else:
-            bound = math.sqrt(6.0 / (features + hidden))  # xavier-uniform of each expert's own [F, h] kernel
-            self.w1 = nn.Parameter(torch.empty(num_experts, features, hidden).uniform_(-bound, bound))
-            self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
-        bound = math.sqrt(6.0 / (hidden + out))  # of each expert's own [h, p * d] kernel
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, out).uniform_(-bound, bound))
-        self.b2 = nn.Parameter(torch.zeros(num_experts, out))
-        self.noise_enabled = True
-
-    def sample_noise(self, generator):
-        if self.noisy:  # factorized noise f(e) = sign(e) sqrt(|e|), as the noisy block's (which DQN does not carry)
-            for eps in (self.eps_in, self.eps_out):
-                e = torch.randn(eps.shape, generator=generator, device=generator.device)
-                eps.copy_(e.sign() * e.abs().sqrt())
-
-    def forward(self, slots, record=None):
-        batch, num_experts, num_slots, dim = slots.shape
-        images = slots.reshape(batch, num_experts, self.side, self.side, dim).permute(0, 1, 4, 2, 3)
-        inner = None if record is None else {}
-        encoded = self.encoder(images.reshape(batch, num_experts * dim, self.side, self.side), inner)
-        if record is not None:  # the experts' encoder layers, neurons = (expert, channel) pairs on dim 1
-            record.update({f"experts.{name}": value for name, value in inner.items()})
-        features = encoded.reshape(batch, num_experts, -1)  # expert j's encoding, flattened (C, H, W)
-        if not self.noisy:
-            w1, b1 = self.w1, self.b1
-        elif self.training and self.noise_enabled:
-            w1 = self.w1_mu + self.w1_sigma * self.eps_in[:, :, None] * self.eps_out[:, None, :]
-            b1 = self.b1_mu + self.b1_sigma * self.eps_out
-        else:
-            w1, b1 = self.w1_mu, self.b1_mu
-        hidden = F.relu(torch.einsum("bnf,nfh->bnh", features, w1) + b1)
-        if record is not None:  # neurons = (expert, unit) pairs on dim 1
-            record["experts"] = hidden.flatten(1)
-        return (torch.einsum("bnh,nho->bno", hidden, self.w2) + self.b2).reshape(slots.shape)
-# <<< shared block: bigexperts
 
 
 class Experts(nn.Module):
@@ -585,66 +444,68 @@ class Experts(nn.Module):
         return outputs.view(num_experts, batch, num_slots, dim).transpose(0, 1)
 
 
-class QNetwork(nn.Module):
-    """Q-values [B, num_actions] from uint8 frame stacks [B, 4, 84, 84]."""
+class DenseLayer(nn.Linear):
+    """The baseline's penultimate layer: flattened features [B, F] -> ReLU(dense) [B, units], xavier-uniform init."""
 
-    def __init__(self, args, num_actions):
+    def __init__(self, in_features, units):
+        super().__init__(in_features, units)
+        xavier_(self)
+
+    def forward(self, x, record=None):
+        x = F.relu(super().forward(x))
+        if record is not None:
+            record["hidden"] = x
+        return x
+
+
+class Flatten(nn.Module):
+    """The baseline's 'tokenizer': the encoder output [B, C, H, W] as one feature vector [B, C*H*W]."""
+
+    def forward(self, fmap):
+        return fmap.flatten(1)
+
+
+class QNetwork(nn.Module):
+    """Q-values [B, num_actions] from uint8 frame stacks [B, 4, 84, 84]: encoder -> tokens -> MoE -> linear head."""
+
+    def __init__(self, encoder, tokenizer, moe, head):
         super().__init__()
-        self.args = args  # the loss reads the auxiliary-loss flags from here
-        encoder = NatureEncoder if args.encoder == "nature" else ImpalaEncoder
-        big = args.expert_type == "big"  # the experts hold the encoders: the tokens are the frames' pixels
-        self.encoder = Frames() if big else encoder()
-        channels, height, width = self.encoder.output_shape
-        self.kind = args.moe_type
-        if self.kind in ("baseline", "simplicial_embedding_v1", "simplicial_embedding_v2"):
-            self.hidden = xavier_(nn.Linear(channels * height * width, args.expert_hidden_units * args.num_experts))
-            features = self.hidden.out_features
-        else:
-            if args.shuffle_tokens:  # a fixed permutation of the C*H*W features, drawn from --seed, saved with the weights
-                generator = torch.Generator().manual_seed(args.seed)
-                self.register_buffer("shuffle", torch.randperm(channels * height * width, generator=generator))
-            self.tokenizer = Tokenizer(args.tokenization, channels, height, width)
-            num_tokens, dim = self.tokenizer.num_tokens, self.tokenizer.token_dim
-            if big:
-                slots = SoftMoE.num_slots(num_tokens, args.num_experts, args.capacity_factor, square=True)
-                experts = BigExperts(args.num_experts, dim, slots, args.expert_hidden_units, encoder)
-            else:
-                experts = Experts(args.num_experts, dim, args.expert_hidden_units)
-            if self.kind == "softmoe":
-                self.moe = SoftMoE(num_tokens, dim, args.num_experts, experts, normalize=args.moe_normalization,
-                                   capacity_factor=args.capacity_factor, random_phi=args.use_random_phi,
-                                   square_slots=big)
-            else:
-                self.moe = TopKMoE(num_tokens, dim, args.num_experts, experts, capacity_factor=args.capacity_factor,
-                                   k=args.num_selected_experts, noisy_routing=args.noisy_routing,
-                                   noise_std=args.noise_std)
-            features = num_tokens * dim
-        if args.use_extra_linear_layer:
-            self.extra = xavier_(nn.Linear(features, 512))
-            features = 512
-        self.head = xavier_(nn.Linear(features, num_actions))
+        self.encoder, self.tokenizer, self.moe, self.head = encoder, tokenizer, moe, head
 
     def forward(self, x, record=None):
         """`record`, when a dict, receives post-ReLU activations [B, neurons, ...] and routing weights."""
         x = self.encoder(x.float() / 255.0, record)
-        if self.kind in ("softmoe", "top1"):
-            if self.args.shuffle_tokens:
-                x = x.flatten(1)[:, self.shuffle].view_as(x)
-            x = self.moe(self.tokenizer(x), record).flatten(1)
-        else:
-            if self.kind == "simplicial_embedding_v1":  # Dopamine's softmax(x / tau, axis=1) of the [H, W, C] map: over W
-                x = (x / self.args.sem_tau).softmax(dim=3)
-            x = self.hidden(x.flatten(1))
-            if self.kind == "simplicial_embedding_v2":  # softmax / tau within each of n groups of h units
-                x = (x.view(len(x), self.args.num_experts, -1) / self.args.sem_tau).softmax(dim=-1).flatten(1)
-            x = F.relu(x)  # a no-op after the V2 softmax, kept as Dopamine has it
-            if record is not None:
-                record["hidden"] = x
-        if self.args.use_extra_linear_layer:
-            x = F.relu(self.extra(x))
-            if record is not None:
-                record["extra"] = x
+        x = self.moe(self.tokenizer(x), record).flatten(1)
         return self.head(x)
+
+
+ENCODERS = {"nature": NatureEncoder, "impala": ImpalaEncoder}
+
+
+def make_network(num_actions, encoder="nature", moe_type="softmoe", tokenization="perconv", num_experts=8,
+                 expert_hidden_units=512, capacity_factor=1.0, moe_normalization=False):
+    """The paper's network (Dopamine's NatureDQNNetwork / ImpalaMoE with SoftMoE), or the dense baseline: flatten,
+    dense of expert_hidden_units x num_experts units, ReLU. Layers are built (and drawn from torch's generator) in
+    forward order."""
+    encoder = ENCODERS[encoder]()
+    channels, height, width = encoder.output_shape
+    if moe_type == "baseline":
+        tokenizer, moe = Flatten(), DenseLayer(channels * height * width, expert_hidden_units * num_experts)
+        features = moe.out_features
+    else:
+        tokenizer = Tokenizer(tokenization, channels, height, width)
+        num_tokens, dim = tokenizer.num_tokens, tokenizer.token_dim
+        experts = Experts(num_experts, dim, expert_hidden_units)
+        moe = SoftMoE(num_tokens, dim, num_experts, experts, capacity_factor, normalize=moe_normalization)
+        features = num_tokens * dim
+    return QNetwork(encoder, tokenizer, moe, xavier_(nn.Linear(features, num_actions)))
+
+
+def network_flags(args):
+    """The flags of `make_network`."""
+    return dict(encoder=args.encoder, moe_type=args.moe_type, tokenization=args.tokenization,
+                num_experts=args.num_experts, expert_hidden_units=args.expert_hidden_units,
+                capacity_factor=args.capacity_factor, moe_normalization=args.moe_normalization)
 
 
 # >>> shared block: replay
@@ -808,18 +669,305 @@ def make_optimizer(args, q_network):
 # <<< shared block: optimizer
 
 
-def dqn_loss(q_network, target_network, batch):
+def dqn_loss(q_network, target_network, batch, record=None):
     """MSE between Q(s, a) and the target R + discount * max_a' Q_target(s', a'), where R is the (n-step)
-    return and the discount is gamma^k, or 0 after a termination (both come from the replay memory); and the
-    auxiliary MoE losses of --aux-loss-fns on the same forward pass (Dopamine adds them to the TD loss).
-    Returns (TD loss, Q(s, a) [B], {name: auxiliary loss})."""
+    return and the discount is gamma^k, or 0 after a termination (both come from the replay memory).
+    Returns (TD loss, Q(s, a) [B]); `record` receives the online forward pass's activations and routing weights."""
     with torch.no_grad():
         target_max = target_network(batch["next_obs"]).max(dim=1).values
         td_target = batch["returns"] + batch["discounts"] * target_max
-    record = {} if q_network.args.aux_loss_fns else None
     q_taken = q_network(batch["obs"], record).gather(1, batch["actions"].unsqueeze(1)).squeeze(1)
-    aux = moe_aux_losses(q_network.args, record) if record is not None else {}
-    return F.mse_loss(q_taken, td_target), q_taken, aux
+    return F.mse_loss(q_taken, td_target), q_taken
+
+
+# >>> shared block: dqn_update
+def update(q_network, target_network, optimizer, rb, index, extra_losses=None):
+    """One gradient step on the replay transitions at linear indices `index` [B] (on the memory's device): gather the
+    batch, TD loss (plus any `extra_losses(record)`, {name: loss} from the same forward pass), backward, Adam step.
+    Recorded as one CUDA graph on GPUs. Returns {"td_loss", "q_values" (mean Q(s, a)), and each extra loss's name} as
+    tensors; a non-finite loss leaves the weights and Adam's state unchanged (`make_optimizer`)."""
+    device = next(q_network.parameters()).device
+    batch = {k: v.to(device) for k, v in rb.get(index).items()}  # a no-op when the memory is on that device
+    record = {} if extra_losses else None
+    loss, q_taken = dqn_loss(q_network, target_network, batch, record)
+    extra = extra_losses(record) if extra_losses else {}
+    total = loss + sum(extra.values())
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.found_inf.copy_(~torch.isfinite(total))
+    optimizer.step()
+    return {"td_loss": loss.detach(), "q_values": q_taken.detach().mean(), **{k: v.detach() for k, v in extra.items()}}
+# <<< shared block: dqn_update
+
+
+def train_step(step, args, q_network, target_network, optimizer, rb, rng, update_fn=update, after_update=None):
+    """Dopamine's _train_step at agent step `step`: after the warm-up, one update every train_frequency steps on a
+    uniform replay sample (then `after_update(step, q_network, optimizer)`, which returns {tag: value} events to log),
+    and a hard target copy every target_network_frequency steps. `update_fn` is `update` or its CUDA graph. Returns
+    the metrics of the step's updates (a list of `update`'s dicts) and its events."""
+    updates, events = [], {}
+    if step > args.learning_starts and step % args.train_frequency == 0:
+        index = torch.as_tensor(rb.sample_indices(args.batch_size, rng), device=rb.device)
+        updates.append(update_fn(q_network, target_network, optimizer, rb, index))
+        if after_update:
+            events = after_update(step, q_network, optimizer)
+    if step > args.learning_starts and step % args.target_network_frequency == 0:
+        target_network.load_state_dict(q_network.state_dict())  # in place: a CUDA graph sees the new weights
+    return updates, events
+
+
+def evaluation_settings(args):
+    """How `evaluate` plays the trained agent after --save-model: epsilon-greedy with --eval-epsilon
+    (dqn.gin's `epsilon_eval`), on environments seeded apart from training's (no no-op starts, as training)."""
+    return {"epsilon": args.eval_epsilon, "seed": args.seed + 1000}
+
+
+# =====================================================================================================================
+# Research knobs: the official code's alternatives and ablations, each off by default (Top-k routing and its
+# load-balancing losses, a random router, big experts, simplicial embeddings, the extra linear layer, shuffled tokens,
+# expert resets). They enter the method in one place, `research_knobs`; cut this part and that call, and the script
+# runs its defaults.
+# =====================================================================================================================
+# >>> shared block: topkmoe
+class TopKMoE(nn.Module):
+    """Token-choice Top-k MoE as in Dopamine (MoE with its TopKRouter): tokens [B, m, d] -> [B, m, d].
+
+    A bias-free linear router gives each token a softmax over experts (with `noise_std` / n Gaussian noise on the
+    logits when `noisy_routing`); the token goes to its k most probable experts and its output is the sum of their
+    outputs, each scaled by its probability. Each expert takes at most ceil(k m capacity_factor / n) tokens per
+    sample, first come first served: all first choices in token order, then all second choices, ...; the other
+    assignments are dropped and contribute zeros (a token dropped by all its experts outputs zeros)."""
+
+    def __init__(self, num_tokens, dim, num_experts, experts, capacity_factor=1.0, k=1, noisy_routing=False,
+                 noise_std=1.0):
+        super().__init__()
+        self.num_experts, self.k = num_experts, k
+        self.capacity = math.ceil(k * num_tokens * capacity_factor / num_experts)
+        self.noise_std = noise_std / num_experts if noisy_routing else 0.0
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        lecun_normal_(self.router.weight, fan_in=dim)  # Flax's default Dense init
+        self.experts = experts
+
+    def forward(self, x, record=None):
+        batch, num_tokens, dim = x.shape
+        logits = self.router(x)  # [B, m, n]
+        noisy = logits + self.noise_std * torch.randn_like(logits) if self.noise_std else logits
+        probs = noisy.softmax(dim=-1)
+        gate, expert = probs.topk(self.k, dim=-1)  # [B, m, k], most probable first
+        assigned = F.one_hot(expert.transpose(1, 2).flatten(1), self.num_experts)  # [B, k*m, n], choice-major queue
+        position = (assigned.cumsum(dim=1) * assigned).sum(-1) - 1  # rank of the assignment in its expert's queue
+        position = position.view(batch, self.k, num_tokens).transpose(1, 2)  # [B, m, k]
+        kept = position < self.capacity
+        num_slots = self.num_experts * self.capacity
+        slot = torch.where(kept, expert * self.capacity + position, num_slots).flatten(1)  # dropped -> spare slot
+        tokens = x.repeat_interleave(self.k, dim=1) if self.k > 1 else x  # [B, m*k, d], as `slot`
+        slots = x.new_zeros(batch, num_slots + 1, dim).scatter(1, slot.unsqueeze(-1).expand(-1, -1, dim), tokens)
+        slots = slots[:, :num_slots].view(batch, self.num_experts, self.capacity, dim)
+        outputs = self.experts(slots, record).reshape(batch, num_slots, dim)
+        outputs = outputs.gather(1, slot.clamp(max=num_slots - 1).unsqueeze(-1).expand(-1, -1, dim))
+        if record is not None:
+            record.update(router_logits=logits, router_probs=probs, top_experts=expert, kept=kept)
+        weights = (gate * kept).view(batch, num_tokens * self.k, 1)
+        return (outputs * weights).view(batch, num_tokens, self.k, dim).sum(2)
+# <<< shared block: topkmoe
+
+
+# >>> shared block: bigexperts
+class Frames(nn.Module):
+    """The shared 'encoder' when the experts hold the encoders (--expert-type big): the frames [B, 4, 84, 84] in
+    [0, 1] themselves, so that the tokens are pixels (perconv: 7,056 tokens of dim 4)."""
+
+    output_shape = (4, 84, 84)
+
+    def forward(self, x, record=None):
+        return x
+
+
+def grouped_encoder(encoders):
+    """n encoders of one architecture run side by side as one: the first encoder, each of whose convs becomes a grouped
+    conv (groups = n) holding the n encoders' kernels and biases, expert-major ([n * out, in, k, k]). It maps the n
+    experts' images stacked on the channels, [B, n * C, H, W], to their encodings stacked likewise; every other layer
+    (ReLU, max-pool, residual sum) acts channel by channel, so expert j's channels only ever meet encoder j's weights."""
+    grouped, n = encoders[0], len(encoders)
+    for name, conv in list(grouped.named_modules()):
+        if isinstance(conv, nn.Conv2d):
+            convs = [encoder.get_submodule(name) for encoder in encoders]
+            conv.weight = nn.Parameter(torch.cat([c.weight.detach() for c in convs]))
+            conv.bias = nn.Parameter(torch.cat([c.bias.detach() for c in convs]))
+            conv.in_channels, conv.out_channels, conv.groups = n * conv.in_channels, n * conv.out_channels, n
+    return grouped
+
+
+def square_slots(num_tokens, num_experts, capacity_factor=1.0):
+    """Slots per big expert, which reads its slots as one square image: the largest square number <= the Soft MoE's
+    p = ceil(m x capacity factor / n), floor(sqrt(p))^2, as Dopamine's SoftMoE for expert_type BIG."""
+    return math.isqrt(math.ceil(num_tokens * capacity_factor / num_experts)) ** 2
+
+
+class BigExperts(nn.Module):
+    """n experts that each hold their own encoder (Dopamine's BigExpertModel, SoftMoE expert_type "BIG"): slots
+    [B, n, p, d] -> [B, n, p, d], p a square number.
+
+    Expert j reads its p slots as one sqrt(p) x sqrt(p) image with d channels (slot r * sqrt(p) + c at row r, column c),
+    encodes it with its own `make_encoder()`, flattens the encoding (F features) and maps it by dense F -> h, ReLU,
+    dense h -> p * d back to its p slots (no activation). The n encoders run as one grouped conv per layer
+    (`grouped_encoder`); each expert is initialized on its own, by the encoder's init (xavier-uniform, lecun-normal
+    residual convs, zero biases) and xavier-uniform dense kernels of each expert's own [F, h] and [h, p * d] shapes.
+    A subclass may make the first dense layer another kind (`init_first_layer`, `first_layer`)."""
+
+    def __init__(self, num_experts, dim, slots, hidden, make_encoder):
+        super().__init__()
+        self.side = math.isqrt(slots)
+        if self.side**2 != slots:
+            raise ValueError(f"big experts read their slots as a square image: {slots} slots is no square number")
+        encoders = [make_encoder() for _ in range(num_experts)]
+        first = next(layer for layer in encoders[0].modules() if isinstance(layer, nn.Conv2d))
+        if first.in_channels != dim:
+            raise ValueError(f"the experts' encoder reads {first.in_channels} channels, the tokens have {dim}")
+        with torch.no_grad():
+            self.encoding_shape = tuple(encoders[0](torch.zeros(1, dim, self.side, self.side)).shape[1:])
+        self.encoder = grouped_encoder(encoders)
+        features, out = math.prod(self.encoding_shape), slots * dim
+        self.init_first_layer(num_experts, features, hidden)
+        bound = math.sqrt(6.0 / (hidden + out))  # of each expert's own [h, p * d] kernel
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, out).uniform_(-bound, bound))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, out))
+
+    def init_first_layer(self, num_experts, features, hidden):
+        bound = math.sqrt(6.0 / (features + hidden))  # xavier-uniform of each expert's own [F, h] kernel
+        self.w1 = nn.Parameter(torch.empty(num_experts, features, hidden).uniform_(-bound, bound))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
+
+    def first_layer(self):
+        """The first dense layer's kernels [n, F, h] and biases [n, h] for this forward pass."""
+        return self.w1, self.b1
+
+    def forward(self, slots, record=None):
+        batch, num_experts, num_slots, dim = slots.shape
+        images = slots.reshape(batch, num_experts, self.side, self.side, dim).permute(0, 1, 4, 2, 3)
+        inner = None if record is None else {}
+        encoded = self.encoder(images.reshape(batch, num_experts * dim, self.side, self.side), inner)
+        if record is not None:  # the experts' encoder layers, neurons = (expert, channel) pairs on dim 1
+            record.update({f"experts.{name}": value for name, value in inner.items()})
+        features = encoded.reshape(batch, num_experts, -1)  # expert j's encoding, flattened (C, H, W)
+        w1, b1 = self.first_layer()
+        hidden = F.relu(torch.einsum("bnf,nfh->bnh", features, w1) + b1)
+        if record is not None:  # neurons = (expert, unit) pairs on dim 1
+            record["experts"] = hidden.flatten(1)
+        return (torch.einsum("bnh,nho->bno", hidden, self.w2) + self.b2).reshape(slots.shape)
+# <<< shared block: bigexperts
+
+
+class RandomPhiSoftMoE(SoftMoE):
+    """--use-random-phi: phi is a fixed N(0, 1) draw, a buffer that is never trained (Dopamine's use_random_phi draws
+    the same distribution anew at every call and for every sample)."""
+
+    def make_phi(self, dim, num_experts, slots):
+        self.register_buffer("phi", torch.randn(dim, num_experts, slots))  # saved and copied to the target network
+        return self.phi
+
+
+class ShuffledTokenizer(nn.Module):
+    """--shuffle-tokens: a fixed permutation of the encoder output's C*H*W features, drawn from --seed and saved with
+    the weights, before the tokenizer, so that a token no longer holds one position's features."""
+
+    def __init__(self, tokenizer, num_features, seed):
+        super().__init__()
+        self.register_buffer("shuffle", torch.randperm(num_features, generator=torch.Generator().manual_seed(seed)))
+        self.tokenizer, self.num_tokens, self.token_dim = tokenizer, tokenizer.num_tokens, tokenizer.token_dim
+
+    def forward(self, fmap):
+        return self.tokenizer(fmap.flatten(1)[:, self.shuffle].view_as(fmap))
+
+
+class SimplicialFlatten(nn.Module):
+    """--moe-type simplicial_embedding_v1: Dopamine's softmax(x / tau, axis=1) of the [H, W, C] map (over W), then
+    flatten."""
+
+    def __init__(self, tau):
+        super().__init__()
+        self.tau = tau
+
+    def forward(self, fmap):
+        return (fmap / self.tau).softmax(dim=3).flatten(1)
+
+
+class SimplicialDenseLayer(DenseLayer):
+    """--moe-type simplicial_embedding_v2: the dense layer, then softmax(x / tau) within each of `groups` groups of
+    units, then the ReLU (a no-op after the softmax, kept as Dopamine has it)."""
+
+    def __init__(self, in_features, units, groups, tau):
+        super().__init__(in_features, units)
+        self.groups, self.tau = groups, tau
+
+    def forward(self, x, record=None):
+        x = nn.Linear.forward(self, x)
+        x = F.relu((x.view(len(x), self.groups, -1) / self.tau).softmax(dim=-1).flatten(1))
+        if record is not None:
+            record["hidden"] = x
+        return x
+
+
+class ExtraLinearLayer(nn.Module):
+    """--use-extra-linear-layer: a dense 512-unit ReLU layer after the MoE (or baseline) layer, before the Q head."""
+
+    def __init__(self, moe, features, units=512):
+        super().__init__()
+        self.moe, self.extra, self.out_features = moe, xavier_(nn.Linear(features, units)), units
+
+    def forward(self, x, record=None):
+        x = F.relu(self.extra(self.moe(x, record).flatten(1)))
+        if record is not None:
+            record["extra"] = x
+        return x
+
+
+class Frames(nn.Module):
+    """The shared 'encoder' when the experts hold the encoders (--expert-type big): the frames [B, 4, 84, 84] in
+    [0, 1] themselves, so that the tokens are pixels (perconv: 7,056 tokens of dim 4)."""
+
+    output_shape = (4, 84, 84)
+
+    def forward(self, x, record=None):
+        return x
+
+
+def make_knob_network(args, num_actions):
+    """The network with the research knobs of `args`, built in the same order as `make_network` (so that the same
+    seed draws the same weights where a knob leaves a layer alone)."""
+    big = args.expert_type == "big"  # the experts hold the encoders: the tokens are the frames' pixels
+    encoder = Frames() if big else ENCODERS[args.encoder]()
+    channels, height, width = encoder.output_shape
+    if args.moe_type in ("baseline", "simplicial_embedding_v1", "simplicial_embedding_v2"):
+        units = args.expert_hidden_units * args.num_experts
+        tokenizer = SimplicialFlatten(args.sem_tau) if args.moe_type == "simplicial_embedding_v1" else Flatten()
+        if args.moe_type == "simplicial_embedding_v2":
+            moe = SimplicialDenseLayer(channels * height * width, units, args.num_experts, args.sem_tau)
+        else:
+            moe = DenseLayer(channels * height * width, units)
+        features = units
+    else:
+        tokenizer = Tokenizer(args.tokenization, channels, height, width)
+        if args.shuffle_tokens:
+            tokenizer = ShuffledTokenizer(tokenizer, channels * height * width, args.seed)
+        num_tokens, dim = tokenizer.num_tokens, tokenizer.token_dim
+        slots = None
+        if big:
+            slots = square_slots(num_tokens, args.num_experts, args.capacity_factor)
+            experts = BigExperts(args.num_experts, dim, slots, args.expert_hidden_units, ENCODERS[args.encoder])
+        else:
+            experts = Experts(args.num_experts, dim, args.expert_hidden_units)
+        if args.moe_type == "softmoe":
+            soft_moe = RandomPhiSoftMoE if args.use_random_phi else SoftMoE
+            moe = soft_moe(num_tokens, dim, args.num_experts, experts, args.capacity_factor,
+                           normalize=args.moe_normalization, slots_per_expert=slots)
+        else:
+            moe = TopKMoE(num_tokens, dim, args.num_experts, experts, capacity_factor=args.capacity_factor,
+                          k=args.num_selected_experts, noisy_routing=args.noisy_routing, noise_std=args.noise_std)
+        features = num_tokens * dim
+    if args.use_extra_linear_layer:
+        moe, features = ExtraLinearLayer(moe, features), 512
+    return QNetwork(encoder, tokenizer, moe, xavier_(nn.Linear(features, num_actions)))
 
 
 # >>> shared block: moe_losses
@@ -862,24 +1010,6 @@ def moe_aux_losses(args, record):
 # <<< shared block: moe_losses
 
 
-# >>> shared block: dqn_update
-def update(q_network, target_network, optimizer, rb, index):
-    """One gradient step on the replay transitions at linear indices `index` [B] (on the memory's device): gather the
-    batch, loss (plus the auxiliary losses `dqn_loss` returns), backward, Adam step. Recorded as one CUDA graph on GPUs.
-    Returns (TD loss, mean Q(s, a), {name: auxiliary loss}) as tensors; a non-finite loss leaves the weights and Adam's
-    state unchanged (`make_optimizer`)."""
-    device = next(q_network.parameters()).device
-    batch = {k: v.to(device) for k, v in rb.get(index).items()}  # a no-op when the memory is on that device
-    loss, q_taken, aux = dqn_loss(q_network, target_network, batch)
-    total = loss + sum(aux.values())
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    optimizer.found_inf.copy_(~torch.isfinite(total))
-    optimizer.step()
-    return loss.detach(), q_taken.detach().mean(), {name: value.detach() for name, value in aux.items()}
-# <<< shared block: dqn_update
-
-
 # >>> shared block: expert_reset
 def update_number(args, step):
     """The number, counted from 1 after the warm-up, of the gradient update made at agent step `step` (0: none)."""
@@ -910,39 +1040,93 @@ def reset_experts(experts, optimizer, shrink_factor):
         for value in optimizer.state.get(p, {}).values():
             if torch.is_tensor(value) and value.shape == p.shape:
                 value.zero_()
+
+
+def expert_reset_hook(args):
+    """--expert-reset's after-update hook: resets (or shrinks and perturbs) the experts when due and logs the reset's
+    number as moe/expert_resets."""
+    shrink_factor = args.shrink_factor if args.expert_reset == "shrink_perturb" else 0.0
+
+    def after_update(step, q_network, optimizer):
+        number = expert_reset_number(args, step)
+        if not number:
+            return {}
+        moe = getattr(q_network.moe, "moe", q_network.moe)  # inside an ExtraLinearLayer, if any
+        reset_experts(moe.experts, optimizer, shrink_factor)
+        return {"moe/expert_resets": number}
+
+    return after_update
 # <<< shared block: expert_reset
 
 
-def train_step(step, args, q_network, target_network, optimizer, rb, rng, update_fn=update):
-    """Dopamine's _train_step at agent step `step`: after the warm-up, one update every train_frequency steps on a
-    uniform replay sample, then the experts' reset of --expert-reset when due, and a hard target copy every
-    target_network_frequency steps. `update_fn` is `update` or its CUDA graph. Returns (loss, mean Q, {name:
-    auxiliary loss}) of the update, or None."""
-    if step <= args.learning_starts:
-        return None
-    out = None
-    if step % args.train_frequency == 0:
-        index = torch.as_tensor(rb.sample_indices(args.batch_size, rng), device=rb.device)
-        out = update_fn(q_network, target_network, optimizer, rb, index)
-    if expert_reset_number(args, step):
-        reset_experts(q_network.moe.experts, optimizer, args.shrink_factor if args.expert_reset == "shrink_perturb" else 0.0)
-    if step % args.target_network_frequency == 0:
-        target_network.load_state_dict(q_network.state_dict())  # in place: a CUDA graph sees the new weights
-    return out
+# >>> shared block: moe_args
+def check_moe_args(args):
+    """The MoE layer's flags: each one applies to some layers only, and a flag given for another layer stops the run
+    rather than being silently ignored."""
+    moe = args.moe_type in ("softmoe", "top1")
+    if args.use_random_phi and args.moe_type != "softmoe":
+        fail("--use-random-phi replaces the Soft MoE router's phi; use --moe-type softmoe or drop it")
+    if not 1 <= args.num_selected_experts <= args.num_experts:
+        fail(f"--num-selected-experts must be in [1, --num-experts {args.num_experts}], got {args.num_selected_experts}")
+    if args.num_selected_experts != 1 and args.moe_type != "top1":
+        fail("--num-selected-experts is the k of the Top-k MoE; use --moe-type top1 or drop it")
+    if args.noisy_routing and args.moe_type != "top1":
+        fail("--noisy-routing adds noise to the Top-k router; use --moe-type top1 or drop it")
+    if not args.noise_std > 0 or (args.noise_std != 1.0 and not args.noisy_routing):
+        fail(f"--noise-std {args.noise_std}: a positive scale of the router noise, with --noisy-routing")
+    if len(set(args.aux_loss_fns)) != len(args.aux_loss_fns):
+        fail(f"--aux-loss-fns {' '.join(args.aux_loss_fns)} names a loss twice; name each once")
+    if args.aux_loss_fns and not moe:
+        fail("--aux-loss-fns balances the experts of an MoE layer; use --moe-type softmoe or top1, or drop it")
+    if args.aux_loss_fns and args.num_experts < 2:
+        fail("--aux-loss-fns balances the load over experts: use --num-experts 2 or more, or drop it")
+    if "load_loss" in args.aux_loss_fns and args.moe_type != "top1":
+        fail("--aux-loss-fns load_loss needs the Top-k router's logits (Dopamine's Soft MoE gives it none and the loss "
+             "is 0 there); use --moe-type top1, or naive_entropy / importance_loss")
+    for name, loss, default in (("entropy_weight", "naive_entropy", 0.5), ("importance_weight", "importance_loss", 1.0),
+                                ("load_weight", "load_loss", 1.0), ("std_scale", "load_loss", 1.0)):
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if not value >= 0 or (name == "std_scale" and not value > 0):
+            fail(f"{flag} must be {'positive' if name == 'std_scale' else '>= 0'}, got {value}")
+        if value != default and loss not in args.aux_loss_fns:
+            fail(f"{flag} applies to the {loss} loss; add --aux-loss-fns {loss} or drop {flag}")
+    if not args.sem_tau > 0 or (args.sem_tau != 0.1 and not args.moe_type.startswith("simplicial_embedding")):
+        fail(f"--sem-tau {args.sem_tau}: a positive temperature, with --moe-type simplicial_embedding_v1 or _v2")
+    if args.shuffle_tokens and not moe:
+        fail("--shuffle-tokens shuffles the MoE layer's tokens; use --moe-type softmoe or top1, or drop it")
+    if args.expert_reset != "none" and not moe:
+        fail("--expert-reset resets the experts of an MoE layer; use --moe-type softmoe or top1, or drop it")
+    if args.expert_reset_period < 1 or (args.expert_reset_period != 20_000 and args.expert_reset == "none"):
+        fail(f"--expert-reset-period {args.expert_reset_period}: a positive number of updates, with --expert-reset")
+    if not 0.0 < args.shrink_factor < 1.0 or (args.shrink_factor != 0.8 and args.expert_reset != "shrink_perturb"):
+        fail(f"--shrink-factor {args.shrink_factor}: in (0, 1), with --expert-reset shrink_perturb")
+    if args.expert_type == "big" and args.moe_type != "softmoe":  # Dopamine builds BigExpertModel for SOFTMOE only
+        fail("--expert-type big needs the Soft MoE router; use --moe-type softmoe or drop --expert-type")
+    if args.expert_type == "big" and args.tokenization != "perconv":
+        fail(f"--expert-type big: the experts read their slots as images of pixel tokens, which --tokenization "
+             f"{args.tokenization} does not give; use --tokenization perconv (the default)")
+    for flag, given in (("--shuffle-tokens", args.shuffle_tokens), ("--expert-reset", args.expert_reset != "none")):
+        if given and args.expert_type == "big":
+            fail(f"{flag} applies to the small experts (an MLP per slot); drop it or --expert-type big")
+# <<< shared block: moe_args
 
 
-def evaluation_settings(args):
-    """How `evaluate` plays the trained agent after --save-model: epsilon-greedy with --eval-epsilon
-    (dqn.gin's `epsilon_eval`), on environments seeded apart from training's (no no-op starts, as training)."""
-    return {"epsilon": args.eval_epsilon, "seed": args.seed + 1000}
+def research_knobs(args):
+    """Check the knobs' flags, and the hooks that plug them in. With every knob off: the paper's network, no hooks."""
+    check_moe_args(args)
+    network_knobs = (args.moe_type not in ("softmoe", "baseline") or args.use_random_phi or args.use_extra_linear_layer
+                     or args.shuffle_tokens or args.expert_type == "big")
+    return Hooks(
+        functools.partial(make_knob_network, args) if network_knobs else functools.partial(make_network, **network_flags(args)),
+        extra_losses=functools.partial(moe_aux_losses, args) if args.aux_loss_fns else None,
+        after_update=expert_reset_hook(args) if args.expert_reset != "none" else None,
+    )
 
 
 # =====================================================================================================================
 # Run plumbing: what a training run needs besides the method (environment state, statistics, failure and resource
 # checks, checkpoints, flags, progress, CUDA graphs, evaluation). Nothing below changes what the agent learns.
 # =====================================================================================================================
-
-
 # >>> shared block: envstate
 def get_env_state(env):
     """Everything needed to continue the current episode bit-exactly after a restart."""
@@ -979,14 +1163,13 @@ def neuron_scores(activation):
     return score / (score.mean() + 1e-9)
 
 
-def dormant_statistics(record, taus):
-    """Percentage of tau-dormant neurons (score <= tau) per layer and pooled over all hidden layers."""
-    routing = ("dispatch", "combine", "router_logits", "router_probs", "top_experts", "kept")
-    layers = {k: v for k, v in record.items() if k not in routing}
+def dormant_statistics(activations, taus):
+    """Percentage of tau-dormant neurons (score <= tau) per layer and pooled over all layers of `activations`
+    ({layer name: post-ReLU activations [B, neurons, ...]})."""
     stats = {}
     for tau in taus:
         dormant, total = 0, 0
-        for name, activation in layers.items():
+        for name, activation in activations.items():
             mask = neuron_scores(activation) <= tau
             stats[f"dormant/{name}_tau{tau:g}_pct"] = 100.0 * mask.float().mean().item()
             dormant, total = dormant + mask.sum().item(), total + mask.numel()
@@ -1040,6 +1223,9 @@ def routing_statistics(record, summary=None):
     return stats
 
 
+ROUTING_KEYS = ("dispatch", "combine", "router_logits", "router_probs", "top_experts", "kept")  # no activations
+
+
 def probe_statistics(q_network, probe, taus, chunk_size):
     """The dormant/ and moe/ statistics of `q_network` on the states `probe`, which go through the network
     `chunk_size` states at a time: the same numbers as one pass over the whole probe, whose routing weights alone
@@ -1051,7 +1237,7 @@ def probe_statistics(q_network, probe, taus, chunk_size):
             q_network(states, record)
             summaries.append(routing_summary(record))
             for name, value in record.items():
-                if name not in ("dispatch", "combine", "router_probs", "kept"):
+                if name not in ROUTING_KEYS:
                     activations.setdefault(name, []).append(value)
     activations = {name: torch.cat(values) for name, values in activations.items()}
     summary = {name: torch.cat([chunk[name] for chunk in summaries]) for name in summaries[0]}
@@ -1200,7 +1386,7 @@ def keep_freed_memory():
 
 
 # >>> shared block: checkpoint
-CHECKPOINT_FORMAT = 2  # version of the layout below; a checkpoint of another version is refused with one line
+CHECKPOINT_FORMAT = 3  # version of the layout below; a checkpoint of another version is refused with one line
 
 
 class Checkpoint:
@@ -1390,9 +1576,6 @@ class Progress:
         else:
             print(line, flush=True)
 
-    def print(self, message):
-        print(("\n" if self.tty else "") + message, flush=True)
-
 
 class PhaseClock:
     """Wall seconds spent in each phase of the run (warm-up, learning, evaluation), kept across resumes."""
@@ -1416,6 +1599,142 @@ def print_summary(title, rows):
     width = max(len(label) for label, _ in rows)
     print("\n".join([title, *(f"  {label:<{width}}  {value}" for label, value in rows)]), flush=True)
 # <<< shared block: progress
+
+
+# >>> shared block: run
+class Run:
+    """What a training run keeps besides the agent: its directory (runs/<run>, or the checkpoint's on --resume), the
+    TensorBoard writer and wandb run, the checkpoint folder, the stop signals, progress and phase times, the episode
+    returns and the metrics of the log interval. A checkpoint holds its `state_dict` under "run"."""
+
+    def __init__(self, args, checkpoint):
+        self.args, saved = args, checkpoint["run"] if checkpoint else {}
+        self.dir = os.path.dirname(checkpoint["folder"]) if checkpoint else make_run_dir(args)
+        self.name = os.path.basename(self.dir)
+        self.checkpoint = Checkpoint(os.path.join(self.dir, "checkpoint"))
+        self.wandb_id = init_wandb(args, self.name, saved.get("wandb_id")) if args.track else None
+        self.start_step = checkpoint["global_step"] if checkpoint else 0
+        try:
+            self.writer = SummaryWriter(self.dir, purge_step=self.start_step if checkpoint else None)
+        except OSError as error:
+            fail(f"cannot write TensorBoard events in {self.dir}: {error.strerror}; resume from a writable directory")
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(
+            f"|{key}|{value}|" for key, value in vars(args).items()))
+        self.episode_return, self.episode_length, self.episodes, self.updates = saved.get("episode", (0.0, 0, 0, 0))
+        self.recent_returns = deque(saved.get("recent_returns", ()), maxlen=100)
+        self.sums, self.num_logged = saved.get("metric_sums", {}), saved.get("num_logged", 0)  # of the log interval
+        self.eval_returns = saved.get("eval_returns", [])
+        self.clock, self.progress = PhaseClock(saved.get("phase_seconds")), Progress(args.total_timesteps, self.start_step)
+        self.stop, self.videos, self.last_log = StopSignal(), set(), (time.time(), self.start_step)
+
+    def state_dict(self):
+        return {"wandb_id": self.wandb_id, "recent_returns": list(self.recent_returns), "eval_returns": self.eval_returns,
+                "episode": (self.episode_return, self.episode_length, self.episodes, self.updates),
+                "metric_sums": self.sums, "num_logged": self.num_logged, "phase_seconds": self.clock.state_dict()}
+
+    def start_step_of_loop(self, step, save):
+        """Phase time; a signal saves and leaves (--resume continues exactly here); the periodic checkpoint."""
+        self.clock.enter("warm-up" if step <= self.args.learning_starts else "learning")
+        if self.stop:
+            self.stop_here(step, save)
+        if self.args.checkpoint_every and step > self.start_step and step % self.args.checkpoint_every == 0:
+            save(step)
+
+    def add_reward(self, reward):
+        self.episode_return += reward
+        self.episode_length += 1
+
+    def end_episode(self, step):
+        self.writer.add_scalar("charts/episodic_return", self.episode_return, step)
+        self.writer.add_scalar("charts/episodic_length", self.episode_length, step)
+        self.recent_returns.append(self.episode_return)
+        self.episode_return, self.episode_length, self.episodes = 0.0, 0, self.episodes + 1
+        if self.args.track and self.args.capture_video:
+            upload_videos(f"videos/{self.name}", "videos/train", self.videos)
+
+    def log_training(self, step, updates, events, save):
+        """The metrics of a training step's updates, summed for the log interval's means (losses/<name>), and its
+        `events` {tag: value}, logged at once. A non-finite loss (whose step Adam skipped) saves the last finite
+        weights and ends the run."""
+        for metrics in updates:
+            self.updates += 1
+            values = {name: value.item() for name, value in metrics.items()}
+            if not all(math.isfinite(value) for value in values.values()):
+                save(step + 1)
+                exit_run(f"error: non-finite loss {values} at step {step:,}; checkpoint saved; resume with a lower "
+                         f"learning rate: --resume {self.checkpoint.folder} --learning-rate {self.args.learning_rate / 4:g}",
+                         1)
+            for name, value in values.items():
+                self.sums[name] = self.sums.get(name, 0.0) + value
+            self.num_logged += 1
+        for tag, value in events.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def log_interval(self, step, charts):
+        """Every --log-frequency steps: the interval's mean losses, SPS, and `charts` {name: value} as charts/<name>."""
+        if (step + 1) % self.args.log_frequency:
+            return
+        if self.num_logged:
+            for name, value in self.sums.items():
+                self.writer.add_scalar(f"losses/{name}", value / self.num_logged, step)
+            self.sums, self.num_logged = dict.fromkeys(self.sums, 0.0), 0
+        now = time.time()  # SPS over the last log interval
+        self.writer.add_scalar("charts/SPS", int((step + 1 - self.last_log[1]) / (now - self.last_log[0])), step)
+        self.last_log = (now, step + 1)
+        for name, value in charts.items():
+            self.writer.add_scalar(f"charts/{name}", value, step)
+
+    def show_progress(self, step, rb, force=False):
+        recent = np.mean(self.recent_returns) if self.recent_returns else None
+        self.progress.update(step, recent, self.updates, len(rb) / rb.capacity, force=force)
+
+    def stop_here(self, step, save, with_replay=True):
+        """A signal arrived: save, say how to resume, leave."""
+        save(step, with_replay)
+        self.writer.close()
+        if self.args.track:
+            finish_wandb(128 + self.stop.signum)
+        exit_run(f"{signal.Signals(self.stop.signum).name} at step {step:,}: checkpoint saved; resume with\n"
+                 f"  python {sys.argv[0]} --resume {self.checkpoint.folder}", 128 + self.stop.signum)
+
+    def save_model(self, q_network):
+        path = f"{self.dir}/{self.args.exp_name}.cleanrl_model"
+        torch.save({"model": q_network.state_dict(), "args": vars(self.args)}, path)
+        return path
+
+    def log_evaluation(self):
+        for idx, episodic_return in enumerate(self.eval_returns):
+            self.writer.add_scalar("eval/episodic_return", episodic_return, idx)
+        if self.args.track and self.args.capture_video:
+            upload_videos(f"videos/{self.name}-eval", "videos/eval", self.videos)
+
+    def finish(self, model_path):
+        """result.json, the writers closed, and the end-of-run summary."""
+        args, seconds, returns = self.args, self.clock.state_dict(), self.recent_returns
+        write_json(f"{self.dir}/result.json", {
+            "script": args.exp_name, "env_id": args.env_id, "seed": args.seed, "steps": args.total_timesteps,
+            "episodes": self.episodes, "train_return_last100": float(np.mean(returns)) if returns else None,
+            "eval_returns": self.eval_returns or None,
+            "eval_return_mean": float(np.mean(self.eval_returns)) if self.eval_returns else None,
+            "wall_time_s": sum(seconds.values()), "phase_seconds": seconds, "args": vars(args),
+        })
+        self.writer.close()
+        if args.track:
+            finish_wandb()
+        warmup_steps = min(args.learning_starts + 1, args.total_timesteps)
+        print_summary(f"{args.exp_name} on {args.env_id}, seed {args.seed}: done", [
+            ("steps", f"{args.total_timesteps:,} in {format_seconds(sum(seconds.values()))}, {self.updates:,} updates"),
+            ("speed", f"warm-up {warmup_steps / max(seconds.get('warm-up', 0.0), 1e-9):,.0f} SPS, learning "
+                      f"{(args.total_timesteps - warmup_steps) / max(seconds.get('learning', 0.0), 1e-9):,.0f} SPS"),
+            ("final return", f"{np.mean(returns):.1f} (mean of the last {len(returns)} episodes)" if returns
+             else "no finished episode"),
+            ("evaluation", f"{np.mean(self.eval_returns):.1f} (mean of {len(self.eval_returns)} episodes)"
+             if self.eval_returns else "none (--save-model evaluates)"),
+            ("run directory", self.dir),
+            ("model", model_path or "not saved (--save-model)"),
+            ("checkpoint", self.checkpoint.folder if os.path.isdir(self.checkpoint.folder) else "none (--checkpoint-every)"),
+        ])
+# <<< shared block: run
 
 
 # >>> shared block: cudagraph
@@ -1460,66 +1779,19 @@ class CudaGraph:
 # <<< shared block: cudagraph
 
 
-# >>> shared block: moe_args
-def check_moe_args(args):
-    """The MoE layer's flags: each one applies to some layers only, and a flag given for another layer stops the run
-    rather than being silently ignored."""
-    moe = args.moe_type in ("softmoe", "top1")
-    if not args.capacity_factor > 0:
-        fail(f"--capacity-factor must be positive (1.0: as many slots as tokens), got {args.capacity_factor}")
-    if args.capacity_factor != 1.0 and not moe:
-        fail("--capacity-factor sets the MoE layer's slots; drop it or use --moe-type softmoe or top1")
-    if args.moe_normalization and args.moe_type != "softmoe":
-        fail("--moe-normalization applies to the Soft MoE router only; use --moe-type softmoe")
-    if args.use_random_phi and args.moe_type != "softmoe":
-        fail("--use-random-phi replaces the Soft MoE router's phi; use --moe-type softmoe or drop it")
-    if not 1 <= args.num_selected_experts <= args.num_experts:
-        fail(f"--num-selected-experts must be in [1, --num-experts {args.num_experts}], got {args.num_selected_experts}")
-    if args.num_selected_experts != 1 and args.moe_type != "top1":
-        fail("--num-selected-experts is the k of the Top-k MoE; use --moe-type top1 or drop it")
-    if args.noisy_routing and args.moe_type != "top1":
-        fail("--noisy-routing adds noise to the Top-k router; use --moe-type top1 or drop it")
-    if not args.noise_std > 0 or (args.noise_std != 1.0 and not args.noisy_routing):
-        fail(f"--noise-std {args.noise_std}: a positive scale of the router noise, with --noisy-routing")
-    if len(set(args.aux_loss_fns)) != len(args.aux_loss_fns):
-        fail(f"--aux-loss-fns {' '.join(args.aux_loss_fns)} names a loss twice; name each once")
-    if args.aux_loss_fns and not moe:
-        fail("--aux-loss-fns balances the experts of an MoE layer; use --moe-type softmoe or top1, or drop it")
-    if args.aux_loss_fns and args.num_experts < 2:
-        fail("--aux-loss-fns balances the load over experts: use --num-experts 2 or more, or drop it")
-    if "load_loss" in args.aux_loss_fns and args.moe_type != "top1":
-        fail("--aux-loss-fns load_loss needs the Top-k router's logits (Dopamine's Soft MoE gives it none and the loss "
-             "is 0 there); use --moe-type top1, or naive_entropy / importance_loss")
-    for name, loss, default in (("entropy_weight", "naive_entropy", 0.5), ("importance_weight", "importance_loss", 1.0),
-                                ("load_weight", "load_loss", 1.0), ("std_scale", "load_loss", 1.0)):
-        value, flag = getattr(args, name), "--" + name.replace("_", "-")
-        if not value >= 0 or (name == "std_scale" and not value > 0):
-            fail(f"{flag} must be {'positive' if name == 'std_scale' else '>= 0'}, got {value}")
-        if value != default and loss not in args.aux_loss_fns:
-            fail(f"{flag} applies to the {loss} loss; add --aux-loss-fns {loss} or drop {flag}")
-    if not args.sem_tau > 0 or (args.sem_tau != 0.1 and not args.moe_type.startswith("simplicial_embedding")):
-        fail(f"--sem-tau {args.sem_tau}: a positive temperature, with --moe-type simplicial_embedding_v1 or _v2")
-    if args.shuffle_tokens and not moe:
-        fail("--shuffle-tokens shuffles the MoE layer's tokens; use --moe-type softmoe or top1, or drop it")
-    if args.expert_reset != "none" and not moe:
-        fail("--expert-reset resets the experts of an MoE layer; use --moe-type softmoe or top1, or drop it")
-    if args.expert_reset_period < 1 or (args.expert_reset_period != 20_000 and args.expert_reset == "none"):
-        fail(f"--expert-reset-period {args.expert_reset_period}: a positive number of updates, with --expert-reset")
-    if not 0.0 < args.shrink_factor < 1.0 or (args.shrink_factor != 0.8 and args.expert_reset != "shrink_perturb"):
-        fail(f"--shrink-factor {args.shrink_factor}: in (0, 1), with --expert-reset shrink_perturb")
-    if args.expert_type == "big" and args.moe_type != "softmoe":  # Dopamine builds BigExpertModel for SOFTMOE only
-        fail("--expert-type big needs the Soft MoE router; use --moe-type softmoe or drop --expert-type")
-    if args.expert_type == "big" and args.tokenization != "perconv":
-        fail(f"--expert-type big: the experts read their slots as images of pixel tokens, which --tokenization "
-             f"{args.tokenization} does not give; use --tokenization perconv (the default)")
-    for flag, given in (("--shuffle-tokens", args.shuffle_tokens), ("--expert-reset", args.expert_reset != "none")):
-        if given and args.expert_type == "big":
-            fail(f"{flag} applies to the small experts (an MLP per slot); drop it or --expert-type big")
-# <<< shared block: moe_args
+@dataclass
+class Hooks:
+    """How the research knobs plug into the method: the network (`make_network(num_actions)`), extra losses on the
+    update's forward pass (`extra_losses(record)` -> {name: loss}), and a step after each update
+    (`after_update(step, q_network, optimizer)` -> {tag: value} to log)."""
+
+    make_network: Callable
+    extra_losses: Optional[Callable] = None
+    after_update: Optional[Callable] = None
 
 
 def check_args(args):
-    """Every bad flag stops here, before anything is created or allocated."""
+    """Every bad flag of the method and the run stops here, before anything is created or allocated."""
     check_numbers(args)
     for name in ("total_timesteps", "buffer_size", "batch_size", "train_frequency", "target_network_frequency",
                  "num_experts", "expert_hidden_units", "max_episode_steps", "log_frequency", "stats_frequency",
@@ -1545,7 +1817,12 @@ def check_args(args):
              f"got {args.learning_starts}")
     if args.moe_type not in ("softmoe", "top1") and args.tokenization != "perconv":
         fail(f"--tokenization {args.tokenization} needs an MoE layer; drop it or use --moe-type softmoe")
-    check_moe_args(args)
+    if not args.capacity_factor > 0:
+        fail(f"--capacity-factor must be positive (1.0: as many slots as tokens), got {args.capacity_factor}")
+    if args.capacity_factor != 1.0 and args.moe_type not in ("softmoe", "top1"):
+        fail("--capacity-factor sets the MoE layer's slots; drop it or use --moe-type softmoe or top1")
+    if args.moe_normalization and args.moe_type != "softmoe":
+        fail("--moe-normalization applies to the Soft MoE router only; use --moe-type softmoe")
     check_env_id(args.env_id)
     if args.track:
         try:
@@ -1560,15 +1837,16 @@ def check_args(args):
 
 
 # >>> shared block: dqn_evaluate
-def evaluate(model_path, num_episodes, device, epsilon, seed, returns=(), stop=None, video_dir=None):
-    """Returns of `num_episodes` episodes of the saved model, epsilon-greedy with `epsilon`. Episode i starts
-    from env.reset(seed=seed + i) and draws its random actions from its own generator, so an evaluation stopped by a
-    signal (`stop`) resumes after its last finished episode (`returns`) and ends as an uninterrupted one would."""
+def evaluate(model_path, make_network, num_episodes, device, epsilon, seed, returns=(), stop=None, video_dir=None):
+    """Returns of `num_episodes` episodes of the saved model (built by `make_network(num_actions)`), epsilon-greedy
+    with `epsilon`. Episode i starts from env.reset(seed=seed + i) and draws its random actions from its own generator,
+    so an evaluation stopped by a signal (`stop`) resumes after its last finished episode (`returns`) and ends as an
+    uninterrupted one would."""
     saved = torch.load(model_path, map_location=device, weights_only=True)
     args = Args(**saved["args"])
     env = make_env(args.env_id, seed, args.repeat_action_probability, args.max_episode_steps,
                    capture_video=video_dir is not None, video_dir=video_dir, video_prefix="eval")
-    model = QNetwork(args, env.action_space.n).to(device)
+    model = make_network(env.action_space.n).to(device)
     model.load_state_dict(saved["model"])
     model.eval()
     returns = list(returns)
@@ -1592,31 +1870,58 @@ def evaluate(model_path, num_episodes, device, epsilon, seed, returns=(), stop=N
 # <<< shared block: dqn_evaluate
 
 
+# >>> shared block: dqn_run
+def rng_state(rng, device):
+    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def resume(checkpoint, run, q_network, target_network, optimizer, rb, env, rng, device, stack):
+    """Load a checkpoint (None: a fresh run) into the networks, the optimizer, the replay memory, the environment and
+    the generators. Returns the frame stack to act on and whether the replay memory was loaded (a checkpoint saved in
+    the evaluation after training may hold none: then only the evaluation can go on)."""
+    if not checkpoint:
+        return stack, True
+    q_network.load_state_dict(checkpoint["q_network"])
+    target_network.load_state_dict(checkpoint["target_network"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for group in optimizer.param_groups:  # --learning-rate may change on resume (a non-finite loss suggests it)
+        group["lr"] = run.args.learning_rate
+    if checkpoint["replay"] is not None:
+        run.checkpoint.load_replay(rb, checkpoint["replay"])
+    set_env_state(env, checkpoint["env"])
+    rng.bit_generator.state = checkpoint["rng"]["numpy"]
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+    print(f"resumed {run.name} at step {run.start_step:,} from {run.checkpoint.folder}", flush=True)
+    return checkpoint["stack"].numpy().copy(), checkpoint["replay"] is not None
+
+
+def statistics_sample(args, rb, step, device):
+    """A fresh uniform sample of --stats-batch-size states for the statistics, drawn from its own generator so that
+    analysis never changes training."""
+    return rb.stacks(rb.sample_indices(args.stats_batch_size, np.random.default_rng([args.seed, step]))).to(device)
+# <<< shared block: dqn_run
+
+
 # flags that may change when resuming; everything else must match the checkpoint
 RESUMABLE_FIELDS = ("total_timesteps", "checkpoint_every", "cuda", "cuda_graphs", "track", "wandb_project_name",
                     "wandb_entity", "save_model", "eval_episodes", "log_frequency", "stats_frequency", "capture_video",
                     "learning_rate")
 
 
+# =====================================================================================================================
+# Main: set-up, then CleanRL's loop (act, step, store, train, log)
+# =====================================================================================================================
 if __name__ == "__main__":
     args, checkpoint = parse_args(Args, RESUMABLE_FIELDS)
     check_args(args)
+    hooks = research_knobs(args)  # without the knobs: hooks = Hooks(functools.partial(make_network, **network_flags(args)))
     keep_freed_memory()
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     replay_device = place_replay(args.buffer_size, device, ReplayMemory.bytes_per_slot(), resuming=bool(checkpoint))
-    run_dir = os.path.dirname(checkpoint["folder"]) if checkpoint else make_run_dir(args)
-    run_name = os.path.basename(run_dir)
-    ckpt = Checkpoint(os.path.join(run_dir, "checkpoint"))
-    wandb_id = init_wandb(args, run_name, checkpoint and checkpoint["wandb_id"]) if args.track else None
-    start_step = checkpoint["global_step"] if checkpoint else 0
-    try:
-        writer = SummaryWriter(run_dir, purge_step=start_step if checkpoint else None)
-    except OSError as error:
-        fail(f"cannot write TensorBoard events in {run_dir}: {error.strerror}; resume from a writable directory")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    run = Run(args, checkpoint)
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -1625,187 +1930,73 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     rng = np.random.default_rng(args.seed)  # epsilon-greedy actions and replay sampling
 
-    # env setup
-    env = make_training_env(args, run_name)
-    num_actions = env.action_space.n
-
-    q_network = QNetwork(args, num_actions).to(device)
+    env = make_training_env(args, run.name)
+    q_network = hooks.make_network(env.action_space.n).to(device)
     optimizer = make_optimizer(args, q_network)
-    target_network = QNetwork(args, num_actions).to(device)
+    target_network = hooks.make_network(env.action_space.n).to(device)
     target_network.load_state_dict(q_network.state_dict())
     rb = make_replay(args, replay_device)
-    print(f"{run_name}: {sum(p.numel() for p in q_network.parameters()):,} parameters on {device}, "
+    print(f"{run.name}: {sum(p.numel() for p in q_network.parameters()):,} parameters on {device}, "
           f"replay memory on {replay_device} ({ReplayMemory.bytes_per_slot()} bytes per transition)", flush=True)
-
-    # TRY NOT TO MODIFY: start the game
     frame, _ = env.reset(seed=args.seed)
     stack = np.repeat(frame[None], 4, axis=0)
-    episode_return, episode_length, episodes, updates = 0.0, 0, 0, 0
-    recent_returns = deque(maxlen=100)
-    loss_sum, q_sum, num_logged = 0.0, 0.0, 0  # of the log interval in progress
-    aux_sums = dict.fromkeys(args.aux_loss_fns, 0.0)  # the auxiliary losses' sums over the same interval
-    eval_returns, phase_seconds = [], {}
-    replay_loaded = not checkpoint or checkpoint["replay"] is not None  # else only the evaluation can go on
-    if checkpoint:
-        q_network.load_state_dict(checkpoint["q_network"])
-        target_network.load_state_dict(checkpoint["target_network"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        for group in optimizer.param_groups:  # --learning-rate may change on resume (a non-finite loss suggests it)
-            group["lr"] = args.learning_rate
-        if replay_loaded:
-            ckpt.load_replay(rb, checkpoint["replay"])
-        set_env_state(env, checkpoint["env"])
-        stack = checkpoint["stack"].numpy().copy()
-        episode_return, episode_length, episodes, updates = checkpoint["episode"]
-        recent_returns.extend(checkpoint["recent_returns"])
-        loss_sum, q_sum, num_logged = checkpoint["log_sums"]
-        aux_sums = checkpoint.get("aux_sums", aux_sums)
-        eval_returns, phase_seconds = checkpoint["eval_returns"], checkpoint["phase_seconds"]
-        rng.bit_generator.state = checkpoint["rng"]["numpy"]
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
-        print(f"resumed {run_name} at step {start_step:,} from {ckpt.folder}", flush=True)
-        del checkpoint
+    stack, replay_loaded = resume(checkpoint, run, q_network, target_network, optimizer, rb, env, rng, device, stack)
+    checkpoint = None  # its tensors are loaded: free them
 
-    def save_checkpoint(next_step, with_replay=True):
-        ckpt.save({
-            "script": os.path.basename(__file__), "args": vars(args), "wandb_id": wandb_id, "global_step": next_step,
+    def save(next_step, with_replay=True):
+        run.checkpoint.save({
+            "script": os.path.basename(__file__), "args": vars(args), "global_step": next_step, "run": run.state_dict(),
             "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
             "optimizer": optimizer.state_dict(), "env": get_env_state(env), "stack": torch.from_numpy(stack.copy()),
-            "episode": (episode_return, episode_length, episodes, updates), "recent_returns": list(recent_returns),
-            "log_sums": (loss_sum, q_sum, num_logged), "aux_sums": aux_sums, "eval_returns": eval_returns,
-            "phase_seconds": clock.state_dict(),
-            "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-        }, rb if with_replay else None)
-
-    def stop_here(step, with_replay=True):
-        """A signal arrived: save, say how to resume, leave."""
-        save_checkpoint(step, with_replay)
-        writer.close()
-        if args.track:
-            finish_wandb(128 + stop.signum)
-        exit_run(f"{signal.Signals(stop.signum).name} at step {step:,}: checkpoint saved; resume with\n"
-                 f"  python {sys.argv[0]} --resume {ckpt.folder}", 128 + stop.signum)
+            "rng": rng_state(rng, device)}, rb if with_replay else None)
 
     # the gather of a batch runs inside the graph, so the memory must be on the GPU too
     use_graphs = args.cuda_graphs and device.type == "cuda" and replay_device.type == "cuda"
-    act, update_fn = CudaGraph(greedy_action, use_graphs), CudaGraph(update, use_graphs)
-    stop = StopSignal()
-    progress, clock = Progress(args.total_timesteps, start_step), PhaseClock(phase_seconds)
-    videos_uploaded = set()
-    last_log = (time.time(), start_step)
-    for global_step in range(start_step, args.total_timesteps):
-        clock.enter("warm-up" if global_step <= args.learning_starts else "learning")
-        if stop:  # preemption or Ctrl-C: save and leave; --resume continues exactly here
-            stop_here(global_step)
-        if args.checkpoint_every and global_step > start_step and global_step % args.checkpoint_every == 0:
-            save_checkpoint(global_step)
+    act = CudaGraph(greedy_action, use_graphs)
+    update_fn = CudaGraph(functools.partial(update, extra_losses=hooks.extra_losses), use_graphs)
+    for global_step in range(run.start_step, args.total_timesteps):
+        run.start_step_of_loop(global_step, save)
 
         # ALGO LOGIC: put action logic here
         epsilon = epsilon_at(args, global_step)
         if rng.random() < epsilon:
-            action = int(rng.integers(num_actions))
+            action = int(rng.integers(env.action_space.n))
         else:
             action = act(q_network, torch.as_tensor(stack, device=device).unsqueeze(0)).item()
 
-        # TRY NOT TO MODIFY: execute the game and log data.
+        # TRY NOT TO MODIFY: execute the game, save data to replay memory (the final frame of an episode is kept)
         next_frame, reward, terminated, truncated, _ = env.step(action)
-        episode_return += reward
-        episode_length += 1
-
-        # TRY NOT TO MODIFY: save data to replay memory; the final frame of an episode is kept
+        run.add_reward(reward)
         rb.add(stack[-1], action, clip_reward(reward), terminated, truncated, next_frame)
-
-        # TRY NOT TO MODIFY: record rewards for plotting purposes
         if terminated or truncated:
-            writer.add_scalar("charts/episodic_return", episode_return, global_step)
-            writer.add_scalar("charts/episodic_length", episode_length, global_step)
-            recent_returns.append(episode_return)
-            episode_return, episode_length, episodes = 0.0, 0, episodes + 1
+            run.end_episode(global_step)
             next_frame, _ = env.reset()
             stack = np.repeat(next_frame[None], 4, axis=0)
-            if args.track and args.capture_video:
-                upload_videos(f"videos/{run_name}", "videos/train", videos_uploaded)
-        else:
-            # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
+        else:  # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
             stack = np.concatenate([stack[1:], next_frame[None]])
 
         # ALGO LOGIC: training.
-        update_out = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, update_fn)
-        if update_out is not None:
-            loss, q_mean, aux = update_out[0].item(), update_out[1].item(), update_out[2]
-            updates += 1
-            if not math.isfinite(loss + sum(value.item() for value in aux.values())):  # the step was skipped, so the
-                save_checkpoint(global_step + 1)  # checkpoint holds the last finite weights
-                exit_run(f"error: non-finite loss {loss} at step {global_step:,}; checkpoint saved; resume with a lower "
-                         f"learning rate: --resume {ckpt.folder} --learning-rate {args.learning_rate / 4:g}", 1)
-            loss_sum, q_sum, num_logged = loss_sum + loss, q_sum + q_mean, num_logged + 1
-            for name, value in aux.items():
-                aux_sums[name] += value.item()
-        if reset := expert_reset_number(args, global_step):
-            writer.add_scalar("moe/expert_resets", reset, global_step)
-
-        if (global_step + 1) % args.log_frequency == 0:
-            if num_logged:
-                writer.add_scalar("losses/td_loss", loss_sum / num_logged, global_step)
-                writer.add_scalar("losses/q_values", q_sum / num_logged, global_step)
-                for name, value in aux_sums.items():
-                    writer.add_scalar(f"losses/{name}", value / num_logged, global_step)
-                loss_sum, q_sum, num_logged = 0.0, 0.0, 0
-                aux_sums = dict.fromkeys(aux_sums, 0.0)
-            now = time.time()  # SPS over the last log interval
-            writer.add_scalar("charts/SPS", int((global_step + 1 - last_log[1]) / (now - last_log[0])), global_step)
-            last_log = (now, global_step + 1)
-            writer.add_scalar("charts/epsilon", epsilon, global_step)
+        updates, events = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, update_fn,
+                                     hooks.after_update)
+        run.log_training(global_step, updates, events, save)
+        run.log_interval(global_step, {"epsilon": epsilon})
         if (global_step + 1) % args.stats_frequency == 0 and global_step > args.learning_starts:
-            # a fresh uniform sample, drawn from its own generator so that analysis never changes training
-            probe_rng = np.random.default_rng([args.seed, global_step])
-            probe = rb.stacks(rb.sample_indices(args.stats_batch_size, probe_rng)).to(device)
-            for key, value in probe_statistics(q_network, probe, (0.0, args.dormant_tau), args.batch_size).items():
-                writer.add_scalar(key, value, global_step)
-        progress.update(global_step + 1, np.mean(recent_returns) if recent_returns else None, updates,
-                        len(rb) / rb.capacity)
+            for key, value in probe_statistics(q_network, statistics_sample(args, rb, global_step, device), (0.0, args.dormant_tau),
+                                               args.batch_size).items():
+                run.writer.add_scalar(key, value, global_step)
+        run.show_progress(global_step + 1, rb)
 
-    progress.update(args.total_timesteps, np.mean(recent_returns) if recent_returns else None, updates,
-                    len(rb) / rb.capacity, force=True)
-    if args.checkpoint_every and start_step < args.total_timesteps:
-        save_checkpoint(args.total_timesteps)
-    model_path = None
-    if args.save_model:
-        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
-        torch.save({"model": q_network.state_dict(), "args": vars(args)}, model_path)
-        clock.enter("evaluation")
-        eval_returns = evaluate(model_path, args.eval_episodes, device, **evaluation_settings(args), returns=eval_returns,
-                                stop=stop, video_dir=f"videos/{run_name}-eval" if args.capture_video else None)
-        if stop:  # only the unfinished episodes run again on resume
-            stop_here(args.total_timesteps, with_replay=replay_loaded and args.checkpoint_every > 0)
-        for idx, episodic_return in enumerate(eval_returns):
-            writer.add_scalar("eval/episodic_return", episodic_return, idx)
-        if args.track and args.capture_video:
-            upload_videos(f"videos/{run_name}-eval", "videos/eval", videos_uploaded)
-    seconds = clock.state_dict()
-    write_json(f"{run_dir}/result.json", {
-        "script": args.exp_name, "env_id": args.env_id, "seed": args.seed, "steps": args.total_timesteps,
-        "episodes": episodes, "train_return_last100": float(np.mean(recent_returns)) if recent_returns else None,
-        "eval_returns": eval_returns or None, "eval_return_mean": float(np.mean(eval_returns)) if eval_returns else None,
-        "wall_time_s": sum(seconds.values()), "phase_seconds": seconds, "args": vars(args),
-    })
+    run.show_progress(args.total_timesteps, rb, force=True)
+    if args.checkpoint_every and run.start_step < args.total_timesteps:
+        save(args.total_timesteps)
+    model_path = run.save_model(q_network) if args.save_model else None
+    if model_path:
+        run.clock.enter("evaluation")
+        run.eval_returns = evaluate(model_path, hooks.make_network, args.eval_episodes, device,
+                                    **evaluation_settings(args), returns=run.eval_returns, stop=run.stop,
+                                    video_dir=f"videos/{run.name}-eval" if args.capture_video else None)
+        if run.stop:  # only the unfinished episodes run again on resume
+            run.stop_here(args.total_timesteps, save, with_replay=replay_loaded and args.checkpoint_every > 0)
+        run.log_evaluation()
     env.close()
-    writer.close()
-    if args.track:
-        finish_wandb()
-    warmup_steps = min(args.learning_starts + 1, args.total_timesteps)
-    print_summary(f"{args.exp_name} on {args.env_id}, seed {args.seed}: done", [
-        ("steps", f"{args.total_timesteps:,} in {format_seconds(sum(seconds.values()))}, {updates:,} updates"),
-        ("speed", f"warm-up {warmup_steps / max(seconds.get('warm-up', 0.0), 1e-9):,.0f} SPS, learning "
-                  f"{(args.total_timesteps - warmup_steps) / max(seconds.get('learning', 0.0), 1e-9):,.0f} SPS"),
-        ("final return", f"{np.mean(recent_returns):.1f} (mean of the last {len(recent_returns)} episodes)"
-         if recent_returns else "no finished episode"),
-        ("evaluation", f"{np.mean(eval_returns):.1f} (mean of {len(eval_returns)} episodes)" if eval_returns
-         else "none (--save-model evaluates)"),
-        ("run directory", run_dir),
-        ("model", model_path or "not saved (--save-model)"),
-        ("checkpoint", ckpt.folder if os.path.isdir(ckpt.folder) else "none (--checkpoint-every)"),
-    ])
+    run.finish(model_path)

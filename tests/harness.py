@@ -21,6 +21,20 @@ def load_script(name):
     return module
 
 
+def build_network(m, args, num_actions):
+    """The network a script builds for `args` (its research knobs included), as its main block does."""
+    if hasattr(m, "research_knobs"):
+        return m.research_knobs(args).make_network(num_actions)
+    return m.QNetwork(args, num_actions)
+
+
+def check_flags(m, args):
+    """Every start-up check of a script's flags, as its main block makes them: check_args, then the research knobs'."""
+    m.check_args(args)
+    if hasattr(m, "research_knobs"):
+        m.research_knobs(args)
+
+
 def script_command(name, *flags):
     return [sys.executable, str(SCRIPTS / f"{name}.py"), *map(str, flags)]
 

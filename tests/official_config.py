@@ -262,7 +262,8 @@ def crafted_dqn_update(m):
     memory.add(np.array([1], np.uint8), 1, 0.5, True, False, np.array([2], np.uint8))
     online, target = TabularQ(ONLINE_Q), TabularQ(TARGET_Q)
     optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.0, adam_eps=1.5e-4), online)
-    loss, *_ = m.update(online, target, optimizer, memory, torch.tensor([0, 1]))
+    out = m.update(online, target, optimizer, memory, torch.tensor([0, 1]))
+    loss = out["td_loss"] if isinstance(out, dict) else out[0]
     return loss.item(), online.table.grad
 
 
@@ -280,8 +281,10 @@ def gradient_clipping(m, monkeypatch):
     memory = m.ReplayMemory(8, frame_shape=(1,), stack_size=1, n_step=1)
     memory.add(np.array([0], np.uint8), 0, 0.0, True, False, np.array([0], np.uint8))
 
-    def steep_loss(q_network, target_network, batch):
-        return 1000.0 * q_network.table.sum() / math.sqrt(2), q_network.table[0], {}
+    def steep_loss(q_network, target_network, batch, record=None):
+        loss = 1000.0 * q_network.table.sum() / math.sqrt(2)
+        return (loss, q_network.table[0]) if "record" in inspect.signature(m.dqn_loss).parameters else (
+            loss, q_network.table[0], {})
 
     optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.0, adam_eps=1.5e-4), online)
     with monkeypatch.context() as patch:
@@ -334,8 +337,12 @@ def evaluation_run(m, monkeypatch, tmp_path, args, episodes=2, distributional=Fa
     torch.save({"model": {}, "args": vars(args)}, path)
     with monkeypatch.context() as patch:
         patch.setattr(m, "make_env", make_env)
-        patch.setattr(m, "QNetwork", lambda a, n: PreferredAction(a, n, distributional))
-        returns = m.evaluate(str(path), episodes, "cpu", **m.evaluation_settings(args))
+        make_network = lambda n: PreferredAction(args, n, distributional)  # noqa: E731
+        if "make_network" in inspect.signature(m.evaluate).parameters:
+            returns = m.evaluate(str(path), make_network, episodes, "cpu", **m.evaluation_settings(args))
+        else:  # a script that builds its network from the saved flags
+            patch.setattr(m, "QNetwork", lambda a, n: PreferredAction(a, n, distributional))
+            returns = m.evaluate(str(path), episodes, "cpu", **m.evaluation_settings(args))
     modes = [mode for net in PreferredAction.made for mode in net.modes]
     return made, np.array(actions), modes, returns
 

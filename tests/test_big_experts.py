@@ -9,15 +9,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import load_script, only_run_dir, result, run_script, scalars
+from harness import build_network, check_flags, load_script, only_run_dir, result, run_script, scalars
 
 dqn, rainbow, der = (load_script(name) for name in ("dqn_softmoe", "rainbow_tokenized", "der_single_expert"))
 ENCODERS = {"nature": dqn.NatureEncoder, "impala": dqn.ImpalaEncoder}
 
 
+def big_experts(m, num_experts, dim, slots, hidden, make_encoder, sigma0=None):
+    """The script's big experts: plain (BigExperts), or with a noisy first dense layer (Rainbow's NoisyBigExperts)."""
+    if sigma0 is None:
+        return m.BigExperts(num_experts, dim, slots, hidden, make_encoder)
+    return m.NoisyBigExperts(num_experts, dim, slots, hidden, make_encoder, sigma0)
+
+
 def make_experts(m, encoder, num_experts=3, side=5, hidden=7, sigma0=None, seed=0):
     torch.manual_seed(seed)
-    experts = m.BigExperts(num_experts, 4, side * side, hidden, getattr(m, ENCODERS[encoder].__name__), sigma0).double()
+    experts = big_experts(m, num_experts, 4, side * side, hidden, getattr(m, ENCODERS[encoder].__name__), sigma0).double()
     with torch.no_grad():  # non-zero biases everywhere, so that the restatement checks them too
         for name, p in experts.named_parameters():
             if name.endswith("bias") or name in ("b1", "b2", "b1_mu"):
@@ -46,7 +53,7 @@ def reference(m, experts, encoder, slots, noise=False):
     out = torch.zeros_like(slots)
     for j in range(n):
         single = expert_encoder(m, experts, encoder, j)
-        if experts.noisy:
+        if hasattr(experts, "w1_mu"):  # NoisyBigExperts
             w1, b1 = experts.w1_mu[j], experts.b1_mu[j]
             if noise:
                 w1 = w1 + experts.w1_sigma[j] * torch.outer(experts.eps_in[j], experts.eps_out[j])
@@ -112,7 +119,7 @@ def test_each_expert_is_a_separately_initialized_script_encoder(m, encoder, sigm
     lecun-normal residual convs, zero biases); the dense layers are xavier (plain) or NoisyLinear's (noisy) per expert."""
     make = getattr(m, ENCODERS[encoder].__name__)
     torch.manual_seed(5)
-    experts = m.BigExperts(8, 4, 841, 512, make, sigma0)
+    experts = big_experts(m, 8, 4, 841, 512, make, sigma0)
     torch.manual_seed(5)
     separately = [make() for _ in range(8)]
     for j, single in enumerate(separately):
@@ -150,7 +157,7 @@ NETWORKS = [
 @pytest.mark.parametrize("m,flags,slots,side,encoding,count", NETWORKS)
 def test_slot_counts_shapes_and_parameter_counts(m, flags, slots, side, encoding, count):
     with torch.device("meta"):
-        net = m.QNetwork(m.Args(expert_type="big", **flags), 18)
+        net = build_network(m, m.Args(expert_type="big", **flags), 18)
     assert type(net.encoder).__name__ == "Frames" and not list(net.encoder.parameters())  # no shared encoder
     assert (net.tokenizer.num_tokens, net.tokenizer.token_dim) == (7056, 4)  # pixels
     assert net.moe.slots_per_expert == slots and net.moe.experts.side == side
@@ -162,13 +169,14 @@ def test_square_slot_counts():
     cases = [((7056, 8, 1.0), 841), ((7056, 4, 1.0), 1764), ((7056, 1, 1.0), 7056), ((7056, 8, 0.1), 81),
              ((121, 8, 1.0), 16), ((121, 4, 1.0), 25), ((4, 8, 1.0), 1), ((7056, 2, 1.0), 3481)]
     for (tokens, experts, factor), slots in cases:
-        assert dqn.SoftMoE.num_slots(tokens, experts, factor, square=True) == slots
-        assert dqn.SoftMoE.num_slots(tokens, experts, factor) == math.ceil(tokens * factor / experts)
+        assert dqn.square_slots(tokens, experts, factor) == slots
+        soft_moe = dqn.SoftMoE(tokens, 4, experts, None, factor)  # the Soft MoE's own count: ceil(m x factor / n)
+        assert soft_moe.slots_per_expert == math.ceil(tokens * factor / experts)
 
 
 def small_big_network(m, **flags):
     torch.manual_seed(0)  # 7,056 pixel tokens into 4 x 16 slots (4 x 4 images): cheap
-    return m.QNetwork(m.Args(expert_type="big", num_experts=4, expert_hidden_units=32, capacity_factor=0.01,
+    return build_network(m, m.Args(expert_type="big", num_experts=4, expert_hidden_units=32, capacity_factor=0.01,
                              **flags), 5)
 
 
@@ -181,7 +189,8 @@ def test_statistics_probe_records_the_experts_and_pools_chunks_exactly(m):
         net(probe, record)
     assert record["experts"].shape == (6, 4 * 32)  # (expert, unit) pairs, one hidden vector per expert and state
     assert record["experts.conv1"].shape == (6, 4 * 32, 1, 1)  # the experts' Nature convs on 4 x 4 images
-    whole = {**m.dormant_statistics(record, (0.0, 0.1)), **m.routing_statistics(record)}
+    activations = {name: value for name, value in record.items() if name not in m.ROUTING_KEYS}
+    whole = {**m.dormant_statistics(activations, (0.0, 0.1)), **m.routing_statistics(record)}
     assert {"dormant/experts_tau0_pct", "dormant/experts.conv3_tau0.1_pct", "moe/dispatch_entropy",
             "moe/slot_usage_entropy", "moe/expert_usage_entropy"} <= set(whole)
     for chunk in (6, 4, 1):
@@ -222,15 +231,15 @@ CASES.append((der, dict(expert_type="big", encoder="der"), "--expert-type does n
 @pytest.mark.parametrize("m,kwargs,message", CASES, ids=lambda v: v.__name__[12:] if hasattr(v, "Args") else None)
 def test_bad_big_expert_flags_stop_with_one_line(m, kwargs, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        m.check_args(m.Args(**kwargs))
+        check_flags(m, m.Args(**kwargs))
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
 def test_big_experts_pass_the_checks_with_their_defaults():
     for m in (dqn, rainbow, der):
-        m.check_args(m.Args(expert_type="big"))
-        m.check_args(m.Args(expert_type="big", capacity_factor=0.1, moe_normalization=True))
+        check_flags(m, m.Args(expert_type="big"))
+        check_flags(m, m.Args(expert_type="big", capacity_factor=0.1, moe_normalization=True))
 
 
 # tiny real runs: 4 x 16 slots (--capacity-factor 0.01) keep each forward cheap; 6 updates, one statistics probe

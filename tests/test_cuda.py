@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from harness import load_script
+from harness import build_network, load_script
 
 CUDA = torch.cuda.is_available()
 SCRIPTS = {
@@ -38,7 +38,7 @@ def run(name, device, graphs, steps=STEPS, seed=0):
     args = m.Args(learning_starts=8, train_frequency=1, target_network_frequency=10, batch_size=16,
                   learning_rate=1e-3, **SCRIPTS[name])
     torch.manual_seed(seed)
-    q_network, target_network = m.QNetwork(args, 4).to(device), m.QNetwork(args, 4).to(device)
+    q_network, target_network = build_network(m, args, 4).to(device), build_network(m, args, 4).to(device)
     target_network.load_state_dict(q_network.state_dict())
     optimizer = m.make_optimizer(args, q_network)
     memory, rng = filled_memory(m, args, device), np.random.default_rng(seed + 1)
@@ -84,7 +84,7 @@ def test_the_comparison_runs_without_graphs_on_the_cpu(name):
 def test_graphed_acting_matches_eager_acting(name):
     m = load_script(name)
     args = m.Args(**SCRIPTS[name])
-    q_network = m.QNetwork(args, 6).cuda()
+    q_network = build_network(m, args, 6).cuda()
     rainbow = hasattr(m, "PrioritizedReplayMemory")
     act = m.CudaGraph(m.greedy_action, True)
     generators = [torch.Generator(device="cuda").manual_seed(3) for _ in range(2)]

@@ -71,8 +71,7 @@ def fill_memory(next_state, reward, seed=1, max_len=4):
 def train(next_state, reward, max_len=4, steps=3000, target_network_frequency=50):
     q_network, target_network = TabularQ(0), TabularQ(1)  # the target starts different from the online net
     optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.05, adam_eps=1e-8), q_network)
-    args = SimpleNamespace(expert_reset="none",
-                           learning_starts=0, train_frequency=1, target_network_frequency=target_network_frequency,
+    args = SimpleNamespace(learning_starts=0, train_frequency=1, target_network_frequency=target_network_frequency,
                            batch_size=128)
     train_step = step_fn(args, q_network, target_network, optimizer, fill_memory(next_state, reward, max_len=max_len),
                          np.random.default_rng(2))
@@ -104,11 +103,10 @@ def test_update_schedule_and_target_sync():
     next_state, reward = make_mdp()
     q_network, target_network = TabularQ(0), TabularQ(1)
     optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.01, adam_eps=1e-8), q_network)
-    args = SimpleNamespace(expert_reset="none",
-                           learning_starts=10, train_frequency=4, target_network_frequency=8, batch_size=8)
+    args = SimpleNamespace(learning_starts=10, train_frequency=4, target_network_frequency=8, batch_size=8)
     train_step = step_fn(args, q_network, target_network, optimizer, fill_memory(next_state, reward),
                          np.random.default_rng(0))
-    updates = [s for s in range(1, 41) if train_step(s) is not None]
+    updates = [s for s in range(1, 41) if train_step(s)[0]]
     assert updates == [12, 16, 20, 24, 28, 32, 36, 40]
     torch.testing.assert_close(target_network.table, q_network.table)  # synced at step 40
     train_step(44)  # an update, no sync

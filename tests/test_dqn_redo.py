@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import load_script
+from harness import build_network, load_script
 
 m = load_script("dqn_redo")
 
@@ -48,7 +48,7 @@ def layer(net, name):
 
 def planted_network(seed=0, num_actions=6):
     torch.manual_seed(seed)
-    net = m.QNetwork(m.Args(), num_actions)
+    net = build_network(m, m.Args(), num_actions)
     with torch.no_grad():
         for name, units in DEAD.items():
             layer(net, name).bias[units] = -1000.0
@@ -72,12 +72,12 @@ def test_network_matches_float64_reference_and_official_sizes():
     assert sum(record[name].shape[1] for name in LAYERS) == 672  # 32 + 64 + 64 + 512 hidden neurons
     assert [name for name, _, _ in net.redo_layers()] == list(LAYERS)
     # Dopamine's Nature DQN with SAME padding: 4,052,658 parameters for 18 actions
-    assert sum(p.numel() for p in m.QNetwork(m.Args(), 18).parameters()) == 4_052_658
+    assert sum(p.numel() for p in build_network(m, m.Args(), 18).parameters()) == 4_052_658
 
 
 def test_initialization_is_xavier_uniform_with_zero_biases():
     torch.manual_seed(0)
-    net = m.QNetwork(m.Args(), 18)
+    net = build_network(m, m.Args(), 18)
     for name, lay in [*((n, layer(net, n)) for n in LAYERS), ("head", net.head)]:
         w = lay.weight
         fan_in, fan_out = w.shape[1] * w[0, 0].numel(), w.shape[0] * w[0, 0].numel()
@@ -280,7 +280,7 @@ def test_huber_loss_with_plain_max_target():
             super().__init__()
             self.values = torch.nn.Parameter(torch.tensor(values))
 
-        def forward(self, frames):
+        def forward(self, frames, record=None):
             return self.values[frames[:, -1, 0].long()]
 
     online = Table([[0.0, 1.0], [2.0, -1.0], [0.5, 0.5]])
@@ -288,7 +288,7 @@ def test_huber_loss_with_plain_max_target():
     batch = {"obs": torch.tensor([0, 1, 2, 0]).view(4, 1, 1), "actions": torch.tensor([1, 0, 1, 0]),
              "returns": torch.tensor([1.0, -0.5, 0.2, 0.0]), "discounts": torch.tensor([0.9, 0.9, 0.0, 0.81]),
              "next_obs": torch.tensor([1, 2, 0, 2]).view(4, 1, 1)}
-    loss, q_taken, _ = m.dqn_loss(online, target, batch)
+    loss, q_taken = m.dqn_loss(online, target, batch)
     targets = np.array([1.0 + 0.9 * 0.25, -0.5 + 0.9 * 4.0, 0.2, 0.81 * 4.0])  # max over the target's actions
     errors = np.array([1.0, 2.0, 0.5, 0.0]) - targets
     huber = np.where(np.abs(errors) <= 1, 0.5 * errors**2, np.abs(errors) - 0.5)  # Dopamine's huber_loss, delta 1

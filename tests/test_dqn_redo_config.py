@@ -7,7 +7,7 @@ logged return."""
 import numpy as np
 import pytest
 import torch
-from harness import load_script
+from harness import build_network, load_script
 from official_config import (
     assert_matches_official, assert_rewards_clipped_for_learning_and_raw_in_the_return, clip_settings,
     crafted_dqn_update, dopamine_epsilon, env_settings, epsilon_settings, evaluation_run, filled_memory,
@@ -89,7 +89,7 @@ def test_defaults_match_the_papers_dqn_on_dopamines_dqn_gin(default_schedule, mo
     args = m.Args()
     updates, copies, batch_sizes, events = default_schedule
     warm_up, period = first_update_and_period(updates)
-    net = m.QNetwork(args, 4)
+    net = build_network(m, args, 4)
     measured = {
         **optimizer_settings(m, args), "gradient clipping": gradient_clipping(m, monkeypatch),
         **replay_settings(m, args, monkeypatch), "batch size": batch_sizes[0],

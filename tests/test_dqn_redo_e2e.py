@@ -61,7 +61,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, uninterrupted):
     resumed = run_script(SCRIPT, "--resume", run_dir, cwd=tmp_path)
     assert f"at step {interrupted_at:,}" in resumed.stdout
     a, b = read_checkpoint(uninterrupted), read_checkpoint(run_dir)
-    assert a["global_step"] == b["global_step"] == 300 and a["episode"] == b["episode"]
+    assert a["global_step"] == b["global_step"] == 300 and a["run"]["episode"] == b["run"]["episode"]
     for key in ("q_network", "target_network"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"

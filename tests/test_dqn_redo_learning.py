@@ -84,9 +84,10 @@ def train(redo, steps=3000):
     args, memory, rng = make_args(redo=redo), fill_memory(next_state, reward), np.random.default_rng(2)
     events = []
     for step in range(1, steps + 1):
-        _, recycled = m.train_step(step, args, q_network, target_network, optimizer, memory, rng)
-        if recycled is not None:
-            events.append((step, recycled["fc"]))
+        _, logged = m.train_step(step, args, q_network, target_network, optimizer, memory, rng)
+        if logged:
+            assert logged["redo/recycled_count"] == logged["redo/fc_recycled_count"]
+            events.append((step, logged["redo/fc_recycled_count"]))
     with torch.no_grad():
         q = q_network(torch.arange(NUM_STATES, dtype=torch.uint8).view(-1, 1, 1)).numpy().astype(np.float64)
     return np.abs(q[:TERMINAL] - optimal_q(next_state, reward)[:TERMINAL]).max(), events
@@ -122,8 +123,8 @@ def test_target_copied_every_target_frequency_agent_steps_whatever_the_replay_ra
                      batch_size=8, redo=False)
     memory, rng = fill_memory(next_state, reward), np.random.default_rng(0)
     for step in range(1, 41):
-        updates, recycled = m.train_step(step, args, q_network, target_network, optimizer, memory, rng)
-        assert len(updates) == len(m.updates_at(args, step)) and recycled is None
+        updates, logged = m.train_step(step, args, q_network, target_network, optimizer, memory, rng)
+        assert len(updates) == len(m.updates_at(args, step)) and logged == {}
         synced = all(torch.equal(a, b) for a, b in zip(q_network.parameters(), target_network.parameters()))
         if step in (12, 24, 36):
             assert synced, step
@@ -143,10 +144,13 @@ def test_redo_events_follow_gradient_updates(reset_step):
                      redo_tau=1e9, redo_reset_adam_step=reset_step)
     memory, rng = fill_memory(next_state, reward), np.random.default_rng(0)
     events = {}
+    after_recycle = m.research_knobs(args).after_recycle  # --redo-reset-adam-step's hook, as the main block gets it
     for step in range(1, 33):
-        _, recycled = m.train_step(step, args, q_network, target_network, optimizer, memory, rng)
-        if recycled is not None:
-            events[step] = recycled
-    assert events == {16: {"fc": 32}, 20: {"fc": 32}, 28: {"fc": 32}, 32: {"fc": 32}}
+        _, logged = m.train_step(step, args, q_network, target_network, optimizer, memory, rng,
+                                 after_recycle=after_recycle)
+        if logged:
+            events[step] = logged
+    counts = {"redo/fc_recycled_count": 32, "redo/recycled_count": 32}
+    assert events == {16: counts, 20: counts, 28: counts, 32: counts}
     steps = {optimizer.state[p]["step"].item() for p in q_network.parameters()}
     assert steps == ({0.0} if reset_step else {24.0})  # the last event follows the last update

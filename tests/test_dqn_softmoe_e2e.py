@@ -59,7 +59,7 @@ def uninterrupted(tmp_path_factory):
 
 def assert_same_training_state(a, b):
     assert a["global_step"] == b["global_step"] == 700
-    assert a["episode"] == b["episode"]
+    assert a["run"]["episode"] == b["run"]["episode"]
     for key in ("q_network", "target_network"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import load_script
+from harness import build_network, load_script
 
 m = load_script("dqn_softmoe")
 
@@ -158,20 +158,20 @@ def num_params(net):
 def test_official_parameter_counts():
     # google/dopamine NatureDQNMoE, 18 actions: plain baseline and SoftMoE-8 per-conv tokens. The official
     # layer also creates an unused normalization scalar; ours exists only with --moe-normalization.
-    assert num_params(m.QNetwork(args(moe_type="baseline", num_experts=1), 18)) == 4_052_658
-    assert num_params(m.QNetwork(args(), 18)) == 754_483 - 1
-    assert num_params(m.QNetwork(args(moe_normalization=True), 18)) == 754_483
+    assert num_params(build_network(m, args(moe_type="baseline", num_experts=1), 18)) == 4_052_658
+    assert num_params(build_network(m, args(), 18)) == 754_483 - 1
+    assert num_params(build_network(m, args(moe_normalization=True), 18)) == 754_483
     assert num_params(m.NatureEncoder()) == 77_984
     assert num_params(m.ImpalaEncoder()) == 97_744
     # scaled baseline: 512 x 4 units
-    assert num_params(m.QNetwork(args(moe_type="baseline", num_experts=4), 18)) == 77_984 + 7744 * 2048 + 2048 + 2048 * 18 + 18
+    assert num_params(build_network(m, args(moe_type="baseline", num_experts=4), 18)) == 77_984 + 7744 * 2048 + 2048 + 2048 * 18 + 18
 
 
 def test_single_scaled_expert_parameter_difference():
     # SoftMoE-k vs one expert of k x 512 units: the difference is d*(n*p - m) + (k - 1)*d (softmoe.md section 6)
     for encoder, k, d in (("nature", 8, 64), ("impala", 4, 32)):
-        many = num_params(m.QNetwork(args(encoder=encoder, num_experts=k), 18))
-        one = num_params(m.QNetwork(args(encoder=encoder, num_experts=1, expert_hidden_units=512 * k), 18))
+        many = num_params(build_network(m, args(encoder=encoder, num_experts=k), 18))
+        one = num_params(build_network(m, args(encoder=encoder, num_experts=1, expert_hidden_units=512 * k), 18))
         p = math.ceil(121 / k)
         assert many - one == d * (k * p - 121) + (k - 1) * d
 
@@ -181,7 +181,7 @@ def test_single_scaled_expert_parameter_difference():
 def test_token_shapes_and_q_shape(encoder, channels, kind):
     expected = {"perconv": (121, channels), "perfeat": (channels, 121), "perpatch": (9, channels),
                 "persample": (1, 121 * channels)}[kind]
-    net = m.QNetwork(args(encoder=encoder, tokenization=kind, num_experts=4, expert_hidden_units=16), 5)
+    net = build_network(m, args(encoder=encoder, tokenization=kind, num_experts=4, expert_hidden_units=16), 5)
     x = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
     fmap = net.encoder(x.float() / 255)
     assert fmap.shape == (2, channels, 11, 11)
@@ -255,8 +255,8 @@ def test_initialization_matches_official():
             assert w[e].abs().max().item() <= bound * (1 + 1e-6)
             assert abs(w[e].std().item() / (bound / math.sqrt(3)) - 1) < 0.05
     assert torch.all(moe.experts.b1 == 0) and torch.all(moe.experts.b2 == 0)
-    net = m.QNetwork(args(moe_type="baseline"), 6)
-    for layer in (net.encoder.conv1, net.encoder.conv2, net.encoder.conv3, net.hidden, net.head):
+    net = build_network(m, args(moe_type="baseline"), 6)
+    for layer in (net.encoder.conv1, net.encoder.conv2, net.encoder.conv3, net.moe, net.head):
         fan_in = layer.weight[0].numel()
         fan_out = layer.weight.shape[0] * layer.weight[0, 0].numel()
         assert layer.weight.abs().max().item() <= math.sqrt(6 / (fan_in + fan_out)) * (1 + 1e-6)
@@ -274,7 +274,7 @@ def test_record_exposes_every_hidden_layer():
                        (dict(moe_type="simplicial_embedding_v2"), {"conv1", "conv2", "conv3", "hidden"}),
                        (dict(moe_type="top1"), {"conv1", "conv2", "conv3", "experts", "router_logits", "router_probs",
                                                 "top_experts", "kept"})):
-        net = m.QNetwork(args(num_experts=2, expert_hidden_units=8, **kw), 3)
+        net = build_network(m, args(num_experts=2, expert_hidden_units=8, **kw), 3)
         record = {}
         net(torch.zeros(2, 4, 84, 84, dtype=torch.uint8), record)
         assert set(record) == layers

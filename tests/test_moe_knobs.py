@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from harness import load_script
+from harness import build_network, check_flags, load_script
 
 SCRIPTS = ("dqn_softmoe", "rainbow_tokenized", "der_single_expert")
 SMALL = dict(encoder="nature", num_experts=4, expert_hidden_units=16)
@@ -34,14 +34,14 @@ def frames(batch=3, seed=0):
 def test_the_random_phi_is_a_fixed_standard_normal_buffer(script):
     m = load_script(script)
     torch.manual_seed(0)
-    net = m.QNetwork(small_args(m, use_random_phi=True), 4)
+    net = build_network(m, small_args(m, use_random_phi=True), 4)
     phi = net.moe.phi
     assert not isinstance(phi, torch.nn.Parameter) and not phi.requires_grad
     assert "moe.phi" in net.state_dict() and all(p is not phi for p in net.parameters())
     assert abs(phi.mean().item()) < 0.05 and abs(phi.std().item() - 1.0) < 0.05  # N(0, 1), not lecun's 1/sqrt(n d)
-    learned = m.QNetwork(small_args(m), 4).moe.phi
+    learned = build_network(m, small_args(m), 4).moe.phi
     assert isinstance(learned, torch.nn.Parameter) and learned.std().item() < 0.2
-    target = m.QNetwork(small_args(m, use_random_phi=True), 4)  # another draw, until the target copy
+    target = build_network(m, small_args(m, use_random_phi=True), 4)  # another draw, until the target copy
     assert not torch.equal(target.moe.phi, phi)
     target.load_state_dict(net.state_dict())
     assert torch.equal(target.moe.phi, phi)
@@ -67,23 +67,25 @@ def test_the_update_follows_the_gradient_of_the_td_loss_plus_the_auxiliary_losse
     rainbow = hasattr(m, "NoisyExperts")
     torch.manual_seed(0)
     args = small_args(m, moe_type=moe_type, aux_loss_fns=losses, importance_weight=3.0)
-    net = m.QNetwork(args, 4)
+    net = build_network(m, args, 4)
     with torch.no_grad():  # an uneven router, so that the balancing losses have a gradient worth comparing
         router = net.moe.router.weight if moe_type == "top1" else net.moe.phi
         router.mul_(8.0)
     target = copy.deepcopy(net)
     memory, index = _batch(m)
-    plain = copy.deepcopy(net)
-    plain.args = small_args(m, moe_type=moe_type)  # the same network without auxiliary losses
+    extra_losses = m.research_knobs(args).extra_losses  # the hook the main block passes to `update`
 
     def gradients(network, with_aux):
         network = copy.deepcopy(network)
         batch = memory.get(index)
         torch.manual_seed(5)  # the same noise for the load loss (and the noisy layers' generator below)
-        extra = (torch.Generator().manual_seed(1),) if rainbow else ()
-        loss, _, aux = (m.categorical_loss if rainbow else m.dqn_loss)(network, target, batch, *extra)
-        total = (loss.mean() if rainbow else loss) + (sum(aux.values()) if with_aux else 0.0)
-        total.backward()
+        record = {}
+        if rainbow:
+            loss = m.categorical_loss(network, target, batch, torch.Generator().manual_seed(1), record)[0].mean()
+        else:
+            loss = m.dqn_loss(network, target, batch, record)[0]
+        aux = m.moe_aux_losses(args, record)
+        (loss + (sum(aux.values()) if with_aux else 0.0)).backward()
         return {name: p.grad.clone() for name, p in network.named_parameters() if p.grad is not None}, aux
 
     def update_gradients(network):
@@ -92,40 +94,39 @@ def test_the_update_follows_the_gradient_of_the_td_loss_plus_the_auxiliary_losse
         torch.manual_seed(5)
         if rainbow:
             out = m.update(network, target, optimizer, memory, index, torch.ones(len(index)),
-                           torch.Generator().manual_seed(1), 0.0)
+                           torch.Generator().manual_seed(1), 0.0, extra_losses=extra_losses)
         else:
-            out = m.update(network, target, optimizer, memory, index)
-        return {name: p.grad for name, p in network.named_parameters() if p.grad is not None}, out[-1]
+            out = m.update(network, target, optimizer, memory, index, extra_losses=extra_losses)
+        return {name: p.grad for name, p in network.named_parameters() if p.grad is not None}, out
 
     expected, aux = gradients(net, with_aux=True)
     without, _ = gradients(net, with_aux=False)
     got, logged = update_gradients(net)
-    assert set(aux) == set(losses) == set(logged)
+    assert set(aux) == set(losses) and set(losses) <= set(logged)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-8)
     router_name = "moe.router.weight" if moe_type == "top1" else "moe.phi"
     assert (expected[router_name] - without[router_name]).abs().max() > 1e-6, "the auxiliary losses changed nothing"
     if "naive_entropy" in losses:  # computed from counts: a value, no gradient (as the official)
-        alone = copy.deepcopy(net)
-        alone.args = small_args(m, moe_type=moe_type, aux_loss_fns=("naive_entropy",))
         record = {}
-        q_values(alone, frames(), record)
-        value = m.moe_aux_losses(alone.args, record)["naive_entropy"]
-        assert 0 < value.item() < args.entropy_weight and not value.requires_grad
+        q_values(net, frames(), record)
+        value = m.moe_aux_losses(small_args(m, moe_type=moe_type, aux_loss_fns=("naive_entropy",)), record)
+        assert 0 < value["naive_entropy"].item() < args.entropy_weight and not value["naive_entropy"].requires_grad
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_the_extra_linear_layer_is_a_512_unit_relu_layer_before_the_head(script):
     m = load_script(script)
     torch.manual_seed(0)
-    net = m.QNetwork(small_args(m, use_extra_linear_layer=True), 4)
-    assert net.extra.in_features == 121 * 64 and net.extra.out_features == 512
-    assert isinstance(net.extra, torch.nn.Linear)  # plain, as Dopamine's Dense (the Rainbow heads stay noisy)
+    net = build_network(m, small_args(m, use_extra_linear_layer=True), 4)
+    extra = net.moe.extra  # the ExtraLinearLayer wraps the MoE layer
+    assert extra.in_features == 121 * 64 and extra.out_features == 512
+    assert isinstance(extra, torch.nn.Linear)  # plain, as Dopamine's Dense (the Rainbow heads stay noisy)
     record = {}
     net.eval()
     q = q_values(net, frames(), record)
-    features = net.moe(net.tokenizer(record["conv3"]), None).flatten(1)
-    hidden = torch.relu(net.extra(features))
+    features = net.moe.moe(net.tokenizer(record["conv3"]), None).flatten(1)
+    hidden = torch.relu(extra(features))
     torch.testing.assert_close(record["extra"], hidden)
     if hasattr(net, "head"):
         torch.testing.assert_close(q, net.head(hidden))
@@ -140,7 +141,7 @@ def test_the_simplicial_embeddings_restated(script, version):
     scaled dense layer, then softmax(x / tau) within each of n groups of h units (the ReLU changes nothing)."""
     m = load_script(script)
     torch.manual_seed(0)
-    net = m.QNetwork(small_args(m, moe_type=f"simplicial_embedding_{version}", sem_tau=0.3), 4).double()
+    net = build_network(m, small_args(m, moe_type=f"simplicial_embedding_{version}", sem_tau=0.3), 4).double()
     net.eval()  # noise off in the Rainbow scripts
     record = {}
     obs = frames()
@@ -149,8 +150,9 @@ def test_the_simplicial_embeddings_restated(script, version):
         x = conv.clone()
         if version == "v1":
             x = torch.exp(x / 0.3) / torch.exp(x / 0.3).sum(3, keepdim=True)  # over W of [B, C, H, W]
-        weight = net.hidden.weight if hasattr(net.hidden, "weight") else net.hidden.weight_mu
-        bias = net.hidden.bias if hasattr(net.hidden, "bias") else net.hidden.bias_mu
+        dense = net.moe  # the (scaled) dense layer takes the MoE layer's place
+        weight = dense.weight if hasattr(dense, "weight") else dense.weight_mu
+        bias = dense.bias if hasattr(dense, "bias") else dense.bias_mu
         h = x.flatten(1) @ weight.T + bias
         assert h.shape[1] == 4 * 16  # scaled: num_experts x expert_hidden_units
         if version == "v2":
@@ -170,7 +172,7 @@ def test_a_fixed_token_order_permutation_would_change_nothing():
     the head's columns permuted, exactly."""
     m = load_script("dqn_softmoe")
     torch.manual_seed(0)
-    net = m.QNetwork(m.Args(num_experts=4, expert_hidden_units=16), 4).double()
+    net = build_network(m, m.Args(num_experts=4, expert_hidden_units=16), 4).double()
     tokens = torch.randn(2, 121, 64, dtype=torch.float64)
     order = torch.randperm(121, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -186,22 +188,25 @@ def test_a_fixed_token_order_permutation_would_change_nothing():
 def test_shuffled_tokens_take_a_fixed_permutation_of_the_features(script):
     m = load_script(script)
     torch.manual_seed(0)
-    net = m.QNetwork(small_args(m, shuffle_tokens=True, seed=3), 4)
-    permutation = net.shuffle
-    assert sorted(permutation.tolist()) == list(range(64 * 121)) and "shuffle" in net.state_dict()
-    assert torch.equal(m.QNetwork(small_args(m, shuffle_tokens=True, seed=3), 4).shuffle, permutation)  # from --seed
-    assert not torch.equal(m.QNetwork(small_args(m, shuffle_tokens=True, seed=4), 4).shuffle, permutation)
+    net = build_network(m, small_args(m, shuffle_tokens=True, seed=3), 4)
+    permutation = net.tokenizer.shuffle
+    assert sorted(permutation.tolist()) == list(range(64 * 121)) and "tokenizer.shuffle" in net.state_dict()
+    again = build_network(m, small_args(m, shuffle_tokens=True, seed=3), 4).tokenizer.shuffle
+    assert torch.equal(again, permutation)  # from --seed
+    assert not torch.equal(build_network(m, small_args(m, shuffle_tokens=True, seed=4), 4).tokenizer.shuffle, permutation)
     net.eval()
     record = {}
     obs = frames()
     with torch.no_grad():
         q = q_values(net, obs, record)
         conv = record["conv3"]
-        tokens = net.tokenizer(conv.flatten(1)[:, permutation].view_as(conv))
+        tokenizer = net.tokenizer.tokenizer  # the tokenizer that the shuffle feeds
+        tokens = tokenizer(conv.flatten(1)[:, permutation].view_as(conv))
+        assert torch.equal(tokens, net.tokenizer(conv))
         # a token no longer holds the 64 channels of one position
-        assert not torch.equal(tokens, net.tokenizer(conv))
+        assert not torch.equal(tokens, tokenizer(conv))
         plain = copy.deepcopy(net)
-        plain.args = small_args(m, seed=3)
+        plain.tokenizer = plain.tokenizer.tokenizer  # the same weights, no shuffle
         plain.encoder.register_forward_hook(lambda module, args, out: out.flatten(1)[:, permutation].view_as(out))
         torch.testing.assert_close(q, q_values(plain, obs))  # = the unshuffled network on the shuffled features
 
@@ -244,7 +249,7 @@ def test_bad_moe_flags_stop_with_one_line_naming_the_flag(script, kwargs, flag, 
     if script == "der_single_expert":  # its default is one scaled expert
         kwargs = {"num_experts": 4, "expert_hidden_units": 512, **kwargs}
     with pytest.raises(SystemExit) as exit_info:
-        m.check_args(m.Args(**kwargs))
+        check_flags(m, m.Args(**kwargs))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and flag in err[0], err
@@ -261,7 +266,7 @@ def test_the_knobs_pass_the_start_up_checks_together(script):
                    dict(moe_type="simplicial_embedding_v2", use_extra_linear_layer=True)):
         if script == "der_single_expert":  # its default is one scaled expert
             kwargs = {"num_experts": 4, "expert_hidden_units": 512, **kwargs}
-        m.check_args(m.Args(**kwargs))
+        check_flags(m, m.Args(**kwargs))
 
 
 def test_der_refuses_the_moe_knobs_with_its_own_encoder(capsys):
@@ -272,7 +277,7 @@ def test_der_refuses_the_moe_knobs_with_its_own_encoder(capsys):
                          ("--shuffle-tokens", dict(shuffle_tokens=True)),
                          ("--expert-reset", dict(expert_reset="shrink_perturb"))):
         with pytest.raises(SystemExit):
-            m.check_args(m.Args(encoder="der", **kwargs))
+            check_flags(m, m.Args(encoder="der", **kwargs))
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and flag in err[0] and "--encoder der" in err[0], err
 
@@ -313,7 +318,7 @@ def test_reset_experts_redraws_or_interpolates_the_experts_only(script, mode):
     m = load_script(script)
     torch.manual_seed(0)
     args = small_args(m, expert_reset=mode)
-    net = m.QNetwork(args, 4)
+    net = build_network(m, args, 4)
     optimizer = m.make_optimizer(args, net)
     q_values(net, frames()).sum().backward()
     optimizer.step()  # Adam's moments are non-zero everywhere
@@ -355,17 +360,22 @@ def test_the_experts_are_reset_every_period_updates_after_the_warm_up(script, mo
 
     def update_fn(*a):
         updates.append(step)
-        return (torch.zeros(2), torch.tensor(0.0), torch.tensor(0.0), {}) if rainbow else (torch.tensor(0.0),) * 2 + ({},)
+        return {"td_loss": torch.tensor(0.0)}
 
     memory = SimpleNamespace(sample_indices=lambda n, rng: np.zeros(n, np.int64), device="cpu",
                              sample_prioritized=lambda n, rng: (np.zeros(n, np.int64), np.full(n, 0.5)),
                              update_priorities=lambda index, priority: None)
     extra = (None,) if rainbow else ()
+    after_update = m.research_knobs(args).after_update  # --expert-reset's hook, as the main block gets it
+    logged = {}
     for step in range(1, 161):
-        m.train_step(step, args, Stub(), Stub(), None, memory, None, *extra, update_fn=update_fn)
+        _, events = m.train_step(step, args, Stub(), Stub(), None, memory, None, *extra, update_fn=update_fn,
+                                 after_update=after_update)
+        logged.update({step: events["moe/expert_resets"]} if events else {})
     assert updates == list(range(104, 161, 4))  # update number k at step 100 + 4k
     assert [s for s, _ in resets] == [112, 124, 136, 148, 160]  # after updates 3, 6, 9, ...
     assert [m.expert_reset_number(args, s) for s, _ in resets] == [1, 2, 3, 4, 5]
+    assert logged == {112: 1, 124: 2, 136: 3, 148: 4, 160: 5}
     assert {factor for _, factor in resets} == {0.0}
 
 
@@ -376,6 +386,6 @@ def test_the_experts_are_reset_every_period_updates_after_the_warm_up(script, mo
 def test_redo_refuses_the_networks_it_cannot_recycle(script, kwargs, flag, capsys):
     m = load_script(script)
     with pytest.raises(SystemExit):
-        m.check_args(m.Args(redo=True, redo_period=1000, num_experts=4, expert_hidden_units=512, **kwargs))
+        check_flags(m, m.Args(redo=True, redo_period=1000, num_experts=4, expert_hidden_units=512, **kwargs))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--redo" in err[0] and flag in err[0], err

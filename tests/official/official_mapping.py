@@ -122,16 +122,17 @@ class Mapper:
                 self.conv(f"{prefix}_stacks_{i}/Conv_{1 + 2 * j}", f"encoder.blocks.{i}.{j}.conv0")
                 self.conv(f"{prefix}_stacks_{i}/Conv_{2 + 2 * j}", f"encoder.blocks.{i}.{j}.conv1")
 
-    def experts(self, noisy=False):
+    def experts(self, noisy=False, moe="moe"):
+        """`moe`: the script's MoE layer (moe.moe inside an extra linear layer)."""
         if noisy:
             for official, script in (("kernel_mu", "w1_mu"), ("kernel_sigma", "w1_sigma"), ("bias_mu", "b1_mu"),
                                      ("bias_sigma", "b1_sigma")):
-                self.put(f"ExpertModel_0/net/{official}", self.take(f"moe.experts.{script}"))
+                self.put(f"ExpertModel_0/net/{official}", self.take(f"{moe}.experts.{script}"))
         else:
-            self.put("ExpertModel_0/net/kernel", self.take("moe.experts.w1"))
-            self.put("ExpertModel_0/net/bias", self.take("moe.experts.b1"))
-        self.put("ExpertModel_0/Dense_0/kernel", self.take("moe.experts.w2"))
-        self.put("ExpertModel_0/Dense_0/bias", self.take("moe.experts.b2"))
+            self.put("ExpertModel_0/net/kernel", self.take(f"{moe}.experts.w1"))
+            self.put("ExpertModel_0/net/bias", self.take(f"{moe}.experts.b1"))
+        self.put("ExpertModel_0/Dense_0/kernel", self.take(f"{moe}.experts.w2"))
+        self.put("ExpertModel_0/Dense_0/bias", self.take(f"{moe}.experts.b2"))
 
     def big_experts(self, num_experts, encoder, encoding_shape, noisy=False):
         """Dopamine's BigExpertModel under nn.vmap (params stacked [n, ...]) from the script's BigExperts: each grouped

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from harness import load_script
+from harness import build_network, load_script
 from official_mapping import (Mapper, assert_close, base_networks, encoder_input, eps, frames, moe_networks, nhwc,
                               num_official_params, num_params, official_noise_draws, perturb_, preprocessed, x64)
 
@@ -99,7 +99,7 @@ def gin_bound(flags):
 def script_network(script, flags):
     m = load_script(script)
     torch.manual_seed(0)
-    net = perturb_(m.QNetwork(m.Args(**dict(flags)), NUM_ACTIONS), seed=1).double()
+    net = perturb_(build_network(m, m.Args(**dict(flags)), NUM_ACTIONS), seed=1).double()
     if script != "dqn_softmoe":  # logits far from uniform over the atoms, so that Q is not ~0 (a weak comparison)
         with torch.no_grad():
             for head in (net.advantage, net.value):
@@ -249,7 +249,7 @@ def test_the_square_slot_counts_are_the_official_ones():
         experts = RAINBOW[config][2]["num_experts"]
         assert rainbow_shapes(config)["params"]["SoftMoE_0"]["phi_weights"].shape == (4, experts, slots)
         m = load_script(RAINBOW[config][0])
-        assert m.SoftMoE.num_slots(7056, experts, RAINBOW[config][1].get("capacity_factor", 1.0), square=True) == slots
+        assert m.square_slots(7056, experts, RAINBOW[config][1].get("capacity_factor", 1.0)) == slots
     gin.bind_parameter("SoftMoE.capacity_factor", 0.1)
     try:
         shapes = jax.eval_shape(lambda: dqn_module(list(DQN)[0], True).init(
@@ -257,7 +257,7 @@ def test_the_square_slot_counts_are_the_official_ones():
     finally:
         gin.clear_config()
     m = load_script("dqn_softmoe")
-    net = m.QNetwork(m.Args(encoder="impala", expert_type="big", capacity_factor=0.1), NUM_ACTIONS)
+    net = build_network(m, m.Args(encoder="impala", expert_type="big", capacity_factor=0.1), NUM_ACTIONS)
     assert shapes["params"]["SoftMoE_0"]["phi_weights"].shape == (4, 8, 81) and net.moe.slots_per_expert == 81
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 import torch
-from harness import load_script
+from harness import build_network, load_script
 from official_mapping import (Mapper, assert_close, base_networks, encoder_input, frames, num_official_params,
                               num_params, perturb_, redo_networks, weight_recyclers, x64)
 
@@ -38,7 +38,7 @@ def layer(net, name):
 @functools.cache
 def script_network():
     torch.manual_seed(0)
-    net = perturb_(m.QNetwork(m.Args(), NUM_ACTIONS), seed=1).double()
+    net = perturb_(build_network(m, m.Args(), NUM_ACTIONS), seed=1).double()
     with torch.no_grad():
         for name, units in DEAD.items():
             layer(net, name).bias[units] = -1000.0

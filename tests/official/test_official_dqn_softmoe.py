@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from harness import load_script
+from harness import build_network, load_script
 from official_mapping import (Mapper, assert_close, encoder_input, frames, moe_networks, nhwc, num_official_params, x64,
                               num_params, perturb_, preprocessed)
 
@@ -86,7 +86,7 @@ def script_network(config):
     """The script's network for `config`, every parameter perturbed, in float64."""
     flags = CONFIGS[config][0]
     torch.manual_seed(0)
-    net = perturb_(m.QNetwork(m.Args(**flags), NUM_ACTIONS), seed=1).double()
+    net = perturb_(build_network(m, m.Args(**flags), NUM_ACTIONS), seed=1).double()
     if flags.get("moe_type") == "top1":
         with torch.no_grad():
             net.moe.router.weight[TOP1_FAVOURITE] += 0.3 * net.moe.router.weight.abs().mean()
@@ -100,22 +100,23 @@ def official_params(net, flags, shapes, dtype):
     else:
         mp.nature("")
     extra = {}
+    moe = "moe.moe" if flags.get("use_extra_linear_layer") else "moe"  # an ExtraLinearLayer wraps the MoE layer
     if flags.get("moe_type", "softmoe") not in ("softmoe", "top1"):  # the baseline and the simplicial embeddings
-        mp.dense("Dense_0", "hidden", nchw=net.encoder.output_shape)  # after the flatten: NCHW -> NHWC
+        mp.dense("Dense_0", moe, nchw=net.encoder.output_shape)  # after the flatten: NCHW -> NHWC
         dense = 1
     else:
         if flags.get("tokenization") == "perpatch":
             mp.conv("embedding", "tokenizer.embedding")
         if flags.get("moe_type") == "top1":
-            mp.put("MoE_0/router/Dense_0/kernel", mp.take("moe.router.weight").T)
+            mp.put("MoE_0/router/Dense_0/kernel", mp.take(f"{moe}.router.weight").T)
         else:
             if not flags.get("use_random_phi"):  # else a buffer, set to the official draw (`run_both`)
-                mp.put("SoftMoE_0/phi_weights", mp.take("moe.phi"))
+                mp.put("SoftMoE_0/phi_weights", mp.take(f"{moe}.phi"))
             extra["SoftMoE_0/scalar"] = np.array([3.7])  # unused without normalization: any value
-        mp.experts()
+        mp.experts(moe=moe)
         dense = 0  # after the MoE: tokens [m, d] flatten token-major in both frameworks
     if flags.get("use_extra_linear_layer"):
-        mp.dense(f"Dense_{dense}", "extra")
+        mp.dense(f"Dense_{dense}", "moe.extra")
         dense += 1
     mp.dense(f"Dense_{dense}", "head")
     return mp.finish(shapes, extra)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from harness import load_script
+from harness import build_network, load_script
 from official_mapping import encoder_input, frames, perturb_, record, x64
 
 m = load_script("dqn_softmoe")
@@ -26,9 +26,10 @@ WEIGHTS = dict(entropy_weight=0.7, importance_weight=1.3, load_weight=0.9, std_s
 def routing_of(moe_type, **flags):
     """The script's network (every weight perturbed, float64) on 3 frame stacks: its record and args."""
     fns = LOSSES if moe_type == "top1" else LOSSES[:2]
-    args = m.Args(moe_type=moe_type, num_experts=4, expert_hidden_units=16, aux_loss_fns=fns, **WEIGHTS, **flags)
+    weights = {k: v for k, v in WEIGHTS.items() if "load_loss" in fns or k in ("entropy_weight", "importance_weight")}
+    args = m.Args(moe_type=moe_type, num_experts=4, expert_hidden_units=16, aux_loss_fns=fns, **weights, **flags)
     torch.manual_seed(0)
-    net = perturb_(m.QNetwork(args, 5), seed=1).double()
+    net = perturb_(build_network(m, args, 5), seed=1).double()
     if moe_type == "top1":
         with torch.no_grad():  # an uneven router, so that the balancing losses are far from 0
             net.moe.router.weight[2] += 0.5 * net.moe.router.weight.abs().mean()
