@@ -24,9 +24,11 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
+import zipfile
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
@@ -618,7 +620,7 @@ class ReplayMemory:
     def load_slots(self, first, data):
         start, count = first % self.capacity, len(data["is_transition"])
         for k in self.slot_fields:
-            getattr(self, k)[start:start + count] = torch.from_numpy(data[k]).to(self.device)
+            getattr(self, k)[start:start + count].copy_(torch.from_numpy(data[k]))  # into the storage, no temporary
         self.is_transition[start:start + count] = data["is_transition"]
 
     def state_dict(self):
@@ -1387,62 +1389,109 @@ def keep_freed_memory():
 
 # >>> shared block: checkpoint
 CHECKPOINT_FORMAT = 3  # version of the layout below; a checkpoint of another version is refused with one line
+SEGMENT_SLOTS = 50_000  # replay slots per segment file (about 350 MB of Atari frames)
+
+
+def segment_name(first, end):
+    return f"replay-{first:012d}-{end:012d}.npz"
 
 
 class Checkpoint:
-    """A run's checkpoint folder. A save first writes the transitions added to the replay memory since the previous
-    save as new segment files (`replay-<first>-<end>.npz`: linear indices [first, end)), then everything else as
-    `state.pt` (networks, optimizer, environment, random generators, counters, the list of segments), written to a
-    temporary file, flushed and renamed over the previous one; last it deletes the segments the memory has overwritten
-    since. A stop at any moment (a signal, a kill, a full disk) leaves the last complete checkpoint loadable, and a save
-    costs time in proportion to what changed, not to the memory's size. Loading unpickles no code:
-    `torch.load(weights_only=True)` and `np.load(allow_pickle=False)`."""
+    """A run's checkpoint folder: `state.pt` (networks, optimizer, environment, random generators, counters, and the
+    replay segments it names) and the replay memory as segment files `replay-<first>-<end>.npz`, linear indices
+    [first, end). Full segments (SEGMENT_SLOTS slots, or up to the end of a pass over the memory's slots) are written
+    while training runs, as the memory fills (`stream`): append-only, fsynced, never rewritten. A save writes the
+    partial segment since the last full one, then `state.pt` (a temporary file, flushed and renamed over the previous
+    one), and last deletes the files that the new state.pt no longer names (the partial it replaced, segments the memory
+    has overwritten). So a save - periodic, on a signal, on a non-finite loss - writes at most one segment whatever the
+    memory's size; a stop at any moment leaves the last complete checkpoint loadable; the disk holds the stored
+    transitions, not the capacity. Every path inside is relative to the folder, so a folder copied elsewhere resumes.
+    Loading unpickles no code: `torch.load(weights_only=True)` and `np.load(allow_pickle=False)`."""
 
     def __init__(self, folder):
-        self.folder, self.segments = folder, []  # segments: the (first, end) linear index ranges on disk
+        self.folder, self.full = folder, []  # full: the (first, end) of the full segments written here, oldest first
+        self.committed = set()  # the segment files that the state.pt on disk names
+
+    def segment_end(self, first, rb):
+        return min((first // SEGMENT_SLOTS + 1) * SEGMENT_SLOTS, (first // rb.capacity + 1) * rb.capacity)
+
+    def stream(self, rb):
+        """Write the full segments that the memory has completed since the last one (a no-op on most steps)."""
+        first = self.full[-1][1] if self.full else rb.cursor - len(rb)
+        while (end := self.segment_end(first, rb)) <= rb.cursor:
+            self._guarded(lambda: self._write_segment(rb, first, end), "cannot write a replay segment in")
+            self.full.append((first, end))
+            first = end
+        oldest = rb.cursor - len(rb)
+        for segment in [segment for segment in self.full if segment[1] <= oldest]:  # overwritten by the memory
+            self.full.remove(segment)
+            if segment_name(*segment) not in self.committed:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.folder, segment_name(*segment)))
 
     def save(self, state, rb=None):
-        """Write `state`, with the new transitions of `rb` unless it is None; on a storage error the run ends with one
-        line and the previous checkpoint intact."""
-        committed = {f"replay-{first:012d}-{end:012d}.npz" for first, end in self.segments}
-        try:
-            os.makedirs(self.folder, exist_ok=True)
-            self._remove("*.tmp")  # left by a process killed in the middle of a write
-            replay = None  # an evaluation after training may leave the memory out: then it cannot train further
-            if rb is None:
-                self.segments = []
-            else:
-                oldest = rb.cursor - len(rb)
-                first = max(self.segments[-1][1] if self.segments else 0, oldest)
-                while first < rb.cursor:  # one segment per pass over the memory's slots, so each is a contiguous view
-                    end = min(rb.cursor, (first // rb.capacity + 1) * rb.capacity)
-                    self._write(f"replay-{first:012d}-{end:012d}.npz", lambda f: np.savez(f, **rb.slots(first, end)))
-                    self.segments.append((first, end))
-                    first = end
-                self.segments = [(first, end) for first, end in self.segments if end > oldest]
-                replay = {**rb.state_dict(), "segments": self.segments}
-            buffer = io.BytesIO()  # torch.save reports a failed write as a RuntimeError: write its bytes ourselves
-            torch.save({**state, "replay": replay, "format": CHECKPOINT_FORMAT}, buffer)
-            self._write("state.pt", lambda f: f.write(buffer.getbuffer()))
-            kept = {f"replay-{first:012d}-{end:012d}.npz" for first, end in self.segments}
-            self._remove("replay-*.npz", keep=kept)
-        except OSError as error:
-            self._remove("*.tmp")
-            self._remove("replay-*.npz", keep=committed)  # segments this save wrote: the previous state knows none
-            exit_run(f"error: cannot write the checkpoint in {self.folder}: {error.strerror or error}; the previous "
-                     f"checkpoint there is intact: free space or fix the storage, then --resume {self.folder}", 1)
+        """Write `state` with the memory `rb` (None: an evaluation after training may leave it out, and then the run
+        cannot train further); on a storage error the run ends with one line and the previous checkpoint intact."""
+        replay, names = None, set()
+        if rb is not None:
+            self.stream(rb)
+            oldest = rb.cursor - len(rb)
+            segments = [(first, end) for first, end in self.full if end > oldest]
+            first = segments[-1][1] if segments else oldest
+            if first < rb.cursor:  # the partial segment since the last full one
+                self._guarded(lambda: self._write_segment(rb, first, rb.cursor), "cannot write a replay segment in")
+                segments.append((first, rb.cursor))
+            replay = {**rb.state_dict(), "segments": segments}
+            names = {segment_name(*segment) for segment in segments}
+        buffer = io.BytesIO()  # torch.save reports a failed write as a RuntimeError: write its bytes ourselves
+        torch.save({**state, "replay": replay, "format": CHECKPOINT_FORMAT}, buffer)
+        self._guarded(lambda: self._write("state.pt", lambda f: f.write(buffer.getbuffer())),
+                      "cannot write the checkpoint in")
+        self.committed = names
+        keep = names | {segment_name(*segment) for segment in self.full}
+        for path in glob.glob(os.path.join(self.folder, "replay-*.npz")):  # named by no committed state any more
+            if os.path.basename(path) not in keep:
+                with contextlib.suppress(OSError):  # a read-only folder: nothing more can be done there
+                    os.remove(path)
 
-    def load_replay(self, rb, replay):
-        """Refill `rb` from the checkpoint's `replay` state and its segments."""
+    def load_replay(self, rb, replay, source):
+        """Refill `rb` from the checkpoint's `replay` state and its segments in the folder `source`, straight into the
+        memory's storage; the full segments are then this folder's too (copied, or linked, from another folder)."""
         rb.load_state_dict(replay)
-        self.segments = [tuple(segment) for segment in replay["segments"]]
-        for first, end in self.segments:
+        for first, end in replay["segments"]:
             start = max(first, rb.cursor - rb.capacity)  # slots that later segments overwrote are skipped
             if start < end:
-                with np.load(os.path.join(self.folder, f"replay-{first:012d}-{end:012d}.npz"), allow_pickle=False) as f:
+                with np.load(os.path.join(source, segment_name(first, end)), allow_pickle=False) as f:
                     rb.load_slots(start, {k: f[k][start - first:] for k in f.files})
+        self.full = [(first, end) for first, end in replay["segments"] if end == self.segment_end(first, rb)]
+        self.committed = {segment_name(*segment) for segment in replay["segments"]}
+        if os.path.abspath(source) != os.path.abspath(self.folder):
+            self._guarded(lambda: self._adopt(source), "cannot copy the replay segments into")
+
+    def _adopt(self, source):
+        os.makedirs(self.folder, exist_ok=True)
+        for segment in self.full:
+            name = segment_name(*segment)
+            try:
+                os.link(os.path.join(source, name), os.path.join(self.folder, name))
+            except OSError:  # another file system: copy
+                shutil.copyfile(os.path.join(source, name), os.path.join(self.folder, name))
+
+    def _write_segment(self, rb, first, end):
+        self._write(segment_name(first, end), lambda f: np.savez(f, **rb.slots(first, end)))
+
+    def _guarded(self, write, what):
+        try:
+            write()
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                for path in glob.glob(os.path.join(self.folder, "*.tmp")):
+                    os.remove(path)
+            exit_run(f"error: {what} {self.folder}: {error.strerror or error}; the previous checkpoint there is "
+                     f"intact: free space or fix the storage, then --resume {self.folder}", 1)
 
     def _write(self, name, write):
+        os.makedirs(self.folder, exist_ok=True)
         path = os.path.join(self.folder, name)
         with open(f"{path}.tmp", "wb") as f:
             write(f)
@@ -1450,16 +1499,33 @@ class Checkpoint:
             os.fsync(f.fileno())
         os.replace(f"{path}.tmp", path)
 
-    def _remove(self, pattern, keep=()):
-        for path in glob.glob(os.path.join(self.folder, pattern)):
-            if os.path.basename(path) not in keep:
-                with contextlib.suppress(OSError):  # a read-only folder: nothing more can be done there
-                    os.remove(path)
+
+def check_segment(path, folder, first, end, fields):
+    """A replay segment whole and of the expected kind (every member's CRC read back, each field's dtype and shape),
+    else one line naming the file."""
+    name = os.path.join(folder, segment_name(first, end))
+    try:
+        with zipfile.ZipFile(name) as archive:
+            bad = archive.testzip()
+            if bad is not None:
+                raise ValueError(f"{bad} is corrupt")
+        with np.load(name, allow_pickle=False) as f:
+            for key, (dtype, shape) in fields.items():
+                if key not in f.files or f[key].dtype != dtype or f[key].shape != (end - first, *shape):
+                    got = (f[key].dtype, f[key].shape) if key in f.files else "missing"
+                    raise ValueError(f"{key} is {got}, expected {dtype} {(end - first, *shape)}")
+    except FileNotFoundError:
+        fail(f"--resume {path}: replay segment {segment_name(first, end)} is missing from {folder}; restore the whole "
+             "checkpoint folder or start a new run")
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        fail(f"--resume {path}: replay segment {name} is damaged or of another kind ({error}); restore it from an "
+             "intact copy of the checkpoint folder or start a new run")
 
 
-def read_checkpoint(path, script):
-    """The state of the checkpoint at `path` (a run directory, its checkpoint folder or its state.pt), with "folder"
-    added; any problem stops with one line that names the file and what to do."""
+def read_checkpoint(path, script, replay_fields):
+    """The state of the checkpoint at `path` (a run directory, its checkpoint folder or its state.pt, wherever it was
+    moved or copied), with "folder" added; any damaged, missing or foreign file stops the run here, before anything is
+    created, with one line that names the file and what to do. `replay_fields`: {field: (dtype, per-slot shape)}."""
     if os.path.isfile(path):
         folder = os.path.dirname(path) or "."
     elif os.path.isfile(os.path.join(path, "state.pt")):
@@ -1468,35 +1534,33 @@ def read_checkpoint(path, script):
         folder = os.path.join(path, "checkpoint")
     state_path = os.path.join(folder, "state.pt")
     if not os.path.isfile(state_path):
-        fail(f"--resume {path}: no checkpoint there (expected {state_path}); give a run directory, its checkpoint "
+        reason = "cannot be read" if os.path.exists(path) and not os.access(path, os.R_OK | os.X_OK) else "no checkpoint"
+        fail(f"--resume {path}: {reason} there (expected {state_path}); give a readable run directory, its checkpoint "
              "folder or its state.pt")
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # empty, truncated, or not a checkpoint at all
+    except Exception as error:  # empty, truncated, unreadable, or not a checkpoint at all
         fail(f"--resume {path}: {state_path} is damaged or incomplete ({type(error).__name__}); resume from an intact "
              "copy or start a new run without --resume")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         version = state.get("format", 1) if isinstance(state, dict) else "unknown"
         fail(f"--resume {path}: {state_path} has checkpoint format {version}, this script reads format "
              f"{CHECKPOINT_FORMAT}; resume it with the version of the script that wrote it, or start a new run")
-    if state["script"] != script:
-        fail(f"--resume {path}: that is a checkpoint of {state['script']}, not of {script}; resume it with "
-             f"{state['script']}")
-    segments = state["replay"]["segments"] if state["replay"] is not None else []
-    for first, end in segments:
-        if not os.path.isfile(os.path.join(folder, f"replay-{first:012d}-{end:012d}.npz")):
-            fail(f"--resume {path}: replay segment replay-{first:012d}-{end:012d}.npz is missing from {folder}; "
-                 "restore the whole checkpoint folder or start a new run")
+    if state.get("script") != script:
+        fail(f"--resume {path}: that is a checkpoint of {state.get('script')}, not of {script}; resume it with "
+             f"{state.get('script')}")
+    for first, end in state["replay"]["segments"] if state["replay"] is not None else []:
+        check_segment(path, folder, first, end, replay_fields)
     return {**state, "folder": folder}
 
 
-def parse_args(args_class, resumable_fields, argv=None):
+def parse_args(args_class, resumable_fields, replay_fields, argv=None):
     """tyro flags, and the checkpoint to resume (or None). With --resume, the checkpoint's flags are the defaults and
     only `resumable_fields` may change: a resumed run keeps its network, memory and environment."""
     args = tyro.cli(args_class, args=argv)
     if args.resume is None:
         return args, None
-    checkpoint = read_checkpoint(args.resume, os.path.basename(__file__))
+    checkpoint = read_checkpoint(args.resume, os.path.basename(__file__), replay_fields)
     args = tyro.cli(args_class, args=argv, default=args_class(**{**checkpoint["args"], "resume": args.resume}))
     for field, value in checkpoint["args"].items():
         if field not in resumable_fields and field != "resume" and getattr(args, field) != value:
@@ -1509,6 +1573,11 @@ def parse_args(args_class, resumable_fields, argv=None):
         fail(f"--total-timesteps {args.total_timesteps}: this checkpoint was saved in the evaluation after training and "
              f"holds no replay memory, so training cannot go on; drop --total-timesteps to finish the evaluation")
     return args, checkpoint
+
+
+def segment_fields(memory):
+    """{field: (dtype, per-slot shape)} of the segments that `memory` (a tiny one of the run's kind) writes."""
+    return {key: (value.dtype, value.shape[1:]) for key, value in memory.slots(0, 1).items()}
 # <<< shared block: checkpoint
 
 
@@ -1557,7 +1626,7 @@ class Progress:
         self.last_time = time.time()
         self.samples = deque([(self.last_time, start_step)], maxlen=64)
 
-    def update(self, step, recent_return, updates, replay_fill, force=False):
+    def update(self, step, recent_return, updates, replay_fill, force=False, warm_up=False):
         now = time.time()
         if not force and now - self.last_time < (0.5 if self.tty else self.interval):
             return
@@ -1568,6 +1637,8 @@ class Progress:
         (t0, s0), (t1, s1) = self.samples[0], self.samples[-1]
         sps = (s1 - s0) / max(t1 - t0, 1e-9)
         eta = format_seconds((self.total - step) / sps) if sps > 0 else "?"
+        if warm_up:  # random actions without updates: the learning phase runs far slower
+            eta = f"over {eta} (warm-up speed; learning is slower)"
         ret = "n/a" if recent_return is None else f"{recent_return:.1f}"
         line = (f"step {step:,}/{self.total:,} ({100 * step / self.total:.1f}%) | {sps:,.0f} SPS | {updates:,} updates | "
                 f"replay {100 * replay_fill:.0f}% | return {ret} | ETA {eta}")
@@ -1609,9 +1680,14 @@ class Run:
 
     def __init__(self, args, checkpoint):
         self.args, saved = args, checkpoint["run"] if checkpoint else {}
-        self.dir = os.path.dirname(checkpoint["folder"]) if checkpoint else make_run_dir(args)
+        folder = os.path.normpath(checkpoint["folder"]) if checkpoint else None
+        parent = folder and (os.path.dirname(folder) or ".")
+        in_place = folder and os.path.basename(folder) == "checkpoint" and glob.glob(f"{parent}/events.out.tfevents.*")
+        self.dir = parent if in_place else make_run_dir(args)  # a copied checkpoint continues in a new run directory
         self.name = os.path.basename(self.dir)
         self.checkpoint = Checkpoint(os.path.join(self.dir, "checkpoint"))
+        if checkpoint:
+            print(f"resuming {checkpoint['folder']} in {self.dir}", flush=True)
         self.wandb_id = init_wandb(args, self.name, saved.get("wandb_id")) if args.track else None
         self.start_step = checkpoint["global_step"] if checkpoint else 0
         try:
@@ -1632,9 +1708,11 @@ class Run:
                 "episode": (self.episode_return, self.episode_length, self.episodes, self.updates),
                 "metric_sums": self.sums, "num_logged": self.num_logged, "phase_seconds": self.clock.state_dict()}
 
-    def start_step_of_loop(self, step, save):
-        """Phase time; a signal saves and leaves (--resume continues exactly here); the periodic checkpoint."""
+    def start_step_of_loop(self, step, save, rb):
+        """Phase time; the replay segments the memory has completed; a signal saves and leaves (--resume continues
+        exactly here); the periodic checkpoint."""
         self.clock.enter("warm-up" if step <= self.args.learning_starts else "learning")
+        self.checkpoint.stream(rb)
         if self.stop:
             self.stop_here(step, save)
         if self.args.checkpoint_every and step > self.start_step and step % self.args.checkpoint_every == 0:
@@ -1686,7 +1764,8 @@ class Run:
 
     def show_progress(self, step, rb, force=False):
         recent = np.mean(self.recent_returns) if self.recent_returns else None
-        self.progress.update(step, recent, self.updates, len(rb) / rb.capacity, force=force)
+        self.progress.update(step, recent, self.updates, len(rb) / rb.capacity, force=force,
+                             warm_up=step <= self.args.learning_starts)
 
     def stop_here(self, step, save, with_replay=True):
         """A signal arrived: save, say how to resume, leave."""
@@ -1849,7 +1928,7 @@ def evaluate(model_path, make_network, num_episodes, device, epsilon, seed, retu
     model = make_network(env.action_space.n).to(device)
     model.load_state_dict(saved["model"])
     model.eval()
-    returns = list(returns)
+    returns, start, done_before = list(returns), time.time(), len(returns)
     while len(returns) < num_episodes and not stop:
         rng = np.random.default_rng([seed, len(returns)])
         frame, _ = env.reset(seed=seed + len(returns))
@@ -1865,6 +1944,9 @@ def evaluate(model_path, make_network, num_episodes, device, epsilon, seed, retu
             done = terminated or truncated
         if done:
             returns.append(episode_return)
+            per_episode = (time.time() - start) / (len(returns) - done_before)
+            print(f"evaluation: {len(returns)}/{num_episodes} episodes | mean return {np.mean(returns):.1f} | "
+                  f"ETA {format_seconds(per_episode * (num_episodes - len(returns)))}", flush=True)
     env.close()
     return returns
 # <<< shared block: dqn_evaluate
@@ -1888,7 +1970,7 @@ def resume(checkpoint, run, q_network, target_network, optimizer, rb, env, rng, 
     for group in optimizer.param_groups:  # --learning-rate may change on resume (a non-finite loss suggests it)
         group["lr"] = run.args.learning_rate
     if checkpoint["replay"] is not None:
-        run.checkpoint.load_replay(rb, checkpoint["replay"])
+        run.checkpoint.load_replay(rb, checkpoint["replay"], checkpoint["folder"])
     set_env_state(env, checkpoint["env"])
     rng.bit_generator.state = checkpoint["rng"]["numpy"]
     torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -1915,7 +1997,7 @@ RESUMABLE_FIELDS = ("total_timesteps", "checkpoint_every", "cuda", "cuda_graphs"
 # Main: set-up, then CleanRL's loop (act, step, store, train, log)
 # =====================================================================================================================
 if __name__ == "__main__":
-    args, checkpoint = parse_args(Args, RESUMABLE_FIELDS)
+    args, checkpoint = parse_args(Args, RESUMABLE_FIELDS, segment_fields(ReplayMemory(1)))
     check_args(args)
     hooks = research_knobs(args)  # without the knobs: hooks = Hooks(functools.partial(make_network, **network_flags(args)))
     keep_freed_memory()
@@ -1955,7 +2037,7 @@ if __name__ == "__main__":
     act = CudaGraph(greedy_action, use_graphs)
     update_fn = CudaGraph(functools.partial(update, extra_losses=hooks.extra_losses), use_graphs)
     for global_step in range(run.start_step, args.total_timesteps):
-        run.start_step_of_loop(global_step, save)
+        run.start_step_of_loop(global_step, save, rb)
 
         # ALGO LOGIC: put action logic here
         epsilon = epsilon_at(args, global_step)

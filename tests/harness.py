@@ -28,6 +28,13 @@ def build_network(m, args, num_actions):
     return m.QNetwork(args, num_actions)
 
 
+def parse(m, argv):
+    """A script's flags and checkpoint from `argv`, as its main block reads them."""
+    if "replay_fields" in m.parse_args.__code__.co_varnames:
+        return m.parse_args(m.Args, m.RESUMABLE_FIELDS, m.segment_fields(m.ReplayMemory(1)), argv)
+    return m.parse_args(m.Args, m.RESUMABLE_FIELDS, argv)
+
+
 def check_flags(m, args):
     """Every start-up check of a script's flags, as its main block makes them: check_args, then the research knobs'."""
     m.check_args(args)

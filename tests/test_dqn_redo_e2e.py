@@ -5,7 +5,7 @@ import signal
 
 import pytest
 import torch
-from harness import (assert_same_scalars, fake_checkpoint, load_script, only_run_dir, read_checkpoint, result,
+from harness import (parse, assert_same_scalars, fake_checkpoint, load_script, only_run_dir, read_checkpoint, result,
                      run_script, scalars, start_script, wait_for_checkpoint)
 
 m = load_script("dqn_redo")
@@ -120,9 +120,9 @@ def test_paper_settings_pass(kwargs):
 def test_resume_keeps_the_redo_flags(tmp_path, capsys):
     path = fake_checkpoint(tmp_path / "checkpoint", SCRIPT, m.Args(redo_tau=0.1, replay_ratio=1.0))
     with pytest.raises(SystemExit):
-        m.parse_args(m.Args, m.RESUMABLE_FIELDS, ["--resume", str(path), "--redo-tau", "0.025"])
+        parse(m, ["--resume", str(path), "--redo-tau", "0.025"])
     assert "--redo-tau 0.025 differs from the checkpoint's 0.1" in capsys.readouterr().err
-    args, _ = m.parse_args(m.Args, m.RESUMABLE_FIELDS, ["--resume", str(path), "--total-timesteps", "99"])
+    args, _ = parse(m, ["--resume", str(path), "--total-timesteps", "99"])
     assert args.total_timesteps == 99 and args.redo_tau == 0.1 and args.replay_ratio == 1.0
 
 

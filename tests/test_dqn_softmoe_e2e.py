@@ -4,7 +4,7 @@ import time
 
 import pytest
 import torch
-from harness import (assert_same_scalars, fake_checkpoint, load_script, only_run_dir, read_checkpoint, result,
+from harness import (parse, assert_same_scalars, fake_checkpoint, load_script, only_run_dir, read_checkpoint, result,
                      run_script, scalars, start_script, wait_for_checkpoint)
 
 m = load_script("dqn_softmoe")
@@ -136,13 +136,13 @@ def test_replay_that_does_not_fit_stops_before_allocating(capsys):
 
 def test_resume_rejects_missing_file_and_changed_network(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        m.parse_args(m.Args, m.RESUMABLE_FIELDS, ["--resume", str(tmp_path / "nope")])
+        parse(m, ["--resume", str(tmp_path / "nope")])
     assert "--resume" in capsys.readouterr().err
     folder = fake_checkpoint(tmp_path / "checkpoint", SCRIPT, m.Args(num_experts=8))
     with pytest.raises(SystemExit):
-        m.parse_args(m.Args, m.RESUMABLE_FIELDS, ["--resume", str(folder), "--num-experts", "4"])
+        parse(m, ["--resume", str(folder), "--num-experts", "4"])
     assert "--num-experts 4 differs from the checkpoint's 8" in capsys.readouterr().err
-    args, checkpoint = m.parse_args(m.Args, m.RESUMABLE_FIELDS, ["--resume", str(folder), "--total-timesteps", "99"])
+    args, checkpoint = parse(m, ["--resume", str(folder), "--total-timesteps", "99"])
     assert args.total_timesteps == 99 and args.num_experts == 8 and checkpoint["folder"] == str(folder)
 
 
@@ -153,3 +153,17 @@ def test_cli_bad_flag_exits_fast_with_one_line(tmp_path):
     assert proc.stderr.strip() == "error: --num-experts must be positive, got 0"
     assert not (tmp_path / "runs").exists()
     assert time.time() - start < 60
+
+
+def test_progress_shows_the_evaluation_and_says_that_learning_is_slower_than_the_warm_up(tmp_path, capsys):
+    proc = run_script(SCRIPT, *TINY, "--total-timesteps", 120, "--save-model", "--eval-episodes", 2,
+                      "--max-episode-steps", 40, cwd=tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("evaluation: ")]
+    assert [line.split(" | ")[0] for line in lines] == ["evaluation: 1/2 episodes", "evaluation: 2/2 episodes"]
+    assert "mean return" in lines[-1] and lines[-1].endswith("ETA 0m00s")
+    progress = m.Progress(total_steps=1000, start_step=0, interval=0.0)
+    progress.samples.appendleft((progress.samples[0][0] - 10.0, 0))  # 100 steps in 10 s
+    progress.update(100, None, 0, 0.1, force=True, warm_up=True)
+    assert "ETA over 1m30s (warm-up speed; learning is slower)" in capsys.readouterr().out
+    progress.update(200, None, 0, 0.2, force=True)
+    assert "learning is slower" not in capsys.readouterr().out

@@ -10,10 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import harness
-from harness import build_network, (fake_checkpoint, load_script, offline_wandb_runs, only_run_dir, read_checkpoint, result, run_dirs,
+from harness import (build_network, fake_checkpoint, parse, load_script, offline_wandb_runs, only_run_dir, read_checkpoint, result, run_dirs,
                      run_script, script_command, start_script)
 
 NAMES = ["dqn_softmoe", "dqn_redo", "rainbow_tokenized", "der_single_expert"]
@@ -124,7 +125,101 @@ def test_checkpoint_grows_with_the_stored_transitions_only(tmp_path):
     segments = sum(p.stat().st_size for p in folder.glob("replay-*.npz"))
     per_slot = load_script(name).ReplayMemory.bytes_per_slot()
     assert stored * per_slot <= segments < stored * per_slot + 20_000  # not 200,000 slots (1.4 GB)
-    assert state["replay"]["segments"][0][0] == 0 and len(state["replay"]["segments"]) == 2  # saved in 2 parts
+    assert [tuple(s) for s in state["replay"]["segments"]] == [(0, stored)]  # one partial: the save at 150's replaced
+
+
+def committed_segments(folder):
+    state = torch.load(Path(folder) / "state.pt", weights_only=True)
+    return [tuple(segment) for segment in state["replay"]["segments"]], state["replay"]["cursor"]
+
+
+def test_replay_segments_stream_as_the_memory_fills_and_the_disk_holds_what_it_stores(tmp_path):
+    """Full segments (here up to each pass over a 200-slot memory) are written as the memory fills; a save adds the
+    partial one; segments the memory has overwritten go once no committed state names them."""
+    m = load_script("dqn_redo")
+    run_script("dqn_redo", *flags("dqn_redo", "--buffer-size", 200, "--total-timesteps", 700, "--checkpoint-every", 700),
+               cwd=tmp_path)
+    folder = only_run_dir(tmp_path) / "checkpoint"
+    segments, cursor = committed_segments(folder)
+    assert cursor > 700 and segments[-1][1] == cursor and segments[0][1] > cursor - 200  # what the memory holds
+    assert all(first % 200 == 0 and end - first == 200 for first, end in segments[:-1])  # streamed full segments
+    assert sorted(p.name for p in folder.glob("replay-*.npz")) == sorted(m.segment_name(*s) for s in segments)
+
+
+def test_sigterm_without_periodic_checkpoints_writes_one_partial_segment(tmp_path):
+    """--checkpoint-every 0: the signal's save finds the full segments already on disk and adds one partial segment and
+    state.pt, whatever the memory holds."""
+    name = "dqn_redo"
+    proc = start_script(name, *flags(name, "--buffer-size", 200, "--total-timesteps", 100_000, "--learning-starts",
+                                     99_000, "--checkpoint-every", 0), cwd=tmp_path)
+    streamed = wait_for_file("runs/*/checkpoint/replay-000000000600-000000000800.npz", tmp_path, proc)
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    folder = streamed.parent
+    segments, cursor = committed_segments(folder)
+    written_after = {p.name for p in folder.iterdir() if p.stat().st_mtime >= signalled}
+    assert written_after == {"state.pt", load_script(name).segment_name(segments[-1][0], cursor)}
+    assert segments[-1][1] - segments[-1][0] < 200  # the partial one
+
+
+@pytest.mark.parametrize("name", ["dqn_softmoe", "dqn_redo"])
+def test_a_copied_checkpoint_folder_resumes_bit_identically_in_a_new_run_directory(name, tmp_path):
+    run_script(name, *flags(name, "--total-timesteps", 400, "--checkpoint-every", 400), cwd=tmp_path / "whole")
+    run_script(name, *flags(name, "--total-timesteps", 250, "--checkpoint-every", 250), cwd=tmp_path / "first")
+    shutil.copytree(only_run_dir(tmp_path / "first") / "checkpoint", tmp_path / "elsewhere" / "copy1")
+    shutil.rmtree(tmp_path / "first")  # nothing of the first machine is left
+    proc = run_script(name, "--resume", "copy1", "--total-timesteps", 400, cwd=tmp_path / "elsewhere")
+    run_dir = only_run_dir(tmp_path / "elsewhere")
+    assert proc.stdout.splitlines()[0] == f"resuming copy1 in runs/{run_dir.name}"
+    a, b = read_checkpoint(only_run_dir(tmp_path / "whole")), read_checkpoint(run_dir)
+    assert a["global_step"] == b["global_step"] == 400 and a["run"]["episode"] == b["run"]["episode"]
+    for key in ("q_network", "target_network"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    for k, v in a["replay"].items():
+        assert (torch.equal(v, b["replay"][k]) if torch.is_tensor(v) else v == b["replay"][k] or k == "segments"), k
+    assert a["rng"]["numpy"] == b["rng"]["numpy"] and torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+def rewrite_segment(path, change):
+    with np.load(path) as f:
+        data = {k: f[k] for k in f.files}
+    change(data)
+    with open(path, "wb") as f:
+        np.savez(f, **data)
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the frames' stored bytes: the zip's CRC no longer matches
+    path.write_bytes(bytes(data))
+
+
+SEGMENT_DAMAGE = {
+    "empty": (lambda p: p.write_bytes(b""), "is damaged or of another kind"),
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "is damaged or of another kind"),
+    "corrupt": (flip_a_byte, "is damaged or of another kind"),
+    "shape": (lambda p: rewrite_segment(p, lambda d: d.update(frames=d["frames"][:, :42])), "frames is"),
+    "dtype": (lambda p: rewrite_segment(p, lambda d: d.update(reward=d["reward"].astype(np.float64))), "reward is"),
+    "missing": (lambda p: p.unlink(), "is missing from"),
+}
+
+
+def test_damaged_missing_or_foreign_replay_segments_stop_before_anything_is_created(tmp_path):
+    name = "dqn_redo"
+    run_script(name, *flags(name, "--total-timesteps", 150, "--checkpoint-every", 150), cwd=tmp_path / "source")
+    good = only_run_dir(tmp_path / "source") / "checkpoint"
+    (segment,) = good.glob("replay-*.npz")
+    for case, (damage, message) in SEGMENT_DAMAGE.items():
+        folder = tmp_path / case / "saved"
+        shutil.copytree(good, folder)
+        damage(folder / segment.name)
+        proc = run_script(name, "--resume", "saved", cwd=tmp_path / case, check=False)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), (case, proc.stderr[-2000:])
+        assert segment.name in err[0] and message in err[0], (case, err[0])
+        assert not (tmp_path / case / "runs").exists(), case  # no run directory, no event file
 
 
 def test_two_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
@@ -153,7 +248,7 @@ def one_error_line(capsys):
 
 def test_damaged_foreign_and_old_checkpoints_stop_with_one_line(tmp_path, capsys):
     m = load_script("dqn_softmoe")
-    parse = lambda path: m.parse_args(m.Args, m.RESUMABLE_FIELDS, ["--resume", str(path)])  # noqa: E731
+    resume = lambda path: parse(m, ["--resume", str(path)])  # noqa: E731
     good = fake_checkpoint(tmp_path / "good", "dqn_softmoe", m.Args())
     cases = {}
     (tmp_path / "empty").mkdir()
@@ -170,26 +265,26 @@ def test_damaged_foreign_and_old_checkpoints_stop_with_one_line(tmp_path, capsys
     cases["foreign"] = "a checkpoint of rainbow_tokenized.py, not of dqn_softmoe.py"
     (tmp_path / "old").mkdir()
     torch.save({"args": vars(m.Args()), "global_step": 5}, tmp_path / "old" / "state.pt")
-    cases["old"] = "checkpoint format 1, this script reads format 2"
+    cases["old"] = "checkpoint format 1, this script reads format 3"
     cases["nowhere"] = "no checkpoint there"
     for case, message in cases.items():
         with pytest.raises(SystemExit) as exit_info:
-            parse(tmp_path / case)
+            resume(tmp_path / case)
         assert exit_info.value.code == 2
         line = one_error_line(capsys)
         assert message in line and str(tmp_path / case) in line, line
-    args, checkpoint = parse(good)  # a run directory, its checkpoint folder and its state.pt all resume
-    assert checkpoint["folder"] == str(good) and parse(good / "state.pt")[1]["folder"] == str(good)
+    args, checkpoint = resume(good)  # a run directory, its checkpoint folder and its state.pt all resume
+    assert checkpoint["folder"] == str(good) and resume(good / "state.pt")[1]["folder"] == str(good)
 
 
 def test_resume_refuses_fewer_steps_and_takes_the_advice_it_gives(tmp_path, capsys):
     m = load_script("dqn_softmoe")
     folder = fake_checkpoint(tmp_path / "checkpoint", "dqn_softmoe", m.Args(), global_step=500)
     with pytest.raises(SystemExit):
-        m.parse_args(m.Args, m.RESUMABLE_FIELDS, ["--resume", str(folder), "--total-timesteps", "400"])
+        parse(m, ["--resume", str(folder), "--total-timesteps", "400"])
     assert "--total-timesteps 400 is below the checkpoint's step 500" in one_error_line(capsys)
     # a non-finite loss advises a lower --learning-rate, and resuming accepts it
-    args, _ = m.parse_args(m.Args, m.RESUMABLE_FIELDS, ["--resume", str(folder), "--learning-rate", "1e-5"])
+    args, _ = parse(m, ["--resume", str(folder), "--learning-rate", "1e-5"])
     assert args.learning_rate == 1e-5
     # the RAM check of a resumed run advises what it can do: not a smaller --buffer-size
     with pytest.raises(SystemExit):

@@ -77,7 +77,7 @@ MUTANTS = [
     ("dqn_redo", "ReDo never runs",
      "if args.redo and number % args.redo_period == 0:", "if False:", [LEARN, E2E]),
     ("dqn_redo", "--redo-reset-adam-step has no effect",
-     "if args.redo_reset_adam_step:", "if False:", [LEARN]),
+     "after_recycle=reset_adam_steps if args.redo_reset_adam_step else None", "after_recycle=None", [LEARN]),
     ("dqn_redo", "recycled neurons get no new incoming weights",
      "param[dead] = fresh(param)[dead]", "fresh(param)",
      [UNIT, LEARN]),
