@@ -572,15 +572,17 @@ class ReplayMemory:
         return (index >= lo) & (index <= hi) & self.is_transition[index % self.capacity]
 
     def sample_indices(self, batch_size, rng):
-        """Uniform over the valid transitions (rejection sampling; final-frame slots are rare)."""
+        """Uniform over the valid transitions (rejection sampling; final-frame slots are rare). The cost does not grow
+        with the memory: only a sampler that keeps drawing invalid slots checks whether any valid one exists."""
         lo, hi = self.sample_range()
-        if hi < lo or not self.is_valid(np.arange(lo, hi + 1)).any():
-            raise RuntimeError("the replay memory holds no complete transition yet")
         chosen = np.empty(0, np.int64)
-        while len(chosen) < batch_size:
+        for attempt in itertools.count():
+            if hi < lo or attempt == 64 and not self.is_valid(np.arange(lo, hi + 1)).any():
+                raise RuntimeError("the replay memory holds no complete transition yet")
+            if len(chosen) >= batch_size:
+                return chosen[:batch_size]
             candidates = rng.integers(lo, hi + 1, size=2 * batch_size)
             chosen = np.concatenate([chosen, candidates[self.is_valid(candidates)]])
-        return chosen[:batch_size]
 
     def stacks(self, index):
         """Frame stacks [B, stack_size, *frame_shape] of the observations at linear indices `index` [B]."""

@@ -114,21 +114,22 @@ def test_sampling_is_uniform_over_valid_transitions():
 
 
 def test_checkpoint_round_trip_across_saves_and_wrap_around(tmp_path):
-    # saves write only what was added since the previous one (segments); the memory wraps around between saves
+    # full segments are streamed as the memory fills, a save adds the partial one; the memory wraps between saves
     rng = np.random.default_rng(3)
     memory = m.ReplayMemory(30, frame_shape=(2,), stack_size=STACK, n_step=3)
     checkpoint = m.Checkpoint(str(tmp_path))
     for episodes in (3, 9, 1, 12):
         fill(memory, random_episodes(rng, episodes))
         checkpoint.save({}, memory)
-    assert len(checkpoint.segments) > 1 and all(end > memory.cursor - 30 for _, end in checkpoint.segments)  # overwritten
-    # segments were dropped ...
-    on_disk = sorted(p.name for p in tmp_path.glob("replay-*.npz"))
-    assert on_disk == [f"replay-{a:012d}-{b:012d}.npz" for a, b in checkpoint.segments]  # ... from disk too
-    assert not list(tmp_path.glob("*.tmp"))
     state = torch.load(tmp_path / "state.pt", weights_only=True)
+    segments = [tuple(segment) for segment in state["replay"]["segments"]]
+    assert len(segments) > 1 and all(end > memory.cursor - 30 for _, end in segments)  # overwritten segments dropped ...
+    assert [end - first for first, end in segments[:-1]] == [30] * (len(segments) - 1)  # streamed, one per pass
+    on_disk = sorted(p.name for p in tmp_path.glob("replay-*.npz"))
+    assert on_disk == [m.segment_name(a, b) for a, b in segments]  # ... from disk too
+    assert not list(tmp_path.glob("*.tmp"))
     restored = m.ReplayMemory(30, frame_shape=(2,), stack_size=STACK, n_step=3)
-    m.Checkpoint(str(tmp_path)).load_replay(restored, state["replay"])
+    m.Checkpoint(str(tmp_path)).load_replay(restored, state["replay"], str(tmp_path))
     lo, hi = memory.sample_range()
     index = np.arange(lo, hi + 1)
     index = index[memory.is_valid(index)]
@@ -143,3 +144,18 @@ def test_frames_are_stored_once():
     assert m.ReplayMemory.bytes_per_slot() == 84 * 84 + 12  # ~7 KB per transition, not 4 x 84 x 84
     memory = m.ReplayMemory(10)
     assert memory.frames.shape == (10, 84, 84) and memory.frames.dtype == torch.uint8
+
+
+def test_sampling_never_scans_the_whole_memory():
+    """The cost of a sample does not grow with what the memory holds: with 1M transitions stored, rejection sampling
+    tests only its candidates, never every stored slot (it did on every update, 20x slower at 1M than at 20k)."""
+    memory = m.ReplayMemory(1_000_000, frame_shape=(1,), stack_size=4, n_step=1)
+    memory.is_transition[:] = True
+    memory.cursor = 1_000_000
+    sizes, is_valid = [], memory.is_valid
+    memory.is_valid = lambda index: sizes.append(len(index)) or is_valid(index)
+    index = memory.sample_indices(32, np.random.default_rng(0))
+    assert len(index) == 32 and max(sizes) == 64
+    memory.is_transition[:] = False  # nothing valid: after a bounded number of rejections, the one full check says so
+    with pytest.raises(RuntimeError, match="no complete transition"):
+        memory.sample_indices(32, np.random.default_rng(0))
