@@ -237,7 +237,10 @@ def test_reference_numbers_follow_their_stated_rules():
     spec = {row["game"]: float(row["der_vh2019"]) for row in csv.DictReader(io.StringIO(SPEC_TABLE))}
     rows = report.references("atari100k")
     assert {row["game"] for row in rows} == set(suites.load_suite("atari100k")["games"])
-    for row in rows:  # published DER score, low = half the gain over random
+    per_game_26 = [row for row in report.references("atari100k_26") if row["statistic"] == "mean_score"]
+    assert sorted(row["game"] for row in per_game_26) == sorted(suites.load_suite("atari100k_26")["games"])
+    assert {row["variant"] for row in per_game_26} == {"der_vh2019"}
+    for row in rows + per_game_26:  # published DER score, low = half the gain over random
         random_score = table[row["game"]][0]
         assert float(row["reference"]) == spec[row["game"]]
         assert float(row["low"]) == pytest.approx(random_score + (spec[row["game"]] - random_score) / 2, abs=0.01)
@@ -383,6 +386,125 @@ def test_report_without_rliable_or_matplotlib_says_how_to_add_them(tmp_path, nam
     assert proc.stderr == (f"error: report needs {name}, which does not import here (ImportError: {name} blocked by "
                            f"the test); cd {BENCH.parent} && pip install \".[benchmark]\" adds it\n")
     assert proc.stdout == "" and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Committed results: docs/results/<suite>_<variant>/<game>/seed<N>/ counts as done; collect copies runs there
+# ----------------------------------------------------------------------------------------------------------------
+def fake_committed(run, eval_mean):
+    Path(run.committed).mkdir(parents=True, exist_ok=True)
+    (Path(run.committed) / "result.json").write_text(json.dumps({
+        "env_id": f"ALE/{run.game}-v5", "seed": run.seed, "train_return_last100": None, "eval_returns": [eval_mean],
+        "eval_return_mean": eval_mean}))
+
+
+def test_a_committed_run_is_done_run_skips_it_and_status_counts_it(tmp_path, monkeypatch, capsys):
+    scripts, out, results = tmp_path / "scripts", tmp_path / "out", tmp_path / "results"
+    scripts.mkdir()
+    fake_script(scripts, "fake", prioritized=False)
+    source = (scripts / "fake.py").read_text()
+    (scripts / "fake.py").write_text(source.replace("int = 50\n", "int = 50\n    cuda: bool = False\n"))
+    with open(scripts / "fake.py", "a") as f:  # a run: result.json with the seed as its score
+        f.write("\n\nif __name__ == '__main__':\n    import json, os, sys\n    os.makedirs('runs/r')\n"
+                "    seed = float(sys.argv[sys.argv.index('--seed') + 1])\n"
+                "    json.dump({'eval_return_mean': seed, 'eval_returns': [seed]}, open('runs/r/result.json', 'w'))\n")
+    monkeypatch.setattr(suites, "SCRIPTS", scripts)
+    monkeypatch.setattr(local, "SCRIPTS", scripts)
+    suite = tmp_path / "t.toml"
+    suite.write_text('games = ["Pong"]\nseeds = [1, 2]\nvariants = [{ name = "v", script = "fake" }]\n')
+    runs = suites.plan(suites.load_suite(str(suite)), out, results=results)
+    assert [run.committed for run in runs] == [str(results / "t_v" / "Pong" / f"seed{s}") for s in (1, 2)]
+    fake_committed(runs[0], 7.0)
+    assert common.run_state(runs[0]) == "done" and common.run_state(runs[1]) == "pending"
+
+    code, stdout = bench_here("status", suite, "--out", out, "--results", results, capsys=capsys)
+    assert code == 0 and "t: 1/2 done" in stdout and f"1 of the done runs are committed under {results}" in stdout
+    code, stdout = bench_here("run", suite, "--out", out, "--results", results, "--workers", 1, capsys=capsys)
+    assert code == 0 and f"1 of 2 runs already done: skipped (1 of them committed under {results})" in stdout
+    assert "start  v/Pong/seed2" in stdout and "seed1" not in stdout.replace("committed", "") and "2/2 runs done" in stdout
+    assert not Path(runs[0].dir).exists() and common.load_result(runs[0])["eval_return_mean"] == 7.0
+    assert common.load_result(runs[1])["eval_return_mean"] == 2.0
+    code, stdout = bench_here("status", suite, "--out", out, "--results", results, capsys=capsys)
+    assert "t: 2/2 done" in stdout and "1 of the done runs are committed" in stdout
+
+
+def test_collect_copies_finished_runs_evidence_once(tmp_path, capsys):
+    out, results = tmp_path / "out", tmp_path / "results"
+    suite = write_suite(tmp_path, ["Pong"], seeds=[1, 2])
+    done, running = suites.plan(suites.load_suite(str(suite)), out, results=results)
+    fake_result(done)
+    for run in (done, running):
+        folder = Path(run.dir) / "runs" / "fake"
+        (folder / "checkpoint").mkdir(parents=True)
+        (folder / "checkpoint" / "state.pt").write_bytes(b"weights")
+        (folder / "events.out.tfevents.1.vm.2.0").write_bytes(b"events " + run.id.encode())
+        (Path(run.dir) / "log.txt").write_text(f"log of {run.id}\n")
+    (Path(running.dir) / "runs" / "fake" / "result.json").write_text("{}")  # written, the process not yet ended
+    common.write_status(running.dir, state="running")
+    code, stdout = bench_here("collect", suite, "--out", out, "--results", results, capsys=capsys)
+    target = results / "suite_v" / "Pong" / "seed1"
+    assert code == 0 and "copied v/Pong/seed1: events.out.tfevents.1.vm.2.0, log.txt, result.json" in stdout
+    assert "1 runs copied, 0 already committed, 0 differing from their committed copy, 1 not finished here" in stdout
+    assert sorted(p.name for p in target.iterdir()) == ["events.out.tfevents.1.vm.2.0", "log.txt", "result.json"]
+    for name in ("events.out.tfevents.1.vm.2.0", "result.json"):
+        assert (target / name).read_bytes() == (Path(done.dir) / "runs" / "fake" / name).read_bytes()
+    assert (target / "log.txt").read_text() == "log of v/Pong/seed1\n"
+    assert not (results / "suite_v" / "Pong" / "seed2").exists()
+    stamps = {p.name: p.stat().st_mtime_ns for p in target.iterdir()}
+
+    code, stdout = bench_here("collect", suite, "--out", out, "--results", results, capsys=capsys)  # idempotent
+    assert code == 0 and "copied v/" not in stdout and "0 runs copied, 1 already committed" in stdout
+    assert {p.name: p.stat().st_mtime_ns for p in target.iterdir()} == stamps
+    fake_result(done, eval_mean=3.0)  # another result: the committed copy stays, and collect says so
+    code, stdout = bench_here("collect", suite, "--out", out, "--results", results, capsys=capsys)
+    assert code == 1 and f"v/Pong/seed1: {target} holds another result.json: left as it is" in stdout
+    assert {p.name: p.stat().st_mtime_ns for p in target.iterdir()} == stamps
+
+
+def test_report_from_committed_results_alone_flags_games_below_half_the_published_gain(tmp_path, capsys):
+    results, absent = tmp_path / "results", tmp_path / "absent"
+    suite = suites.load_suite("atari100k_26")
+    table = report.human_random_table()
+    published = {row["game"]: float(row["reference"]) for row in report.references("atari100k_26")
+                 if row["statistic"] == "mean_score"}
+    runs = suites.plan(suite, absent, variants=["der_vh2019"], results=results)
+    for run in runs:  # seed 1 of every game, and Assault's seed 2, at the published score; Alien at 0.4 of its gain
+        if run.seed == 1 or (run.game, run.seed) == ("Assault", 2):
+            random_score = table[run.game][0]
+            fake_committed(run, published[run.game] if run.game != "Alien" else
+                           random_score + 0.4 * (published[run.game] - random_score))
+    code, stdout = bench_here("report", "atari100k_26", "--variants", "der_vh2019", "--out", absent, "--results",
+                              results, "--reps", 200, capsys=capsys)
+    out = results / "atari100k_26_der_vh2019"
+    text = (out / "report.md").read_text()
+    assert code == 1 and not absent.exists() and "103 runs not finished" in stdout
+    assert f"27/130 runs done (runs directory {absent} (absent); 27 of the runs done read from the committed " in text
+    assert "| der_vh2019 | Alien | 1 | 1 | 432.6 | eval, 1 episode | 0.030 | 739.9 | 0.40 **below half** |" in text
+    assert "| der_vh2019 | Assault | 2 | 1, 2 | 431.2 ± 0.0 | eval, 1 episode | 0.402 | 431.2 | 1.00 |" in text
+    assert text.count("0 **below half**") == 1 and "Below half the published gain over random: der_vh2019 Alien" in text
+    assert "| FAIL | der_vh2019 | Alien | mean_score | 432.6 over 1 runs | in [483.85, +inf] |" in text
+    assert "| pass | der_vh2019 | Amidar | mean_score | 188.6 over 1 runs |" in text
+    assert "| der_vh2019 | 26 | 27 |" in text  # aggregates over the 26 games, 27 runs
+    info = [line for line in text.splitlines() if "(shown, never fails)" in line]
+    assert len(info) == 3 and all(line.startswith(("| inside |", "| outside |")) for line in info)
+    assert "- der_vh2019, not started (103 runs): Alien (seeds 2, 3, 4, 5), Amidar (seeds 2, 3, 4, 5), " in text
+    assert "Assault (seeds 3, 4, 5)" in text and (out / "aggregate.png").stat().st_size > 1000
+
+
+def test_committed_results_follow_their_layout():
+    """docs/results/<suite>_<variant>/<game>/seed<N>/: a suite's variant, game and seed, the run's small files only."""
+    names = {f"{s['name']}_{v['name']}": s for s in map(suites.load_suite, ["atari100k", "atari100k_26"])
+             for v in s["variants"]}
+    found = sorted((ROOT / "docs" / "results").glob("*/*/seed*/result.json"))
+    assert found  # the Assault runs of der_vh2019 (2 seeds) at least
+    for path in found:
+        folder, game, seed = path.parents[2].name, path.parents[1].name, int(path.parent.name[4:])
+        result = json.loads(path.read_text())
+        assert folder in names and game in names[folder]["games"] and seed in names[folder]["seeds"], path
+        assert result["env_id"] == f"ALE/{game}-v5" and result["seed"] == seed, path
+        files = list(path.parent.iterdir())
+        assert {f.name for f in files} <= {"result.json", "log.txt"} | {f.name for f in path.parent.glob("events.*")}
+        assert all(f.is_file() and f.stat().st_size < 2**20 for f in files), path
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
     ./benchmark.sh dqn_redo --slurm --partition gpu --time 24:00:00 --gpus 1    # one Slurm array job
     ./benchmark.sh status smoke [--wait]         # runs done, failed, running, queued; ETA
     ./benchmark.sh report smoke                  # markdown table, PNG curves, checks against references (exit 1 if off)
+    ./benchmark.sh collect atari100k_26          # copy finished runs into docs/results/<suite>_<variant>/ (to commit)
     ./benchmark.sh perf                          # steps/s, CPU time, peak memory, replay bytes per transition of each script
     ./benchmark.sh perf dqn_softmoe_networks --rounds 3    # variants side by side (benchmark/perf/*.toml), interleaved
 
@@ -14,14 +15,16 @@ directory `<out>/<variant>/<game>/seed<N>/` (`<out>` = runs/benchmark/<suite>) h
 written as it comes), `status.json` (state, exit code, attempts) and the script's own `runs/<run_name>/` (TensorBoard
 events, result.json, checkpoint/). Running a suite again skips finished runs, resumes interrupted ones from their
 checkpoints and retries failed ones. A run's score is its evaluation mean when it has one, else its training return
-over the last 100 episodes; the report says which.
+over the last 100 episodes; the report says which. A run whose evidence is committed under
+docs/results/<suite>_<variant>/<game>/seed<N>/ (`collect` copies it there) counts as done wherever the suite runs.
 """
 import argparse
 import shlex
 import sys
 from pathlib import Path
 
-from .common import SCRIPTS, Progress, print_failures
+from .collect import collect_runs
+from .common import RESULTS, SCRIPTS, Progress, find_one, print_failures
 from .local import run_local, worker_slots
 from .perf import PERF_SCRIPTS, perf
 from .report import report
@@ -40,6 +43,8 @@ def parser():
         q.add_argument("--variants", nargs="+", help="only these variants")
         q.add_argument("--games", nargs="+", help="only these games")
         q.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
+        q.add_argument("--results", default=str(RESULTS), help="where finished runs are committed, each in "
+                       "<results>/<suite>_<variant>/<game>/seed<N>/, which counts as done (default: %(default)s)")
 
     run = sub.add_parser("run", help="run a suite (the default command: `benchmark.sh SUITE`)")
     suite_args(run)
@@ -67,6 +72,12 @@ def parser():
                          "check fails")
     suite_args(rep)
     rep.add_argument("--reps", type=int, default=20_000, help="bootstrap resamples for the CIs")
+    rep.add_argument("--report-dir", help="where report.md and the PNGs go (default: <results>/<suite>_<variant>/ "
+                     "when one variant is selected and that folder exists, else <out>)")
+
+    col = sub.add_parser("collect", help="copy every finished run's result.json, TensorBoard events and log.txt "
+                         "into <results>/<suite>_<variant>/<game>/seed<N>/, to be committed")
+    suite_args(col)
 
     pf = sub.add_parser("perf", help="steps/s, CPU time and peak memory of each script, or of named variants side by side")
     pf.add_argument("file", nargs="?", help="variants to compare: benchmark/perf/<name>.toml or the path of such a file")
@@ -97,7 +108,8 @@ def parser():
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-") and argv[0] not in ("run", "status", "report", "perf", "list", "task"):
+    if argv and not argv[0].startswith("-") and argv[0] not in ("run", "status", "report", "collect", "perf", "list",
+                                                                 "task"):
         argv.insert(0, "run")  # benchmark.sh SUITE ...
     opts = parser().parse_args(argv)
     if opts.command == "list":
@@ -108,16 +120,25 @@ def main(argv=None):
         return perf(opts)
     suite = load_suite(opts.suite)
     opts.out = str(Path(opts.out or Path("runs") / "benchmark" / suite["name"]).resolve())
-    runs = plan(suite, opts.out, opts.variants, opts.games, opts.seeds, getattr(opts, "flags", ""))
+    runs = plan(suite, opts.out, opts.variants, opts.games, opts.seeds, getattr(opts, "flags", ""), opts.results)
+    if opts.command == "collect":
+        return collect_runs(runs)
     if opts.command == "report":
-        return report(suite, runs, opts.out, opts.reps)
+        variants = {run.variant for run in runs}
+        committed = Path(opts.results) / f"{suite['name']}_{variants.pop()}" if len(variants) == 1 else None
+        to = opts.report_dir or (committed if committed and committed.is_dir() else opts.out)
+        return report(suite, runs, to, opts.reps, runs_dir=opts.out)
     runs, parsed = resolve(runs)
     if opts.command == "status":
         if opts.wait:
             return wait_slurm(suite["name"], runs)
         progress = Progress(suite["name"], runs)
         progress.show(force=True)
-        print_failures(runs, progress.states())
+        states = progress.states()
+        committed = sum(state == "done" and not find_one(run.dir, "result.json") for run, state in states.items())
+        if committed:
+            print(f"{committed} of the done runs are committed under {opts.results}, not in {opts.out}")
+        print_failures(runs, states)
         return 0
     print(f"{suite['name']}: {len(runs)} runs ({len(parsed)} variants x {len({r.game for r in runs})} games x "
           f"{len({r.seed for r in runs})} seeds) in {opts.out}")

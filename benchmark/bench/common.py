@@ -1,5 +1,6 @@
-"""What local workers, Slurm tasks, `status` and `report` share: paths, errors, a run and the files of its directory
-(status.json, log.txt, the script's result.json), its state, and the progress line."""
+"""What local workers, Slurm tasks, `status`, `report` and `collect` share: paths, errors, a run and the files of its
+directory (status.json, log.txt, the script's result.json) or of its committed copy, its state, and the progress
+line."""
 import json
 import os
 import re
@@ -13,6 +14,8 @@ from pathlib import Path
 
 BENCHMARK = Path(__file__).resolve().parents[1]  # benchmark/: suites, CSV tables, this package
 SCRIPTS = Path(os.environ.get("CLEANRL_MOE_SCRIPTS", BENCHMARK.parent / "cleanrl_moe"))
+RESULTS = BENCHMARK.parent / "docs" / "results"  # committed runs: <suite>_<variant>/<game>/seed<N>/
+COMMITTED_FILES = ("events.out.tfevents.*", "log.txt", "result.json")  # what `collect` copies (result.json last)
 GiB = 2**30
 STEP_RE = re.compile(r"step ([\d,]+)/([\d,]+)")  # the scripts' progress line
 
@@ -39,6 +42,7 @@ class Run:
     seed: int
     flags: tuple  # the script's command-line flags
     dir: str
+    committed: str = ""  # its committed copy, <results>/<suite>_<variant>/<game>/seed<N>: done when it holds result.json
     total_steps: int = 0  # filled in by suites.resolve()
     memory_bytes: int = 0  # host memory estimate, filled in by suites.resolve()
 
@@ -52,6 +56,24 @@ class Run:
 # ---------------------------------------------------------------------------------------------------------------
 def find_one(run_dir, name):
     return next(iter(sorted(Path(run_dir).glob(f"runs/*/{name}"))), None)
+
+
+def committed_result(run):
+    """The result.json of the run's committed copy, or None."""
+    path = Path(run.committed) / "result.json" if run.committed else None
+    return path if path and path.is_file() else None
+
+
+def result_path(run):
+    """The run's result.json: the script's own in the run's directory, else its committed copy's; or None."""
+    return find_one(run.dir, "result.json") or committed_result(run)
+
+
+def files_dir(run):
+    """The folder of the run's TensorBoard events: that of its result.json, else the script's runs/<name>/ of an
+    unfinished run; or None."""
+    result = result_path(run)
+    return result.parent if result else next(iter(sorted(Path(run.dir).glob("runs/*/"))), None)
 
 
 def read_status(run_dir):
@@ -101,7 +123,7 @@ def is_alive(status, queue):
 
 
 def run_state(run, queue=None):
-    if find_one(run.dir, "result.json"):
+    if result_path(run):  # finished here, or committed (by a session on another machine, say)
         return "done"
     status = read_status(run.dir)
     state = status.get("state", "pending")
@@ -139,8 +161,7 @@ def steps_done(run, state):
 
 
 def load_result(run):
-    path = find_one(run.dir, "result.json")
-    with open(path) as f:
+    with open(result_path(run)) as f:
         return json.load(f)
 
 

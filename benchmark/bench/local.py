@@ -112,7 +112,9 @@ def run_local(name, runs, slots, keep_checkpoints=False):
             where = f"Slurm job {status['slurm_job']}" if status.get("slurm_job") else f"pid {status.get('pid')}"
             print(f"{run.id} is already {states[run]} ({where}): not started here")
     if len(todo) < len(runs):
-        print(f"{sum(s == 'done' for s in states.values())} of {len(runs)} runs already done: skipped")
+        committed = sum(states[run] == "done" and not find_one(run.dir, "result.json") for run in runs)
+        print(f"{sum(s == 'done' for s in states.values())} of {len(runs)} runs already done: skipped" +
+              (f" ({committed} of them committed under {Path(runs[0].committed).parents[2]})" if committed else ""))
     threads = max(1, cpu_count() // max(1, len(slots)))
     stop = []
     previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -132,7 +134,7 @@ def run_local(name, runs, slots, keep_checkpoints=False):
             while todo and free and not stop:
                 slot = free.pop(0)
                 run = todo.pop(0)
-                resumed = find_one(run.dir, "checkpoint.pt") is not None
+                resumed = find_one(run.dir, "checkpoint/state.pt") is not None
                 active[slot] = (run, start_run(run, run_env(threads, slots[slot])))
                 progress.event(f"start  {run.id}{' (resumed)' if resumed else ''}")
             for slot, (run, proc) in list(active.items()):

@@ -1,6 +1,7 @@
-"""The report: per game mean and std over seeds, human-normalized IQM, median and mean with 95% stratified-bootstrap
-CIs (rliable: Agarwal et al. 2021), checks against benchmark/references.csv, learning curves and an aggregate plot;
-exit 1 when a run is not finished or a check fails."""
+"""The report: per game mean and std over seeds (against the published score where references.csv has one),
+human-normalized IQM, median and mean with 95% stratified-bootstrap CIs (rliable: Agarwal et al. 2021), checks against
+benchmark/references.csv, learning curves and an aggregate plot; from the runs directory and the committed results
+alike; exit 1 when a run is not finished or a check fails."""
 import csv
 import datetime
 import importlib
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import BENCHMARK, fail, fmt, load_result, log_tail, read_status, run_score, states_of
+from .common import BENCHMARK, fail, files_dir, find_one, fmt, load_result, log_tail, read_status, run_score, states_of
 
 MIN_GAMES_FOR_AGGREGATE = 10  # rainbow_der.md section 10: no HNS aggregates from a handful of games
 
@@ -158,7 +159,7 @@ def compare(reference_rows, rows, games, per_variant):
             elif ref["statistic"] == "mean_score":
                 stats = games.get((variant, ref["game"]))
                 if stats is None:
-                    checks.append((ref, variant, "FAIL", "no finished run"))
+                    checks.append((ref, variant, "skip", "no finished run yet"))
                     continue
                 checks.append((ref, variant, "pass" if within(stats["mean"], low, high) else "FAIL",
                                f"{stats['mean']:.1f} over {stats['n']} runs"))
@@ -169,16 +170,19 @@ def compare(reference_rows, rows, games, per_variant):
                     continue
                 i = stat_index[ref["statistic"]]
                 value, ci_low, ci_high = entry["point"][i], entry["ci"][0][i], entry["ci"][1][i]
-                ok = (ci_low - slack <= published <= ci_high + slack) if ref["check"] == "ci" else within(value, low, high)
-                checks.append((ref, variant, "pass" if ok else "FAIL", f"{value:.3f} [{ci_low:.3f}, {ci_high:.3f}]"))
+                ok = (ci_low - slack <= published <= ci_high + slack) if ref["check"] in ("ci", "info") else within(
+                    value, low, high)
+                verdict = ("inside" if ok else "outside") if ref["check"] == "info" else ("pass" if ok else "FAIL")
+                checks.append((ref, variant, verdict, f"{value:.3f} [{ci_low:.3f}, {ci_high:.3f}]"))
             else:
                 fail(f"references.csv: unknown statistic {ref['statistic']!r}")
     return checks
 
 
 def tolerance_text(ref):
-    if ref["check"] == "ci":
-        return f"{ref['reference']} inside our 95% CI" + (f" +- {ref['slack']}" if number(ref["slack"]) else "")
+    if ref["check"] in ("ci", "info"):
+        return (f"{ref['reference']} inside our 95% CI" + (f" +- {ref['slack']}" if number(ref["slack"]) else "") +
+                (" (shown, never fails)" if ref["check"] == "info" else ""))
     low, high = ref["low"] or "-inf", ref["high"] or "+inf"
     return f"in [{low}, {high}]"
 
@@ -190,10 +194,10 @@ def episodic_returns(run):
     """(steps, returns) of charts/episodic_return from the run's TensorBoard events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dirs = sorted(Path(run.dir).glob("runs/*/"))
-    if not run_dirs:
+    folder = files_dir(run)  # the script's runs/<name>/, or the run's committed copy
+    if folder is None:
         return np.zeros(0), np.zeros(0)
-    acc = EventAccumulator(str(run_dirs[0]), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     acc.Reload()
     if "charts/episodic_return" not in acc.Tags()["scalars"]:
         return np.zeros(0), np.zeros(0)
@@ -201,10 +205,16 @@ def episodic_returns(run):
     return np.array([e.step for e in events]), np.array([e.value for e in events])
 
 
-def plot_curves(rows, out_dir, bins=50):
+def short_source(ref):
+    """'van Hasselt et al. 2019' from a reference's source text."""
+    return ref["source"].split(" (")[0].split(",")[0]
+
+
+def plot_curves(rows, out_dir, bins=50, published=None):
     """One PNG per game: per variant, the mean over seeds of the episodic return (averaged in step bins), with the
     seeds' min-max band, each seed's own curve (thin), and each run's evaluation score, where it has one, as a dot at
-    its last step."""
+    its last step labelled with its seed; the published score ({(variant, game): reference row}) dashed and the
+    random score dotted."""
     import warnings
 
     import matplotlib
@@ -241,7 +251,17 @@ def plot_curves(rows, out_dir, bins=50):
             if evaluated:
                 ax.scatter([edges[-1]] * len(evaluated), [row["score"] for row in evaluated], color=line.get_color(),
                            marker="o", zorder=3, label=f"{variant}: evaluation score of each run")
+                for row in evaluated:
+                    ax.annotate(f"seed {row['run'].seed}", (edges[-1], row["score"]), xytext=(4, -3), fontsize=7,
+                                textcoords="offset points", color=line.get_color())
+            ref = (published or {}).get((variant, game))
+            if ref:
+                ax.axhline(float(ref["reference"]), color=line.get_color(), linestyle="--", linewidth=1,
+                           label=f"{variant}: published, {short_source(ref)}")
+        if ax.lines and game in human_random_table():
+            ax.axhline(human_random_table()[game][0], color="gray", linestyle=":", linewidth=1, label="random")
         if ax.lines:
+            ax.margins(x=0.1)  # room for the seeds' labels
             ax.set(title=game, xlabel="agent steps", ylabel="episodic return (training)")
             ax.legend(fontsize=8)
             fig.tight_layout()
@@ -252,7 +272,9 @@ def plot_curves(rows, out_dir, bins=50):
     return paths
 
 
-def plot_aggregates(per_variant, path):
+def plot_aggregates(per_variant, path, refs=()):
+    """IQM, median and mean of each variant with their 95% CIs; each published aggregate of references.csv (ci and
+    info checks) as a cross on its variant's line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,15 +284,28 @@ def plot_aggregates(per_variant, path):
     if not variants:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(11, 0.5 * len(variants) + 1.6), sharey=True)
+    markers, labelled = {}, set()
     for i, (ax, name) in enumerate(zip(axes, ("IQM", "Median", "Mean"))):
         for y, variant in enumerate(variants):
             entry = per_variant[variant]
             point, low, high = entry["point"][i], entry["ci"][0][i], entry["ci"][1][i]
-            ax.errorbar(point, y, xerr=[[point - low], [high - point]], fmt="o", capsize=4)
+            ax.errorbar(point, y, xerr=[[point - low], [high - point]], fmt="o", capsize=4, color="C0")
+            stat = ("iqm_hns", "median_hns", "mean_hns")[i]
+            for ref in refs:
+                if ref["statistic"] == stat and ref["variant"] in (variant, "*") and ref["check"] in ("ci", "info"):
+                    source = short_source(ref)
+                    marker = markers.setdefault(source, "x+1*^v"[len(markers) % 6])
+                    ax.plot(float(ref["reference"]), y, marker=marker, color="C3", linestyle="none", markersize=9, zorder=3,
+                            label=source if source not in labelled else None)
+                    labelled.add(source)
         ax.set(title=name, xlabel="human-normalized score", yticks=range(len(variants)), yticklabels=variants)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("95% stratified-bootstrap CIs", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle("95% stratified-bootstrap CIs" + (" (dots and bars); published numbers (crosses)" if labelled else ""),
+                 fontsize=9)
+    if labelled:  # below the plots, in half an inch added to the figure
+        fig.set_figheight(fig.get_figheight() + 0.5)
+        fig.legend(loc="lower center", ncol=len(labelled), fontsize=8)
+    fig.tight_layout(rect=(0, 0.4 / fig.get_figheight() if labelled else 0, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -287,33 +322,82 @@ def require_report_packages():
                  f"{first_line}); cd {shlex.quote(str(BENCHMARK.parent))} && pip install \".[benchmark]\" adds it")
 
 
-def report(suite, runs, out, reps=20_000):
+def shown(path):
+    """A path as the report shows it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(BENCHMARK.parent)) if path.is_relative_to(BENCHMARK.parent) else str(path)
+
+
+def seed_list(rows):
+    seeds = sorted(row["run"].seed for row in rows)
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
+def report(suite, runs, out, reps=20_000, runs_dir=None):
     require_report_packages()
     rows = collect(runs)
     games, per_variant = summarize(rows, reps=reps)
-    checks = compare(references(suite["references"]), rows, games, per_variant)
+    refs = references(suite["references"])
+    checks = compare(refs, rows, games, per_variant)
+    variants = list(dict.fromkeys(row["run"].variant for row in rows))
+    published = {(variant, ref["game"]): ref for ref in refs if ref["statistic"] == "mean_score" and ref["reference"]
+                 for variant in (variants if ref["variant"] == "*" else [ref["variant"]])}
     out = Path(out)
-    curves = plot_curves(rows, out / "curves")
-    aggregate_png = plot_aggregates(per_variant, out / "aggregate.png")
+    curves = plot_curves(rows, out / "curves", published=published)
+    aggregate_png = plot_aggregates(per_variant, out / "aggregate.png", refs)
     states = {row["run"]: row["state"] for row in rows}
     done = sum(state == "done" for state in states.values())
+    committed = [row["run"] for row in rows if row["state"] == "done" and not find_one(row["run"].dir, "result.json")]
     failures = [row for row in rows if row["state"] != "done"]
     failed_checks = [c for c in checks if c[2] == "FAIL"]
+    table = human_random_table()
 
+    read_from = f"runs directory {shown(runs_dir or out)}{'' if Path(runs_dir or out).is_dir() else ' (absent)'}"
+    if committed:
+        folders = sorted({shown(Path(run.committed).parents[1]) for run in committed})
+        read_from += f"; {len(committed)} of the runs done read from the committed results in {', '.join(folders)}"
     md = [f"# Benchmark report: {suite['name']}", "", suite.get("description", ""), "",
-          f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {out}: {done}/{len(rows)} runs done. "
+          f"{datetime.datetime.now():%Y-%m-%d %H:%M}: {done}/{len(rows)} runs done ({read_from}). "
           "Score of a run: its evaluation mean if it has one, else its training return over the last 100 episodes "
           "(column `score of`). Std: sample standard deviation over seeds.", ""]
-    md += ["## Per game", "", "| variant | game | runs | score (mean ± std) | score of | HNS (mean) |",
-           "|---|---|---|---|---|---|"]
-    for (variant, game), stats in games.items():
-        std = f" ± {stats['std']:,.1f}" if stats["std"] is not None else ""
-        md.append(f"| {variant} | {game} | {stats['n']} | {stats['mean']:,.1f}{std} | {stats['source']} | "
-                  f"{fmt(stats['hns'], 3) if stats['hns'] is not None else 'no human score'} |")
+    md += ["## Per game", ""]
+    header = "| variant | game | runs | seeds | score (mean ± std) | score of | HNS (mean) |"
+    if published:
+        header += " published | (mean - random) / (published - random) |"
+        sources = ", ".join(sorted({short_source(ref) for ref in published.values()}))
+        md += [f"`published`: the per-game score of {sources} (benchmark/references.csv, its mean_score checks); a game "
+               "is flagged **below half** when its seed mean gained less than half the published gain over random "
+               "(random from benchmark/human_random.csv).", ""]
+    md += [header, "|---" * (header.count("|") - 1) + "|"]
+    flagged = []
+    for variant, game in dict.fromkeys((row["run"].variant, row["run"].game) for row in rows):
+        stats = games.get((variant, game))
+        scored = [row for row in rows if row["run"].variant == variant and row["run"].game == game and
+                  row["score"] is not None]
+        if stats:
+            std = f" ± {stats['std']:,.1f}" if stats["std"] is not None else ""
+            cells = [str(stats["n"]), ", ".join(str(row["run"].seed) for row in scored), f"{stats['mean']:,.1f}{std}",
+                     stats["source"], fmt(stats["hns"], 3) if stats["hns"] is not None else "no human score"]
+        else:
+            cells = ["0", "", "no finished run", "", ""]
+        ref = published.get((variant, game))
+        if published:
+            gain = ""
+            if ref and stats and game in table and float(ref["reference"]) != table[game][0]:
+                fraction = (stats["mean"] - table[game][0]) / (float(ref["reference"]) - table[game][0])
+                gain = f"{fraction:.2f}" + (" **below half**" if fraction < 0.5 else "")
+                if fraction < 0.5:
+                    flagged.append(f"{variant} {game} ({fraction:.2f}, {seed_list(scored)})")
+            cells += [ref["reference"] if ref else "", gain]
+        md.append(f"| {variant} | {game} | " + " | ".join(cells) + " |")
+    if published:
+        md += ["", f"Below half the published gain over random: {'; '.join(flagged)}." if flagged else
+               "No game with a finished run is below half the published gain over random."]
     md += ["", "## Aggregates (human-normalized)", ""]
     if any("point" in entry for entry in per_variant.values()):
         md += [f"IQM over all runs, median and mean over games of the per-game means; 95% stratified-bootstrap CIs "
-               f"({reps:,} resamples, percentile intervals; rliable {version('rliable')}).", "",
+               f"({reps:,} resamples, percentile intervals; rliable {version('rliable')}). Published numbers: "
+               "checks below.", "",
                "| variant | games | runs | IQM [95% CI] | median [95% CI] | mean [95% CI] |", "|---|---|---|---|---|---|"]
     for variant, entry in per_variant.items():
         if "point" in entry:
@@ -335,7 +419,23 @@ def report(suite, runs, out, reps=20_000):
         md.append(f"No reference numbers for suite {suite['references']}.")
     if failures:
         md += ["", "## Runs not finished", ""]
+        pending = [row for row in failures if row["state"] == "pending"]
+        for variant in variants:
+            missing = {}
+            for row in pending:
+                if row["run"].variant == variant:
+                    missing.setdefault(row["run"].game, []).append(row)
+            if missing:
+                md.append(f"- {variant}, not started ({sum(map(len, missing.values()))} runs): " +
+                          ", ".join(f"{game} ({seed_list(group)})" for game, group in missing.items()))
+            none = [game for game in dict.fromkeys(row["run"].game for row in rows if row["run"].variant == variant)
+                    if (variant, game) not in games]
+            if none:
+                md.append(f"- {variant}, games without a finished run ({len(none)}): {', '.join(none)}")
+        md.append("")
         for row in failures:
+            if row["state"] == "pending":
+                continue
             status = read_status(row["run"].dir)
             code = f" (exit code {status['exit_code']})" if status.get("exit_code") is not None else ""
             md += [f"### {row['run'].id}: {row['state']}{code}",
@@ -344,7 +444,7 @@ def report(suite, runs, out, reps=20_000):
     md += [f"![{path.stem}]({path.relative_to(out)})" for path in curves]
     no_curve = [game for game in dict.fromkeys(row["run"].game for row in rows) if game not in {p.stem for p in curves}]
     if no_curve:
-        md.append(f"No learning curve (no training episode ended in any run): {', '.join(no_curve)}.")
+        md.append(f"No learning curve (no run yet, or no training episode ended in any run): {', '.join(no_curve)}.")
     if aggregate_png:
         md.append(f"![aggregates]({aggregate_png.relative_to(out)})")
     text = "\n".join(md) + "\n"

@@ -52,9 +52,10 @@ def list_suites():
     return 0
 
 
-def plan(suite, out, variants=None, games=None, seeds=None, extra_flags=""):
+def plan(suite, out, variants=None, games=None, seeds=None, extra_flags="", results=None):
     """Every run of the suite, optionally restricted to some variants, games and seeds. Flags in order: the suite's,
-    the variant's, --checkpoint-every, the command line's extra flags, then --env-id and --seed (later flags win)."""
+    the variant's, --checkpoint-every, the command line's extra flags, then --env-id and --seed (later flags win).
+    With `results` (docs/results), each run's committed copy is <results>/<suite>_<variant>/<game>/seed<N>."""
     known = {"variants": [v["name"] for v in suite["variants"]], "games": suite["games"], "seeds": suite["seeds"]}
     for key, chosen in (("variants", variants), ("games", games), ("seeds", seeds)):
         unknown = [x for x in chosen or [] if x not in known[key]]
@@ -73,8 +74,9 @@ def plan(suite, out, variants=None, games=None, seeds=None, extra_flags=""):
                     continue
                 flags = [*shlex.split(suite["flags"]), *shlex.split(variant.get("flags", "")), *checkpoint,
                          *shlex.split(extra_flags), "--env-id", f"ALE/{game}-v5", "--seed", str(seed)]
+                committed = Path(results) / f"{suite['name']}_{variant['name']}" / game / f"seed{seed}" if results else ""
                 runs.append(Run(variant["name"], variant["script"], game, seed, tuple(flags),
-                                str(Path(out) / variant["name"] / game / f"seed{seed}")))
+                                str(Path(out) / variant["name"] / game / f"seed{seed}"), str(committed)))
     return runs
 
 
