@@ -104,7 +104,7 @@ class Args:
     moe_normalization: bool = False
     """l2-normalize tokens and phi in the Soft MoE router, with a learned scale (off in every official config)"""
     capacity_factor: float = 1.0
-    """slots per expert = ceil(tokens x capacity-factor / experts), Top-1: each expert's capacity (Dopamine's
+    """slots per expert = ceil(tokens x capacity-factor / experts), Top-k: each expert's capacity (Dopamine's
     SoftMoE.capacity_factor and MoE.capacity_factor); below 1 the Soft MoE combines tokens into fewer slots, the
     analysis of "Don't flatten, tokenize!" (about 10% of the slots keep the performance, even one loses little)"""
 
@@ -169,8 +169,8 @@ class Args:
     cuda: bool = True
     """if toggled, cuda will be used when available"""
     cuda_graphs: bool = False
-    """on CUDA, record the acting forward and the loss/gradient computation as CUDA graphs (same math, far fewer
-    kernel launches); opt-in until tests/test_cuda.py has passed on a GPU"""
+    """on CUDA, record the acting forward and the whole update (batch gather, loss, backward, Adam step) as CUDA graphs
+    (same math, far fewer kernel launches); opt-in until tests/test_cuda.py has passed on a GPU"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "cleanrl-moe"
@@ -926,16 +926,6 @@ class ExtraLinearLayer(nn.Module):
         return x
 
 
-class Frames(nn.Module):
-    """The shared 'encoder' when the experts hold the encoders (--expert-type big): the frames [B, 4, 84, 84] in
-    [0, 1] themselves, so that the tokens are pixels (perconv: 7,056 tokens of dim 4)."""
-
-    output_shape = (4, 84, 84)
-
-    def forward(self, x, record=None):
-        return x
-
-
 def make_knob_network(args, num_actions):
     """The network with the research knobs of `args`, built in the same order as `make_network` (so that the same
     seed draws the same weights where a knob leaves a layer alone)."""
@@ -1202,7 +1192,7 @@ def routing_summary(record):
             summary["combine_entropy"] = normalized_entropy(combine, (2, 3)).mean(1)
             summary["slot_share"] = combine.sum(1).flatten(1) / num_tokens  # combine mass each slot delivers
         summary["expert_share"] = combine.sum(dim=(1, 3)) / num_tokens
-    elif "router_probs" in record:  # Top-1 MoE, probabilities [B, m, n]
+    elif "router_probs" in record:  # Top-k MoE, probabilities [B, m, n]
         probs, kept = record["router_probs"], record["kept"]
         num_experts = probs.shape[-1]
         if num_experts > 1:

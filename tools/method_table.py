@@ -1,5 +1,6 @@
 """The "method, top to bottom" table of docs/<script>.md, made from the script itself: one row per top-level
-definition of the method section (its lines and the first sentence of its docstring), then the plumbing and the loop.
+definition of the method and of the research knobs (its lines and the first sentence of its docstring), then the plumbing
+and the loop.
 
     python tools/method_table.py dqn_softmoe            # print the table
     python tools/method_table.py --write                # rewrite the tables of every docs/<script>.md
@@ -12,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- method table: made by tools/method_table.py -->", "<!-- end of method table -->"
-BANNER = "# Run plumbing:"
+KNOBS, BANNER = "# Research knobs", "# Run plumbing:"
 SECTIONS = {  # what each definition is part of, in the words of the papers' method sections
     "Args": "flags", "make_env": "environment", "make_training_env": "environment", "clip_reward": "environment",
     "xavier_": "encoder", "same_padding": "encoder", "SameConv2d": "encoder", "NatureEncoder": "encoder",
@@ -30,6 +31,7 @@ SECTIONS = {  # what each definition is part of, in the words of the papers' met
     "incoming": "ReDo", "outgoing": "ReDo", "neuron_entries": "ReDo", "updates_at": "training step",
     "update_number": "training step", "train_step": "training step", "evaluation_settings": "evaluation",
     "Frames": "experts", "grouped_encoder": "experts", "BigExperts": "experts",
+    "DenseLayer": "network", "Flatten": "network", "make_network": "network", "network_flags": "network",
 }
 
 
@@ -45,13 +47,15 @@ def table(name):
     path = ROOT / "cleanrl_moe" / f"{name}.py"
     source = path.read_text()
     lines = source.split("\n")
+    knobs = next(i + 1 for i, line in enumerate(lines) if line.startswith(KNOBS))
     banner = next(i + 1 for i, line in enumerate(lines) if line.startswith(BANNER))
     main = next(i + 1 for i, line in enumerate(lines) if line.startswith('if __name__ == "__main__":'))
     rows = ["| section | lines | what it does |", "|---|---|---|"]
     for node in ast.parse(source).body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.lineno < banner:
             start = node.decorator_list[0].lineno if node.decorator_list else node.lineno
-            rows.append(f"| {SECTIONS.get(node.name, 'method')} | [{start}-{node.end_lineno}](../cleanrl_moe/{name}.py#L{start}) "
+            section = SECTIONS.get(node.name, "method") if node.lineno < knobs else "research knob"
+            rows.append(f"| {section} | [{start}-{node.end_lineno}](../cleanrl_moe/{name}.py#L{start}) "
                         f"| `{node.name}`: {first_sentence(node)} |")
     rows.append(f"| plumbing | [{banner}-{main - 1}](../cleanrl_moe/{name}.py#L{banner}) | environment state, statistics, "
                 "checks, checkpoints, flags, tracking, progress, CUDA graphs, evaluation: nothing that changes learning |")
