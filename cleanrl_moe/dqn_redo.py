@@ -565,7 +565,9 @@ def train_step(step, args, q_network, target_network, optimizer, rb, rng, update
     updates, recycled = [], {}
     for number in updates_at(args, step):
         index = torch.as_tensor(rb.sample_indices(args.batch_size, rng), device=rb.device)
-        updates.append(update_fn(q_network, target_network, optimizer, rb, index))
+        # a CUDA graph returns the same output tensors at every replay: keep this update's own values
+        updates.append({name: value.clone() for name, value in update_fn(q_network, target_network, optimizer, rb,
+                                                                          index).items()})
         if args.redo and number % args.redo_period == 0:
             # the neurons are scored on a fresh uniform sample, with the parameters of this update
             probe = rb.stacks(rb.sample_indices(args.redo_batch_size, rng)).to(next(q_network.parameters()).device)
@@ -1165,7 +1167,7 @@ class Run:
 
     def save_model(self, q_network):
         path = f"{self.dir}/{self.args.exp_name}.cleanrl_model"
-        torch.save({"model": q_network.state_dict(), "args": vars(self.args)}, path)
+        torch.save({"model": {k: v.cpu() for k, v in q_network.state_dict().items()}, "args": vars(self.args)}, path)
         return path
 
     def log_evaluation(self):
@@ -1242,6 +1244,17 @@ class CudaGraph:
                 recorded.copy_(arg)
         self.graph.replay()
         return self.outputs
+
+
+def use_cuda_graphs(args, device, replay_device):
+    """--cuda-graphs on CUDA: the graphed update gathers its batch inside the graph, so the replay memory must be on the
+    GPU too; a memory that fell back to RAM turns the graphs off, with one line that says so."""
+    if not (args.cuda_graphs and device.type == "cuda"):
+        return False
+    if replay_device.type != "cuda":
+        print("--cuda-graphs: off, the replay memory did not fit on the GPU and lives in RAM; a smaller --buffer-size "
+              "keeps it (and the graphs) on the GPU", flush=True)
+    return replay_device.type == "cuda"
 # <<< shared block: cudagraph
 
 
@@ -1339,6 +1352,16 @@ def rng_state(rng, device):
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
+def load_optimizer(optimizer, state, learning_rate):
+    """Adam's saved state, with this run's --learning-rate (it may change on resume: a non-finite loss suggests it)
+    and this device's `capturable` (a checkpoint written on a CPU restores capturable=False, which a CUDA graph of the
+    update cannot record)."""
+    capturable = [group["capturable"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keep in zip(optimizer.param_groups, capturable):
+        group["capturable"], group["lr"] = keep, learning_rate
+
+
 def resume(checkpoint, run, q_network, target_network, optimizer, rb, env, rng, device, stack):
     """Load a checkpoint (None: a fresh run) into the networks, the optimizer, the replay memory, the environment and
     the generators. Returns the frame stack to act on and whether the replay memory was loaded (a checkpoint saved in
@@ -1347,9 +1370,7 @@ def resume(checkpoint, run, q_network, target_network, optimizer, rb, env, rng, 
         return stack, True
     q_network.load_state_dict(checkpoint["q_network"])
     target_network.load_state_dict(checkpoint["target_network"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    for group in optimizer.param_groups:  # --learning-rate may change on resume (a non-finite loss suggests it)
-        group["lr"] = run.args.learning_rate
+    load_optimizer(optimizer, checkpoint["optimizer"], run.args.learning_rate)
     if checkpoint["replay"] is not None:
         run.checkpoint.load_replay(rb, checkpoint["replay"], checkpoint["folder"])
     set_env_state(env, checkpoint["env"])
@@ -1421,8 +1442,7 @@ if __name__ == "__main__":
             "optimizer": optimizer.state_dict(), "env": get_env_state(env), "stack": torch.from_numpy(stack.copy()),
             "rng": rng_state(rng, device)}, rb if with_replay else None)
 
-    # the gather of a batch runs inside the graph, so the memory must be on the GPU too
-    use_graphs = args.cuda_graphs and device.type == "cuda" and replay_device.type == "cuda"
+    use_graphs = use_cuda_graphs(args, device, replay_device)
     act, update_fn = CudaGraph(greedy_action, use_graphs), CudaGraph(update, use_graphs)
     for global_step in range(run.start_step, args.total_timesteps):
         run.start_step_of_loop(global_step, save, rb)

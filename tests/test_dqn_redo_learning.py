@@ -1,5 +1,6 @@
 """dqn_redo.py learning: a Q-network with most hidden units dead reaches the optimal Q-values of a small MDP
 only when ReDo recycles them; the update, target-sync and ReDo schedules at several replay ratios."""
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -154,3 +155,30 @@ def test_redo_events_follow_gradient_updates(reset_step):
     assert events == {16: counts, 20: counts, 28: counts, 32: counts}
     steps = {optimizer.state[p]["step"].item() for p in q_network.parameters()}
     assert steps == ({0.0} if reset_step else {24.0})  # the last event follows the last update
+
+
+def test_each_update_keeps_its_own_metrics_when_the_update_returns_the_same_tensors():
+    """A CUDA graph returns the same output tensors at every replay: train_step keeps each update's own values, so the
+    loop logs every update's loss (not the last one N times) and sees a non-finite loss in any of them."""
+    out = {"td_loss": torch.zeros(()), "q_values": torch.zeros(())}
+
+    def graphed(*_):  # stands in for CudaGraph(update): the same tensors, overwritten by each replay
+        out["td_loss"].fill_(float("nan") if graphed.calls == 1 else graphed.calls)
+        out["q_values"].fill_(-graphed.calls)
+        graphed.calls += 1
+        return out
+
+    graphed.calls = 0
+    memory = SimpleNamespace(sample_indices=lambda n, rng: np.zeros(n, np.int64), device="cpu")
+    args = make_args(learning_starts=10, train_frequency=4, replay_ratio=1.0, redo=False, target_network_frequency=1000)
+    updates, _ = m.train_step(12, args, None, None, None, memory, None, update_fn=graphed)
+    losses = [u["td_loss"].item() for u in updates]
+    assert losses[0] == 0 and math.isnan(losses[1]) and losses[2:] == [2, 3]
+    assert [u["q_values"].item() for u in updates] == [0, -1, -2, -3]
+    run = object.__new__(m.Run)  # the loop's logging: the non-finite second update ends the run
+    run.updates, run.sums, run.num_logged, run.writer = 0, {}, 0, None
+    run.args, run.checkpoint = SimpleNamespace(learning_rate=1e-4), SimpleNamespace(folder="ckpt")
+    saved = []
+    with pytest.raises(SystemExit) as stop:
+        run.log_training(12, updates, {}, saved.append)
+    assert stop.value.code == 1 and saved == [13] and run.updates == 2

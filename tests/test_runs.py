@@ -423,3 +423,17 @@ def test_every_run_keeps_freed_memory(name):
     assert "    keep_freed_memory()\n" in main
     built = "make_network(" if "make_network(" in main else "QNetwork("
     assert main.index("keep_freed_memory()") < main.index(built)
+
+
+@pytest.mark.parametrize("name", ["dqn_softmoe", "dqn_redo"])
+def test_a_cpu_checkpoint_keeps_a_gpu_optimizer_capturable(name):
+    """A checkpoint written on a CPU holds capturable=False; resumed on a GPU with --cuda-graphs, the optimizer must
+    stay capturable (as make_optimizer built it there) or the graph of the update cannot be recorded."""
+    m = load_script(name)
+    net = torch.nn.Linear(3, 2)
+    saved = m.make_optimizer(m.Args(), net).state_dict()
+    assert saved["param_groups"][0]["capturable"] is False
+    optimizer = m.make_optimizer(m.Args(), net)
+    optimizer.param_groups[0]["capturable"] = True  # as on CUDA
+    m.load_optimizer(optimizer, saved, 1e-5)
+    assert optimizer.param_groups[0]["capturable"] is True and optimizer.param_groups[0]["lr"] == 1e-5
