@@ -30,7 +30,8 @@ TINY = {
     "dqn_softmoe": COMMON,
     "dqn_redo": [*COMMON, "--redo-period", "5", "--redo-batch-size", "16"],
     "rainbow_tokenized": COMMON,
-    "der_single_expert": [*COMMON, "--total-timesteps", "130", "--checkpoint-every", "130", "--stats-frequency", "120"],
+    "der_single_expert": [*COMMON, "--total-timesteps", "130", "--checkpoint-every", "130", "--stats-frequency", "120",
+                          "--eval-episodes", "2"],
 }
 # the defaults, every variant of the suites (benchmark/suites/*.toml), and the knobs that no suite sets
 CONFIGS = {
