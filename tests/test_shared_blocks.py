@@ -11,12 +11,12 @@ BLOCK = re.compile(r"^# >>> shared block: (\S+)\n(.*?)^# <<< shared block: \1$",
 
 # blocks of every script; the method's encoders, MoE layers and replay, and the run plumbing
 COMMON = {"env", "nature", "replay", "optimizer", "envstate", "dormant", "runtime", "checkpoint", "tracking", "progress",
-          "cudagraph"}
+          "run", "cudagraph"}
 MOE = {"impala", "tokenizer", "softmoe", "topkmoe", "routing", "moe_losses", "moe_args", "expert_reset",
        "bigexperts"}
 # the Rainbow machinery that rainbow_tokenized.py and der_single_expert.py share (their tests cover one another's copy)
 RAINBOW = COMMON | MOE | {"noisy", "noisyexperts", "sumtree", "prioritized", "categorical", "rainbow_update", "redo"}
-DQN = COMMON | {"epsilon_greedy", "dqn_update", "dqn_evaluate"}
+DQN = COMMON | {"epsilon_greedy", "dqn_update", "dqn_evaluate", "dqn_run"}
 # the blocks each script must carry
 EXPECTED = {
     "dqn_softmoe": DQN | MOE,
