@@ -808,3 +808,12 @@ def test_perf_runs_cleanrl_at_end_e_from_the_first_learning_step():
     opts = cli.parser().parse_args(["perf", "--steps", "3000", "--learning-starts", "1000"])
     flags = perf.cleanrl_variant("dqn_atari.py", opts)["flags"]
     assert float(flags[flags.index("--exploration-fraction") + 1]) * 3000 == pytest.approx(1000)
+
+
+def test_scaling_prints_the_cost_per_update_at_each_memory_size(tmp_path):
+    """`benchmark.sh scaling` (the update with a small and a full memory, side by side): one row per script, one cell
+    per size and their ratio; here at toy sizes, as a smoke test of the command (the docs report the 20k vs 1M run)."""
+    proc = bench("scaling", "--scripts", "dqn_redo", "--sizes", "300", "600", "--rounds", "1", "--updates", "1",
+                 cwd=tmp_path, check=0)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| dqn_redo |")]
+    assert len(rows) == 1 and len(rows[0].split("|")) == 6, proc.stdout

@@ -99,6 +99,12 @@ def parser():
     pf.add_argument("--flags", default="", help="extra flags for every measured run (not CleanRL's)")
     pf.add_argument("--out", default="runs/benchmark/perf")
 
+    sc = sub.add_parser("scaling", help="CPU time per update with a small and a full replay memory, side by side")
+    sc.add_argument("--scripts", nargs="+", default=["dqn_softmoe", "dqn_redo", "rainbow_tokenized", "der_single_expert"])
+    sc.add_argument("--sizes", nargs="+", type=int, default=[20_000, 1_000_000], help="transitions stored")
+    sc.add_argument("--rounds", type=int, default=20, help="interleaved rounds per size")
+    sc.add_argument("--updates", type=int, default=8, help="updates per round")
+
     sub.add_parser("list", help="the suites")
     task = sub.add_parser("task", help=argparse.SUPPRESS)  # one Slurm array task
     task.add_argument("manifest")
@@ -108,8 +114,8 @@ def parser():
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-") and argv[0] not in ("run", "status", "report", "collect", "perf", "list",
-                                                                 "task"):
+    if argv and not argv[0].startswith("-") and argv[0] not in ("run", "status", "report", "collect", "perf",
+                                                                 "scaling", "list", "task"):
         argv.insert(0, "run")  # benchmark.sh SUITE ...
     opts = parser().parse_args(argv)
     if opts.command == "list":
@@ -118,6 +124,10 @@ def main(argv=None):
         return slurm_task(opts.manifest, opts.index)
     if opts.command == "perf":
         return perf(opts)
+    if opts.command == "scaling":
+        from .scaling import scaling
+
+        return scaling(opts)
     suite = load_suite(opts.suite)
     opts.out = str(Path(opts.out or Path("runs") / "benchmark" / suite["name"]).resolve())
     runs = plan(suite, opts.out, opts.variants, opts.games, opts.seeds, getattr(opts, "flags", ""), opts.results)
