@@ -15,7 +15,8 @@ COMMON = {"env", "nature", "replay", "optimizer", "envstate", "dormant", "runtim
 MOE = {"impala", "tokenizer", "softmoe", "topkmoe", "routing", "moe_losses", "moe_args", "expert_reset",
        "bigexperts"}
 # the Rainbow machinery that rainbow_tokenized.py and der_single_expert.py share (their tests cover one another's copy)
-RAINBOW = COMMON | MOE | {"noisy", "noisyexperts", "sumtree", "prioritized", "categorical", "rainbow_update", "redo"}
+RAINBOW = COMMON | MOE | {"noisy", "noisyexperts", "sumtree", "prioritized", "categorical", "rainbow_update", "redo",
+                          "rainbow_network", "rainbow_knobs", "rainbow_knob_hooks", "rainbow_run"}
 DQN = COMMON | {"epsilon_greedy", "dqn_update", "dqn_evaluate", "dqn_run"}
 # the blocks each script must carry
 EXPECTED = {
