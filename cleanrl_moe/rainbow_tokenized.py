@@ -15,12 +15,14 @@ importance weights, exploration by noisy nets. `--moe-type baseline` replaces to
 flatten -> noisy dense(512 x num_experts) -> ReLU (Dopamine's Rainbow network for --num-experts 1); with
 `--baseline-aggregation sum|mean` the dense layer is applied to every token and the tokens are summed or
 averaged (the paper's tokenized baseline). `--redo` recycles dormant neurons (ReDo, Sokar et al. 2023) as the
-ReDo lab's recycled Rainbow agents do, noisy layers and experts included. Deviations from the official code are
-listed in the docs.
+ReDo lab's recycled Rainbow agents do, noisy layers and experts included. The file reads in four parts: the method;
+the research knobs of the official code and ReDo (off by default, cut away in one piece); the run plumbing; the main
+loop. Deviations from the official code are listed in the docs.
 """
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import glob
 import io
 import itertools
@@ -28,12 +30,14 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
+import zipfile
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import ale_py
 import gymnasium as gym
@@ -47,44 +51,13 @@ from torch.utils.tensorboard import SummaryWriter
 gym.register_envs(ale_py)
 
 
+# =====================================================================================================================
+# The method: full Rainbow with a Soft MoE penultimate layer, as the paper states it (environment, encoder, tokenizer,
+# Soft MoE, noisy experts, network, prioritized replay, C51 loss, update, training step). No research knob is read in
+# this part.
+# =====================================================================================================================
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, cuda will be used when available"""
-    cuda_graphs: bool = False
-    """on CUDA, record the acting forward and each whole update (batch gather, loss, backward, Adam step) as CUDA
-    graphs (same math, far fewer kernel launches); opt-in until tests/test_cuda.py has passed on a GPU"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
-    wandb_project_name: str = "cleanrl-moe"
-    """the wandb's project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of wandb's project"""
-    capture_video: bool = False
-    """whether to capture videos of the agent performances (check out `videos` folder)"""
-    save_model: bool = False
-    """whether to save the final model into `runs/{run_name}` and evaluate it"""
-    eval_episodes: int = 10
-    """number of evaluation episodes run after training when `--save-model` is set"""
-    checkpoint_every: int = 0
-    """save a resumable checkpoint every this many agent steps (0: only on SIGTERM and non-finite loss)"""
-    resume: Optional[str] = None
-    """path of a checkpoint to resume; the run keeps the checkpoint's flags unless given again"""
-    log_frequency: int = 1000
-    """log losses, priorities and SPS every this many agent steps"""
-    stats_frequency: int = 50_000
-    """log router and dormant-neuron statistics every this many agent steps"""
-    stats_batch_size: int = 256
-    """size of the replay sample used for router and dormant-neuron statistics"""
-    dormant_tau: float = 0.1
-    """dormancy threshold logged besides tau = 0 (a neuron is dormant when its score <= tau)"""
-
     # Environment (Dopamine's Atari defaults)
     env_id: str = "ALE/Breakout-v5"
     """the id of the ALE environment"""
@@ -93,7 +66,7 @@ class Args:
     max_episode_steps: int = 27_000
     """episodes are truncated after this many agent steps (4 frames each)"""
 
-    # Algorithm specific arguments
+    # Algorithm (full_rainbow.gin)
     total_timesteps: int = 50_000_000
     """total agent steps of the experiment (4 frames each: 50M steps = 200M frames)"""
     learning_rate: float = 6.25e-5
@@ -156,6 +129,8 @@ class Args:
     """slots per expert = ceil(tokens x capacity-factor / experts), Top-1: each expert's capacity (Dopamine's
     SoftMoE.capacity_factor and MoE.capacity_factor); below 1 the Soft MoE combines tokens into fewer slots, the
     analysis of "Don't flatten, tokenize!" (about 10% of the slots keep the performance, even one loses little)"""
+
+    # Research knobs of the official code and ReDo, all off by default (the "Research knobs" part below)
     use_random_phi: bool = False
     """route with a fixed random phi ~ N(0, 1) that is never trained (Dopamine's SoftMoE.use_random_phi, paper 1's
     question of whether the learned router matters); drawn once from --seed, where the official code redraws it at
@@ -207,7 +182,6 @@ class Args:
     baseline_aggregation: Literal["flatten", "sum", "mean"] = "flatten"
     """baseline only: flatten the encoder output (official), or apply the dense layer to every token of
     --tokenization and sum or average the tokens (the paper's tokenized baseline)"""
-
     # ReDo (Sokar et al. 2023, "The Dormant Neuron Phenomenon in Deep RL"; defaults: the official RecycledRainbowAgent,
     # labs/redo/recycled_rainbow_agent.py with configs/rainbow_dense.gin, and its NeuronRecycler)
     redo: bool = False
@@ -222,6 +196,43 @@ class Args:
     redo_batch_size: int = 256
     """size of the fresh prioritized replay sample that scores the neurons at each ReDo event (official
     batch_size_statistics: 256; the paper: 64)"""
+
+    # The run: seeding, device, tracking, checkpoints, logging, evaluation
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    cuda_graphs: bool = False
+    """on CUDA, record the acting forward and each whole update (batch gather, loss, backward, Adam step) as CUDA
+    graphs (same math, far fewer kernel launches); opt-in until tests/test_cuda.py has passed on a GPU"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "cleanrl-moe"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture videos of the agent performances (check out `videos` folder)"""
+    save_model: bool = False
+    """whether to save the final model into `runs/{run_name}` and evaluate it"""
+    eval_episodes: int = 10
+    """number of evaluation episodes run after training when `--save-model` is set"""
+    checkpoint_every: int = 0
+    """save a resumable checkpoint every this many agent steps (0: only on SIGTERM and non-finite loss)"""
+    resume: Optional[str] = None
+    """path of a checkpoint to resume; the run keeps the checkpoint's flags unless given again"""
+    log_frequency: int = 1000
+    """log losses, priorities and SPS every this many agent steps"""
+    stats_frequency: int = 50_000
+    """log router and dormant-neuron statistics every this many agent steps"""
+    stats_batch_size: int = 256
+    """size of the replay sample used for router and dormant-neuron statistics"""
+    dormant_tau: float = 0.1
+    """dormancy threshold logged besides tau = 0 (a neuron is dormant when its score <= tau)"""
 
 
 # >>> shared block: env
@@ -260,7 +271,6 @@ def make_training_env(args, run_name):
                     capture_video=args.capture_video, video_dir=f"videos/{run_name}")
 
 
-# ALGO LOGIC: initialize agent here:
 # >>> shared block: nature
 def xavier_(layer):
     """Flax's xavier_uniform kernel and zero bias (Dopamine's init for convs and dense layers)."""
@@ -410,23 +420,22 @@ class Tokenizer(nn.Module):
 class SoftMoE(nn.Module):
     """Soft MoE (Puigcerver et al. 2024) as in Dopamine: tokens [B, m, d] -> [B, m, d].
 
-    Per sample, logits L = X phi with phi of shape (d, n, p) and p = ceil(m / n) slots per expert (`num_slots`).
-    Each slot's input is a mix of the sample's tokens (dispatch: softmax over tokens); each output token
-    is a mix of all n*p slot outputs (combine: softmax over slots). Samples never mix.
-    `random_phi`: phi is a fixed N(0, 1) draw, a buffer that is never trained (Dopamine's use_random_phi draws the same
-    distribution anew at every call and for every sample)."""
+    Per sample, logits L = X phi with phi of shape (d, n, p) and p = ceil(m x capacity_factor / n) slots per expert
+    (or `slots_per_expert`). Each slot's input is a mix of the sample's tokens (dispatch: softmax over tokens); each
+    output token is a mix of all n*p slot outputs (combine: softmax over slots). Samples never mix. `normalize`:
+    l2-normalized tokens and phi in the logits, with a learned scale."""
 
-    def __init__(self, num_tokens, dim, num_experts, experts, normalize=False, capacity_factor=1.0, random_phi=False,
-                 square_slots=False):
+    def __init__(self, num_tokens, dim, num_experts, experts, capacity_factor=1.0, normalize=False,
+                 slots_per_expert=None):
         super().__init__()
-        self.slots_per_expert = self.num_slots(num_tokens, num_experts, capacity_factor, square_slots)
-        if random_phi:  # saved with the weights and copied into the target network, as a parameter would be
-            self.register_buffer("phi", torch.randn(dim, num_experts, self.slots_per_expert))
-        else:
-            self.phi = nn.Parameter(torch.empty(dim, num_experts, self.slots_per_expert))
-            lecun_normal_(self.phi, fan_in=num_experts * dim)  # Flax's fan-in of a 3-D (d, n, p) kernel
+        self.slots_per_expert = slots_per_expert or math.ceil(num_tokens * capacity_factor / num_experts)
+        self.phi = self.make_phi(dim, num_experts, self.slots_per_expert)
         self.scale = nn.Parameter(torch.ones(1)) if normalize else None
         self.experts = experts
+
+    def make_phi(self, dim, num_experts, slots):
+        """The learned router: Flax's lecun_normal with the fan-in of a 3-D (d, n, p) kernel, n x d."""
+        return nn.Parameter(lecun_normal_(torch.empty(dim, num_experts, slots), fan_in=num_experts * dim))
 
     def forward(self, x, record=None):
         x_logits, phi = x, self.phi
@@ -441,58 +450,7 @@ class SoftMoE(nn.Module):
         if record is not None:
             record["dispatch"], record["combine"] = dispatch, combine
         return torch.einsum("bmnp,bnpd->bmd", combine, outputs)
-
-    @staticmethod
-    def num_slots(num_tokens, num_experts, capacity_factor=1.0, square=False):
-        """Slots per expert, p = ceil(m x capacity factor / n); `square` (big experts, which read their slots as one
-        square image): the largest square number <= p, floor(sqrt(p))^2, as Dopamine's SoftMoE for expert_type BIG."""
-        slots = math.ceil(num_tokens * capacity_factor / num_experts)
-        return math.isqrt(slots) ** 2 if square else slots
 # <<< shared block: softmoe
-
-
-# >>> shared block: topkmoe
-class TopKMoE(nn.Module):
-    """Token-choice Top-k MoE as in Dopamine (MoE with its TopKRouter): tokens [B, m, d] -> [B, m, d].
-
-    A bias-free linear router gives each token a softmax over experts (with `noise_std` / n Gaussian noise on the
-    logits when `noisy_routing`); the token goes to its k most probable experts and its output is the sum of their
-    outputs, each scaled by its probability. Each expert takes at most ceil(k m capacity_factor / n) tokens per
-    sample, first come first served: all first choices in token order, then all second choices, ...; the other
-    assignments are dropped and contribute zeros (a token dropped by all its experts outputs zeros)."""
-
-    def __init__(self, num_tokens, dim, num_experts, experts, capacity_factor=1.0, k=1, noisy_routing=False,
-                 noise_std=1.0):
-        super().__init__()
-        self.num_experts, self.k = num_experts, k
-        self.capacity = math.ceil(k * num_tokens * capacity_factor / num_experts)
-        self.noise_std = noise_std / num_experts if noisy_routing else 0.0
-        self.router = nn.Linear(dim, num_experts, bias=False)
-        lecun_normal_(self.router.weight, fan_in=dim)  # Flax's default Dense init
-        self.experts = experts
-
-    def forward(self, x, record=None):
-        batch, num_tokens, dim = x.shape
-        logits = self.router(x)  # [B, m, n]
-        noisy = logits + self.noise_std * torch.randn_like(logits) if self.noise_std else logits
-        probs = noisy.softmax(dim=-1)
-        gate, expert = probs.topk(self.k, dim=-1)  # [B, m, k], most probable first
-        assigned = F.one_hot(expert.transpose(1, 2).flatten(1), self.num_experts)  # [B, k*m, n], choice-major queue
-        position = (assigned.cumsum(dim=1) * assigned).sum(-1) - 1  # rank of the assignment in its expert's queue
-        position = position.view(batch, self.k, num_tokens).transpose(1, 2)  # [B, m, k]
-        kept = position < self.capacity
-        num_slots = self.num_experts * self.capacity
-        slot = torch.where(kept, expert * self.capacity + position, num_slots).flatten(1)  # dropped -> spare slot
-        tokens = x.repeat_interleave(self.k, dim=1) if self.k > 1 else x  # [B, m*k, d], as `slot`
-        slots = x.new_zeros(batch, num_slots + 1, dim).scatter(1, slot.unsqueeze(-1).expand(-1, -1, dim), tokens)
-        slots = slots[:, :num_slots].view(batch, self.num_experts, self.capacity, dim)
-        outputs = self.experts(slots, record).reshape(batch, num_slots, dim)
-        outputs = outputs.gather(1, slot.clamp(max=num_slots - 1).unsqueeze(-1).expand(-1, -1, dim))
-        if record is not None:
-            record.update(router_logits=logits, router_probs=probs, top_experts=expert, kept=kept)
-        weights = (gate * kept).view(batch, num_tokens * self.k, 1)
-        return (outputs * weights).view(batch, num_tokens, self.k, dim).sum(2)
-# <<< shared block: topkmoe
 
 
 # >>> shared block: noisy
@@ -628,232 +586,91 @@ class NoisyExperts(nn.Module):
 # <<< shared block: noisyexperts
 
 
-# >>> shared block: bigexperts
-class Frames(nn.Module):
-    """The shared 'encoder' when the experts hold the encoders (--expert-type big): the frames [B, 4, 84, 84] in
-    [0, 1] themselves, so that the tokens are pixels (perconv: 7,056 tokens of dim 4)."""
+# >>> shared block: rainbow_network
+class Flatten(nn.Module):
+    """The baseline's 'tokenizer': the encoder output [B, C, H, W] as one feature vector [B, C*H*W]."""
 
-    output_shape = (4, 84, 84)
+    def forward(self, fmap):
+        return fmap.flatten(1)
+
+
+class NoisyDenseLayer(NoisyLinear):
+    """The baseline's penultimate layer (Dopamine's Rainbow network, scaled): flattened features [B, F] -> ReLU(noisy
+    dense) [B, units]."""
 
     def forward(self, x, record=None):
+        x = F.relu(super().forward(x))
+        if record is not None:
+            record["hidden"] = x
         return x
 
 
-def grouped_encoder(encoders):
-    """n encoders of one architecture run side by side as one: the first encoder, each of whose convs becomes a grouped
-    conv (groups = n) holding the n encoders' kernels and biases, expert-major ([n * out, in, k, k]). It maps the n
-    experts' images stacked on the channels, [B, n * C, H, W], to their encodings stacked likewise; every other layer
-    (ReLU, max-pool, residual sum) acts channel by channel, so expert j's channels only ever meet encoder j's weights."""
-    grouped, n = encoders[0], len(encoders)
-    for name, conv in list(grouped.named_modules()):
-        if isinstance(conv, nn.Conv2d):
-            convs = [encoder.get_submodule(name) for encoder in encoders]
-            conv.weight = nn.Parameter(torch.cat([c.weight.detach() for c in convs]))
-            conv.bias = nn.Parameter(torch.cat([c.bias.detach() for c in convs]))
-            conv.in_channels, conv.out_channels, conv.groups = n * conv.in_channels, n * conv.out_channels, n
-    return grouped
+class DuelingHead(nn.Module):
+    """Noisy dueling C51 heads (`dueling = True`, `noisy = True`): features [B, F] -> logits [B, num_actions, num_atoms]
+    = value + advantage - the mean advantage over the actions, per atom."""
 
-
-class BigExperts(nn.Module):
-    """n experts that each hold their own encoder (Dopamine's BigExpertModel, SoftMoE expert_type "BIG"): slots
-    [B, n, p, d] -> [B, n, p, d], p a square number.
-
-    Expert j reads its p slots as one sqrt(p) x sqrt(p) image with d channels (slot r * sqrt(p) + c at row r, column c),
-    encodes it with its own `make_encoder()`, flattens the encoding (F features) and maps it by dense F -> h, ReLU,
-    dense h -> p * d back to its p slots (no activation). The n encoders run as one grouped conv per layer
-    (`grouped_encoder`); each expert is initialized on its own, by the encoder's init (xavier-uniform, lecun-normal
-    residual convs, zero biases) and xavier-uniform dense kernels of each expert's own [F, h] and [h, p * d] shapes.
-    `sigma0` None: the first dense layer is plain (DQN's experts); a number: it is noisy as Rainbow's experts are
-    (NoisyLinear's init on fan-in F, factorized noise drawn independently for each expert, off in eval mode and by
-    `set_noise`)."""
-
-    def __init__(self, num_experts, dim, slots, hidden, make_encoder, sigma0=None):
+    def __init__(self, features, num_actions, num_atoms, sigma0=0.1):
         super().__init__()
-        self.side = math.isqrt(slots)
-        if self.side**2 != slots:
-            raise ValueError(f"big experts read their slots as a square image: {slots} slots is no square number")
-        encoders = [make_encoder() for _ in range(num_experts)]
-        first = next(layer for layer in encoders[0].modules() if isinstance(layer, nn.Conv2d))
-        if first.in_channels != dim:
-            raise ValueError(f"the experts' encoder reads {first.in_channels} channels, the tokens have {dim}")
-        with torch.no_grad():
-            self.encoding_shape = tuple(encoders[0](torch.zeros(1, dim, self.side, self.side)).shape[1:])
-        self.encoder = grouped_encoder(encoders)
-        features, out = math.prod(self.encoding_shape), slots * dim
-        self.noisy = sigma0 is not None
-        if self.noisy:
-            bound = 1.0 / math.sqrt(features)
-            self.w1_mu = nn.Parameter(torch.empty(num_experts, features, hidden).uniform_(-bound, bound))
-            self.w1_sigma = nn.Parameter(torch.full((num_experts, features, hidden), sigma0 * bound))
-            self.b1_mu = nn.Parameter(torch.empty(num_experts, hidden).uniform_(-bound, bound))
-            self.b1_sigma = nn.Parameter(torch.full((num_experts, hidden), sigma0 * bound))
-            self.register_buffer("eps_in", torch.zeros(num_experts, features), persistent=False)
-            self.register_buffer("eps_out", torch.zeros(num_experts, hidden), persistent=False)
-        else:
-            bound = math.sqrt(6.0 / (features + hidden))  # xavier-uniform of each expert's own [F, h] kernel
-            self.w1 = nn.Parameter(torch.empty(num_experts, features, hidden).uniform_(-bound, bound))
-            self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
-        bound = math.sqrt(6.0 / (hidden + out))  # of each expert's own [h, p * d] kernel
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, out).uniform_(-bound, bound))
-        self.b2 = nn.Parameter(torch.zeros(num_experts, out))
-        self.noise_enabled = True
+        self.num_actions, self.num_atoms = num_actions, num_atoms
+        self.advantage = NoisyLinear(features, num_actions * num_atoms, sigma0)
+        self.value = NoisyLinear(features, num_atoms, sigma0)
 
-    def sample_noise(self, generator):
-        if self.noisy:  # factorized noise f(e) = sign(e) sqrt(|e|), as the noisy block's (which DQN does not carry)
-            for eps in (self.eps_in, self.eps_out):
-                e = torch.randn(eps.shape, generator=generator, device=generator.device)
-                eps.copy_(e.sign() * e.abs().sqrt())
-
-    def forward(self, slots, record=None):
-        batch, num_experts, num_slots, dim = slots.shape
-        images = slots.reshape(batch, num_experts, self.side, self.side, dim).permute(0, 1, 4, 2, 3)
-        inner = None if record is None else {}
-        encoded = self.encoder(images.reshape(batch, num_experts * dim, self.side, self.side), inner)
-        if record is not None:  # the experts' encoder layers, neurons = (expert, channel) pairs on dim 1
-            record.update({f"experts.{name}": value for name, value in inner.items()})
-        features = encoded.reshape(batch, num_experts, -1)  # expert j's encoding, flattened (C, H, W)
-        if not self.noisy:
-            w1, b1 = self.w1, self.b1
-        elif self.training and self.noise_enabled:
-            w1 = self.w1_mu + self.w1_sigma * self.eps_in[:, :, None] * self.eps_out[:, None, :]
-            b1 = self.b1_mu + self.b1_sigma * self.eps_out
-        else:
-            w1, b1 = self.w1_mu, self.b1_mu
-        hidden = F.relu(torch.einsum("bnf,nfh->bnh", features, w1) + b1)
-        if record is not None:  # neurons = (expert, unit) pairs on dim 1
-            record["experts"] = hidden.flatten(1)
-        return (torch.einsum("bnh,nho->bno", hidden, self.w2) + self.b2).reshape(slots.shape)
-# <<< shared block: bigexperts
+    def forward(self, x, record=None):
+        advantage = self.advantage(x).view(-1, self.num_actions, self.num_atoms)
+        value = self.value(x).view(-1, 1, self.num_atoms)
+        return value + advantage - advantage.mean(dim=1, keepdim=True)
 
 
 class QNetwork(nn.Module):
-    """Return distributions of uint8 frame stacks [B, 4, 84, 84]: `forward` returns (log_probs, q_values), where
-    log_probs [B, num_actions, n_atoms] are the log-probabilities of the atoms `support` [n_atoms] for each action
-    and q_values [B, num_actions] = sum over atoms of support * probability."""
+    """Return distributions of uint8 frame stacks [B, 4, 84, 84]: encoder -> tokens -> MoE -> dueling head. `forward`
+    returns (log_probs, q_values), where log_probs [B, num_actions, n_atoms] are the log-probabilities of the atoms
+    `support` [n_atoms] for each action and q_values [B, num_actions] = sum over atoms of support * probability."""
 
-    def __init__(self, args, num_actions):
+    def __init__(self, encoder, tokenizer, moe, head, support):
         super().__init__()
-        self.args = args  # the loss reads the auxiliary-loss flags from here
-        self.num_actions, self.num_atoms = num_actions, args.n_atoms
-        self.register_buffer("support", torch.linspace(args.v_min, args.v_max, args.n_atoms), persistent=False)
-        encoder = ImpalaEncoder if args.encoder == "impala" else NatureEncoder
-        big = args.expert_type == "big"  # the experts hold the encoders: the tokens are the frames' pixels
-        self.encoder = Frames() if big else encoder()
-        sigma0 = args.noisy_sigma0
-        channels, height, width = self.encoder.output_shape
-        if args.moe_type != "baseline" or args.baseline_aggregation == "flatten":
-            self.kind = {"softmoe": "moe", "top1": "moe"}.get(args.moe_type, args.moe_type)
-        else:
-            self.kind = args.baseline_aggregation
-        units = args.expert_hidden_units * args.num_experts
-        if self.kind in ("baseline", "simplicial_embedding_v1", "simplicial_embedding_v2"):
-            self.hidden = NoisyLinear(channels * height * width, units, sigma0)
-            features = units
-        elif self.kind in ("sum", "mean"):  # the same noisy dense layer on every token, then the tokens are aggregated
-            self.tokenizer = Tokenizer(args.tokenization, channels, height, width)
-            self.hidden = NoisyLinear(self.tokenizer.token_dim, units, sigma0)
-            features = units
-        else:
-            if args.shuffle_tokens:  # a fixed permutation of the C*H*W features, drawn from --seed, saved with the weights
-                generator = torch.Generator().manual_seed(args.seed)
-                self.register_buffer("shuffle", torch.randperm(channels * height * width, generator=generator))
-            self.tokenizer = Tokenizer(args.tokenization, channels, height, width)
-            num_tokens, dim = self.tokenizer.num_tokens, self.tokenizer.token_dim
-            if big:
-                slots = SoftMoE.num_slots(num_tokens, args.num_experts, args.capacity_factor, square=True)
-                experts = BigExperts(args.num_experts, dim, slots, args.expert_hidden_units, encoder, sigma0)
-            else:
-                experts = NoisyExperts(args.num_experts, dim, args.expert_hidden_units, sigma0)
-            if args.moe_type == "softmoe":
-                self.moe = SoftMoE(num_tokens, dim, args.num_experts, experts, normalize=args.moe_normalization,
-                                   capacity_factor=args.capacity_factor, random_phi=args.use_random_phi,
-                                   square_slots=big)
-            else:
-                self.moe = TopKMoE(num_tokens, dim, args.num_experts, experts, capacity_factor=args.capacity_factor,
-                                   k=args.num_selected_experts, noisy_routing=args.noisy_routing,
-                                   noise_std=args.noise_std)
-            features = num_tokens * dim  # the heads read the flattened MoE output directly
-        if args.use_extra_linear_layer:  # a plain dense layer, as Dopamine's (the heads stay noisy)
-            self.extra = xavier_(nn.Linear(features, 512))
-            features = 512
-        self.advantage = NoisyLinear(features, num_actions * args.n_atoms, sigma0)
-        self.value = NoisyLinear(features, args.n_atoms, sigma0)
+        self.encoder, self.tokenizer, self.moe, self.head = encoder, tokenizer, moe, head
+        self.num_actions = head.num_actions
+        self.register_buffer("support", support, persistent=False)
 
     def forward(self, x, record=None):
         """`record`, when a dict, receives post-ReLU activations [B, neurons, ...] and routing weights."""
         x = self.encoder(x.float() / 255.0, record)
-        if self.kind == "moe":
-            if self.args.shuffle_tokens:
-                x = x.flatten(1)[:, self.shuffle].view_as(x)
-            x = self.moe(self.tokenizer(x), record).flatten(1)
-        elif self.kind in ("sum", "mean"):
-            hidden = F.relu(self.hidden(self.tokenizer(x)))  # [B, m, units]
-            if record is not None:
-                record["hidden"] = hidden.transpose(1, 2)
-            x = hidden.sum(1) if self.kind == "sum" else hidden.mean(1)
-        else:
-            if self.kind == "simplicial_embedding_v1":  # Dopamine's softmax(x / tau, axis=1) of the [H, W, C] map: over W
-                x = (x / self.args.sem_tau).softmax(dim=3)
-            x = self.hidden(x.flatten(1))
-            if self.kind == "simplicial_embedding_v2":  # softmax / tau within each of n groups of h units
-                x = (x.view(len(x), self.args.num_experts, -1) / self.args.sem_tau).softmax(dim=-1).flatten(1)
-            x = F.relu(x)  # a no-op after the V2 softmax, kept as Dopamine has it
-            if record is not None:
-                record["hidden"] = x
-        if self.args.use_extra_linear_layer:
-            x = F.relu(self.extra(x))
-            if record is not None:
-                record["extra"] = x
-        advantage = self.advantage(x).view(-1, self.num_actions, self.num_atoms)
-        value = self.value(x).view(-1, 1, self.num_atoms)
-        logits = value + advantage - advantage.mean(dim=1, keepdim=True)  # dueling, per atom
-        log_probs = logits.log_softmax(dim=-1)
+        x = self.moe(self.tokenizer(x), record).flatten(1)
+        log_probs = self.head(x, record).log_softmax(dim=-1)
         return log_probs, (log_probs.exp() * self.support).sum(-1)
+# <<< shared block: rainbow_network
 
-    def redo_layers(self):
-        """(name, incoming parameters, outgoing weights) of every layer that ReDo recycles, in forward order
-        (`recycle_dormant`); `name` is its `record` key. The Nature CNN's channels, read by the next conv and, for conv3,
-        by whatever reads the encoder output (`encoder_readers`); the Impala encoder's first conv of each residual block,
-        read by the block's second conv (as the official recycler treats its ResNet; the residual stream and the
-        encoder output are sums, not one layer's neurons); the experts' (expert, unit) pairs, read by w2; the baseline's
-        noisy hidden units, read by both heads. The heads are never recycled."""
-        e, layers = self.encoder, []
-        if isinstance(e, NatureEncoder):
-            layers += [("conv1", incoming(e.conv1), outgoing(e.conv2)), ("conv2", incoming(e.conv2), outgoing(e.conv3))]
-            if self.encoder_readers():
-                layers.append(("conv3", incoming(e.conv3), self.encoder_readers()))
-        else:
-            lecun = lambda w: lecun_normal_(w, fan_in=w[0].numel())  # noqa: E731  (the blocks' init: Flax's default)
-            for i, blocks in enumerate(e.blocks):
-                for j, block in enumerate(blocks):
-                    layers.append((f"stack{i}.block{j}.relu1", incoming(block.conv0, lecun), outgoing(block.conv1)))
-        heads = [self.extra] if self.args.use_extra_linear_layer else [self.advantage, self.value]
-        if self.kind == "moe":
-            layers.append(("experts", incoming(self.moe.experts), [(self.moe.experts.w2, (0, 1))]))
-        else:
-            layers.append(("hidden", incoming(self.hidden), outgoing(*heads)))
-        if self.args.use_extra_linear_layer:  # its units, read by both heads (the MoE's output tokens are no layer)
-            layers.append(("extra", incoming(self.extra), outgoing(self.advantage, self.value)))
-        return layers
 
-    def encoder_readers(self):
-        """The weights that read each channel of the encoder output, as `outgoing` lists them: the flattened baseline's
-        dense layer, the per-patch embedding, or, for tokens made of channels at a position (perconv) or of the whole
-        flattened output (persample), the dense layer of the tokenized baseline or the experts' first layer and the
-        router (Soft MoE's phi, Top-1's linear router). Per-channel tokens (perfeat): none, no weight reads one
-        channel, so the encoder's last layer is not recycled."""
-        if self.kind == "baseline":
-            return outgoing(self.hidden)
-        if self.kind == "simplicial_embedding_v1":  # a silent channel's softmax is 1/W, not 0: it is not recycled
-            return []
-        if self.tokenizer.kind == "perfeat":
-            return []
-        if self.tokenizer.kind == "perpatch":
-            return outgoing(self.tokenizer.embedding)
-        if self.kind != "moe":
-            return outgoing(self.hidden)
-        router = [(self.moe.phi, (0,))] if isinstance(self.moe, SoftMoE) else outgoing(self.moe.router)
-        return outgoing(self.moe.experts) + router
+ENCODERS = {"impala": ImpalaEncoder, "nature": NatureEncoder}
+
+
+def make_network(num_actions, encoder="impala", moe_type="softmoe", tokenization="perconv", num_experts=4,
+                 expert_hidden_units=512, capacity_factor=1.0, moe_normalization=False, n_atoms=51, v_min=-10.0,
+                 v_max=10.0, sigma0=0.1):
+    """The paper's network (Dopamine's FullRainbowMoENetwork with SoftMoE), or the noisy dense baseline: flatten,
+    noisy dense of expert_hidden_units x num_experts units, ReLU (Dopamine's Rainbow network for one expert). Layers
+    are built (and drawn from torch's generator) in forward order."""
+    support = torch.linspace(v_min, v_max, n_atoms)
+    encoder = ENCODERS[encoder]()
+    channels, height, width = encoder.output_shape
+    if moe_type == "baseline":
+        features = expert_hidden_units * num_experts
+        tokenizer, moe = Flatten(), NoisyDenseLayer(channels * height * width, features, sigma0)
+    else:
+        tokenizer = Tokenizer(tokenization, channels, height, width)
+        num_tokens, dim = tokenizer.num_tokens, tokenizer.token_dim
+        experts = NoisyExperts(num_experts, dim, expert_hidden_units, sigma0)
+        moe = SoftMoE(num_tokens, dim, num_experts, experts, capacity_factor, normalize=moe_normalization)
+        features = num_tokens * dim  # the heads read the flattened MoE output directly
+    return QNetwork(encoder, tokenizer, moe, DuelingHead(features, num_actions, n_atoms, sigma0), support)
+
+
+def network_flags(args):
+    """The flags of `make_network`."""
+    return dict(encoder=args.encoder, moe_type=args.moe_type, tokenization=args.tokenization,
+                num_experts=args.num_experts, expert_hidden_units=args.expert_hidden_units,
+                capacity_factor=args.capacity_factor, moe_normalization=args.moe_normalization, n_atoms=args.n_atoms,
+                v_min=args.v_min, v_max=args.v_max, sigma0=args.noisy_sigma0)
 
 
 # >>> shared block: replay
@@ -918,15 +735,17 @@ class ReplayMemory:
         return (index >= lo) & (index <= hi) & self.is_transition[index % self.capacity]
 
     def sample_indices(self, batch_size, rng):
-        """Uniform over the valid transitions (rejection sampling; final-frame slots are rare)."""
+        """Uniform over the valid transitions (rejection sampling; final-frame slots are rare). The cost does not grow
+        with the memory: only a sampler that keeps drawing invalid slots checks whether any valid one exists."""
         lo, hi = self.sample_range()
-        if hi < lo or not self.is_valid(np.arange(lo, hi + 1)).any():
-            raise RuntimeError("the replay memory holds no complete transition yet")
         chosen = np.empty(0, np.int64)
-        while len(chosen) < batch_size:
+        for attempt in itertools.count():
+            if hi < lo or attempt == 64 and not self.is_valid(np.arange(lo, hi + 1)).any():
+                raise RuntimeError("the replay memory holds no complete transition yet")
+            if len(chosen) >= batch_size:
+                return chosen[:batch_size]
             candidates = rng.integers(lo, hi + 1, size=2 * batch_size)
             chosen = np.concatenate([chosen, candidates[self.is_valid(candidates)]])
-        return chosen[:batch_size]
 
     def stacks(self, index):
         """Frame stacks [B, stack_size, *frame_shape] of the observations at linear indices `index` [B]."""
@@ -966,7 +785,7 @@ class ReplayMemory:
     def load_slots(self, first, data):
         start, count = first % self.capacity, len(data["is_transition"])
         for k in self.slot_fields:
-            getattr(self, k)[start:start + count] = torch.from_numpy(data[k]).to(self.device)
+            getattr(self, k)[start:start + count].copy_(torch.from_numpy(data[k]))  # into the storage, no temporary
         self.is_transition[start:start + count] = data["is_transition"]
 
     def state_dict(self):
@@ -1136,6 +955,408 @@ def project_distribution(next_probs, returns, discounts, support):
 # <<< shared block: categorical
 
 
+# >>> shared block: rainbow_update
+def beta_at(args, step):
+    """The importance-sampling exponent: linear from priority-beta-start at the warm-up's end to priority-beta-end
+    at the last step."""
+    fraction = (step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts)
+    return args.priority_beta_start + min(1.0, max(0.0, fraction)) * (args.priority_beta_end - args.priority_beta_start)
+
+
+def importance_weights(probabilities, beta):
+    """(N p)^-beta normalized by the batch's largest weight (Schaul et al. 2016); beta = 0.5 is Dopamine's 1/sqrt(p)."""
+    return (probabilities / probabilities.min()) ** -beta
+
+
+def greedy_action(q_network, obs, noise):
+    """argmax_a Q(obs, a) [B] under a fresh noise sample (recorded as a CUDA graph on GPUs)."""
+    resample_noise(q_network, noise)
+    with torch.no_grad():
+        return q_network(obs)[1].argmax(1)
+
+
+def select_action(q_network, stack, epsilon, rng, noise, device, greedy=greedy_action):
+    """Epsilon-greedy on the noisy network's Q-values, with fresh noise at every call: the agent explores by its
+    noise from the first step on, warm-up included (Dopamine; epsilon is 0 by default). `greedy` is
+    `greedy_action` or its CUDA graph."""
+    if rng.random() < epsilon:
+        return int(rng.integers(q_network.num_actions))
+    return greedy(q_network, torch.as_tensor(stack, device=device).unsqueeze(0), noise).item()
+
+
+def categorical_target(q_network, target_network, batch, noise):
+    """The double-Q C51 target: the next action is the online network's argmax (fresh noise), its return
+    distribution comes from the target network (its own fresh noise), shifted by the n-step return and discount
+    and projected onto the support."""
+    with torch.no_grad():
+        resample_noise(q_network, noise)
+        next_actions = q_network(batch["next_obs"])[1].argmax(1)
+        resample_noise(target_network, noise)
+        next_log_probs = target_network(batch["next_obs"])[0]
+        next_probs = next_log_probs[torch.arange(len(next_actions), device=next_actions.device), next_actions].exp()
+        return project_distribution(next_probs, batch["returns"], batch["discounts"], target_network.support)
+
+
+def categorical_loss(q_network, target_network, batch, noise, record=None):
+    """Per-sample cross-entropy between the projected target and the online distribution of the action taken
+    (fresh noise), and Q(s, a): (loss [B], Q(s, a) [B]); `record` receives the online forward pass's activations and
+    routing weights."""
+    target = categorical_target(q_network, target_network, batch, noise)
+    resample_noise(q_network, noise)
+    log_probs, q_values = q_network(batch["obs"], record)
+    rows = torch.arange(len(batch["actions"]), device=log_probs.device)
+    loss = -(target * log_probs[rows, batch["actions"]]).sum(1)
+    return loss, q_values[rows, batch["actions"]]
+
+
+def update(q_network, target_network, optimizer, rb, index, weights, noise, max_grad_norm, extra_losses=None):
+    """One gradient step on the replay transitions at linear indices `index` [B] with importance weights `weights` [B]
+    (both on the memory's device): gather the batch, the weighted mean of the cross-entropy (plus any
+    `extra_losses(record)`, {name: loss} from the same forward pass, as Dopamine adds its auxiliary MoE losses),
+    backward, clipping to the global norm max_grad_norm (when > 0), Adam step. Recorded as one CUDA graph on GPUs.
+    Returns {"td_loss" (the weighted loss), "q_values" (mean Q(s, a)), each extra loss's name, and "sample_losses" (the
+    per-sample cross-entropies [B], for the priorities)} as tensors; a non-finite loss leaves the weights and Adam's
+    state unchanged (`make_optimizer`)."""
+    device = next(q_network.parameters()).device
+    batch = {k: v.to(device) for k, v in rb.get(index).items()}  # a no-op when the memory is on that device
+    record = {} if extra_losses else None
+    loss, q_taken = categorical_loss(q_network, target_network, batch, noise, record)
+    extra = extra_losses(record) if extra_losses else {}
+    weighted_loss = (weights.to(device) * loss).mean()
+    total = weighted_loss + sum(extra.values())
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if max_grad_norm > 0:
+        nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm)
+    optimizer.found_inf.copy_(~torch.isfinite(total))
+    optimizer.step()
+    return {"td_loss": weighted_loss.detach(), "q_values": q_taken.detach().mean(),
+            **{k: v.detach() for k, v in extra.items()}, "sample_losses": loss.detach()}
+
+
+def train_step(step, args, q_network, target_network, optimizer, rb, rng, noise, update_fn=update, after_update=None):
+    """Dopamine's _train_step at agent step `step`: after the warm-up, one update every train_frequency steps on a
+    prioritized batch with importance weights, whose priorities are then set from its per-sample losses (then
+    `after_update(step, q_network, optimizer, rb, rng)`, which returns {tag: value} events to log), and a hard target
+    copy every target_network_frequency steps. `update_fn` is `update` or its CUDA graph. Returns the metrics of the
+    step's updates (`update`'s scalars, each with its batch's mean importance weight, "is_weight_mean") and its events;
+    a non-finite loss leaves the priorities alone."""
+    updates, events = [], {}
+    if step > args.learning_starts and step % args.train_frequency == 0:
+        index, probabilities = rb.sample_prioritized(args.batch_size, rng)
+        weights = importance_weights(probabilities, beta_at(args, step))
+        out = update_fn(q_network, target_network, optimizer, rb, torch.as_tensor(index, device=rb.device),
+                        torch.as_tensor(weights, dtype=torch.float32, device=rb.device), noise, args.max_grad_norm)
+        metrics = {name: value for name, value in out.items() if name != "sample_losses"}
+        updates.append({**metrics, "is_weight_mean": float(weights.mean())})
+        if torch.stack(list(metrics.values())).isfinite().all():
+            rb.update_priorities(index, (out["sample_losses"].cpu().double().numpy() + 1e-10) ** args.priority_exponent)
+        if after_update:
+            events = after_update(step, q_network, optimizer, rb, rng)
+    if step > args.learning_starts and step % args.target_network_frequency == 0:
+        target_network.load_state_dict(q_network.state_dict())  # in place: a CUDA graph sees the new weights
+    return updates, events
+# <<< shared block: rainbow_update
+
+
+def evaluation_settings(args):
+    """How `evaluate` plays the trained agent after --save-model: epsilon-greedy with --eval-epsilon
+    (full_rainbow.gin's `epsilon_eval`) and the noise off, on environments seeded apart from training's (no no-op
+    starts, as training)."""
+    return {"epsilon": args.eval_epsilon, "seed": args.seed + 1000}
+
+
+# =====================================================================================================================
+# Research knobs: the official code's alternatives and ablations, each off by default (Top-k routing and its
+# load-balancing losses, a random router, big experts, simplicial embeddings, the tokenized baseline, the extra linear
+# layer, shuffled tokens, expert resets), and ReDo. They enter the method in one place, `research_knobs`; cut this part
+# and that call, and the script runs its defaults.
+# =====================================================================================================================
+# >>> shared block: topkmoe
+class TopKMoE(nn.Module):
+    """Token-choice Top-k MoE as in Dopamine (MoE with its TopKRouter): tokens [B, m, d] -> [B, m, d].
+
+    A bias-free linear router gives each token a softmax over experts (with `noise_std` / n Gaussian noise on the
+    logits when `noisy_routing`); the token goes to its k most probable experts and its output is the sum of their
+    outputs, each scaled by its probability. Each expert takes at most ceil(k m capacity_factor / n) tokens per
+    sample, first come first served: all first choices in token order, then all second choices, ...; the other
+    assignments are dropped and contribute zeros (a token dropped by all its experts outputs zeros)."""
+
+    def __init__(self, num_tokens, dim, num_experts, experts, capacity_factor=1.0, k=1, noisy_routing=False,
+                 noise_std=1.0):
+        super().__init__()
+        self.num_experts, self.k = num_experts, k
+        self.capacity = math.ceil(k * num_tokens * capacity_factor / num_experts)
+        self.noise_std = noise_std / num_experts if noisy_routing else 0.0
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        lecun_normal_(self.router.weight, fan_in=dim)  # Flax's default Dense init
+        self.experts = experts
+
+    def forward(self, x, record=None):
+        batch, num_tokens, dim = x.shape
+        logits = self.router(x)  # [B, m, n]
+        noisy = logits + self.noise_std * torch.randn_like(logits) if self.noise_std else logits
+        probs = noisy.softmax(dim=-1)
+        gate, expert = probs.topk(self.k, dim=-1)  # [B, m, k], most probable first
+        assigned = F.one_hot(expert.transpose(1, 2).flatten(1), self.num_experts)  # [B, k*m, n], choice-major queue
+        position = (assigned.cumsum(dim=1) * assigned).sum(-1) - 1  # rank of the assignment in its expert's queue
+        position = position.view(batch, self.k, num_tokens).transpose(1, 2)  # [B, m, k]
+        kept = position < self.capacity
+        num_slots = self.num_experts * self.capacity
+        slot = torch.where(kept, expert * self.capacity + position, num_slots).flatten(1)  # dropped -> spare slot
+        tokens = x.repeat_interleave(self.k, dim=1) if self.k > 1 else x  # [B, m*k, d], as `slot`
+        slots = x.new_zeros(batch, num_slots + 1, dim).scatter(1, slot.unsqueeze(-1).expand(-1, -1, dim), tokens)
+        slots = slots[:, :num_slots].view(batch, self.num_experts, self.capacity, dim)
+        outputs = self.experts(slots, record).reshape(batch, num_slots, dim)
+        outputs = outputs.gather(1, slot.clamp(max=num_slots - 1).unsqueeze(-1).expand(-1, -1, dim))
+        if record is not None:
+            record.update(router_logits=logits, router_probs=probs, top_experts=expert, kept=kept)
+        weights = (gate * kept).view(batch, num_tokens * self.k, 1)
+        return (outputs * weights).view(batch, num_tokens, self.k, dim).sum(2)
+# <<< shared block: topkmoe
+
+
+# >>> shared block: bigexperts
+class Frames(nn.Module):
+    """The shared 'encoder' when the experts hold the encoders (--expert-type big): the frames [B, 4, 84, 84] in
+    [0, 1] themselves, so that the tokens are pixels (perconv: 7,056 tokens of dim 4)."""
+
+    output_shape = (4, 84, 84)
+
+    def forward(self, x, record=None):
+        return x
+
+
+def grouped_encoder(encoders):
+    """n encoders of one architecture run side by side as one: the first encoder, each of whose convs becomes a grouped
+    conv (groups = n) holding the n encoders' kernels and biases, expert-major ([n * out, in, k, k]). It maps the n
+    experts' images stacked on the channels, [B, n * C, H, W], to their encodings stacked likewise; every other layer
+    (ReLU, max-pool, residual sum) acts channel by channel, so expert j's channels only ever meet encoder j's weights."""
+    grouped, n = encoders[0], len(encoders)
+    for name, conv in list(grouped.named_modules()):
+        if isinstance(conv, nn.Conv2d):
+            convs = [encoder.get_submodule(name) for encoder in encoders]
+            conv.weight = nn.Parameter(torch.cat([c.weight.detach() for c in convs]))
+            conv.bias = nn.Parameter(torch.cat([c.bias.detach() for c in convs]))
+            conv.in_channels, conv.out_channels, conv.groups = n * conv.in_channels, n * conv.out_channels, n
+    return grouped
+
+
+def square_slots(num_tokens, num_experts, capacity_factor=1.0):
+    """Slots per big expert, which reads its slots as one square image: the largest square number <= the Soft MoE's
+    p = ceil(m x capacity factor / n), floor(sqrt(p))^2, as Dopamine's SoftMoE for expert_type BIG."""
+    return math.isqrt(math.ceil(num_tokens * capacity_factor / num_experts)) ** 2
+
+
+class BigExperts(nn.Module):
+    """n experts that each hold their own encoder (Dopamine's BigExpertModel, SoftMoE expert_type "BIG"): slots
+    [B, n, p, d] -> [B, n, p, d], p a square number.
+
+    Expert j reads its p slots as one sqrt(p) x sqrt(p) image with d channels (slot r * sqrt(p) + c at row r, column c),
+    encodes it with its own `make_encoder()`, flattens the encoding (F features) and maps it by dense F -> h, ReLU,
+    dense h -> p * d back to its p slots (no activation). The n encoders run as one grouped conv per layer
+    (`grouped_encoder`); each expert is initialized on its own, by the encoder's init (xavier-uniform, lecun-normal
+    residual convs, zero biases) and xavier-uniform dense kernels of each expert's own [F, h] and [h, p * d] shapes.
+    A subclass may make the first dense layer another kind (`init_first_layer`, `first_layer`)."""
+
+    def __init__(self, num_experts, dim, slots, hidden, make_encoder):
+        super().__init__()
+        self.side = math.isqrt(slots)
+        if self.side**2 != slots:
+            raise ValueError(f"big experts read their slots as a square image: {slots} slots is no square number")
+        encoders = [make_encoder() for _ in range(num_experts)]
+        first = next(layer for layer in encoders[0].modules() if isinstance(layer, nn.Conv2d))
+        if first.in_channels != dim:
+            raise ValueError(f"the experts' encoder reads {first.in_channels} channels, the tokens have {dim}")
+        with torch.no_grad():
+            self.encoding_shape = tuple(encoders[0](torch.zeros(1, dim, self.side, self.side)).shape[1:])
+        self.encoder = grouped_encoder(encoders)
+        features, out = math.prod(self.encoding_shape), slots * dim
+        self.init_first_layer(num_experts, features, hidden)
+        bound = math.sqrt(6.0 / (hidden + out))  # of each expert's own [h, p * d] kernel
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, out).uniform_(-bound, bound))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, out))
+
+    def init_first_layer(self, num_experts, features, hidden):
+        bound = math.sqrt(6.0 / (features + hidden))  # xavier-uniform of each expert's own [F, h] kernel
+        self.w1 = nn.Parameter(torch.empty(num_experts, features, hidden).uniform_(-bound, bound))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
+
+    def first_layer(self):
+        """The first dense layer's kernels [n, F, h] and biases [n, h] for this forward pass."""
+        return self.w1, self.b1
+
+    def forward(self, slots, record=None):
+        batch, num_experts, num_slots, dim = slots.shape
+        images = slots.reshape(batch, num_experts, self.side, self.side, dim).permute(0, 1, 4, 2, 3)
+        inner = None if record is None else {}
+        encoded = self.encoder(images.reshape(batch, num_experts * dim, self.side, self.side), inner)
+        if record is not None:  # the experts' encoder layers, neurons = (expert, channel) pairs on dim 1
+            record.update({f"experts.{name}": value for name, value in inner.items()})
+        features = encoded.reshape(batch, num_experts, -1)  # expert j's encoding, flattened (C, H, W)
+        w1, b1 = self.first_layer()
+        hidden = F.relu(torch.einsum("bnf,nfh->bnh", features, w1) + b1)
+        if record is not None:  # neurons = (expert, unit) pairs on dim 1
+            record["experts"] = hidden.flatten(1)
+        return (torch.einsum("bnh,nho->bno", hidden, self.w2) + self.b2).reshape(slots.shape)
+# <<< shared block: bigexperts
+
+
+# >>> shared block: rainbow_knobs
+class NoisyBigExperts(BigExperts):
+    """--expert-type big in Rainbow: big experts whose first dense layer is noisy, as Rainbow's experts are
+    (NoisyLinear's init on fan-in F, factorized noise drawn independently for each expert, off in eval mode and by
+    `set_noise`)."""
+
+    def __init__(self, num_experts, dim, slots, hidden, make_encoder, sigma0=0.1):
+        self.sigma0 = sigma0  # read by `init_first_layer`, which BigExperts' constructor calls
+        super().__init__(num_experts, dim, slots, hidden, make_encoder)
+        self.noise_enabled = True
+
+    def init_first_layer(self, num_experts, features, hidden):
+        bound = 1.0 / math.sqrt(features)
+        self.w1_mu = nn.Parameter(torch.empty(num_experts, features, hidden).uniform_(-bound, bound))
+        self.w1_sigma = nn.Parameter(torch.full((num_experts, features, hidden), self.sigma0 * bound))
+        self.b1_mu = nn.Parameter(torch.empty(num_experts, hidden).uniform_(-bound, bound))
+        self.b1_sigma = nn.Parameter(torch.full((num_experts, hidden), self.sigma0 * bound))
+        self.register_buffer("eps_in", torch.zeros(num_experts, features), persistent=False)
+        self.register_buffer("eps_out", torch.zeros(num_experts, hidden), persistent=False)
+
+    def first_layer(self):
+        if not (self.training and self.noise_enabled):
+            return self.w1_mu, self.b1_mu
+        return (self.w1_mu + self.w1_sigma * self.eps_in[:, :, None] * self.eps_out[:, None, :],
+                self.b1_mu + self.b1_sigma * self.eps_out)
+
+    def sample_noise(self, generator):
+        self.eps_in.copy_(factorized_noise(self.eps_in.shape, generator))
+        self.eps_out.copy_(factorized_noise(self.eps_out.shape, generator))
+
+
+class RandomPhiSoftMoE(SoftMoE):
+    """--use-random-phi: phi is a fixed N(0, 1) draw, a buffer that is never trained (Dopamine's use_random_phi draws
+    the same distribution anew at every call and for every sample)."""
+
+    def make_phi(self, dim, num_experts, slots):
+        self.register_buffer("phi", torch.randn(dim, num_experts, slots))  # saved and copied to the target network
+        return self.phi
+
+
+class ShuffledTokenizer(nn.Module):
+    """--shuffle-tokens: a fixed permutation of the encoder output's C*H*W features, drawn from --seed and saved with
+    the weights, before the tokenizer, so that a token no longer holds one position's features."""
+
+    def __init__(self, tokenizer, num_features, seed):
+        super().__init__()
+        self.register_buffer("shuffle", torch.randperm(num_features, generator=torch.Generator().manual_seed(seed)))
+        self.tokenizer, self.num_tokens, self.token_dim = tokenizer, tokenizer.num_tokens, tokenizer.token_dim
+
+    def forward(self, fmap):
+        return self.tokenizer(fmap.flatten(1)[:, self.shuffle].view_as(fmap))
+
+
+class SimplicialFlatten(nn.Module):
+    """--moe-type simplicial_embedding_v1: Dopamine's softmax(x / tau, axis=1) of the [H, W, C] map (over W), then
+    flatten."""
+
+    def __init__(self, tau):
+        super().__init__()
+        self.tau = tau
+
+    def forward(self, fmap):
+        return (fmap / self.tau).softmax(dim=3).flatten(1)
+
+
+class NoisySimplicialDenseLayer(NoisyDenseLayer):
+    """--moe-type simplicial_embedding_v2: the noisy dense layer, then softmax(x / tau) within each of `groups` groups
+    of units, then the ReLU (a no-op after the softmax, kept as Dopamine has it)."""
+
+    def __init__(self, in_features, units, groups, tau, sigma0=0.1):
+        super().__init__(in_features, units, sigma0)
+        self.groups, self.tau = groups, tau
+
+    def forward(self, x, record=None):
+        x = NoisyLinear.forward(self, x)
+        x = F.relu((x.view(len(x), self.groups, -1) / self.tau).softmax(dim=-1).flatten(1))
+        if record is not None:
+            record["hidden"] = x
+        return x
+
+
+class AggregatedDenseLayer(NoisyLinear):
+    """--baseline-aggregation sum|mean, the paper's tokenized baseline: the baseline's noisy dense layer and ReLU on
+    every token, [B, m, d] -> [B, m, units], then the tokens summed or averaged: [B, units]."""
+
+    def __init__(self, dim, units, aggregation, sigma0=0.1):
+        super().__init__(dim, units, sigma0)
+        self.aggregation = aggregation
+
+    def forward(self, tokens, record=None):
+        hidden = F.relu(super().forward(tokens))
+        if record is not None:  # neurons = units on dim 1, tokens after
+            record["hidden"] = hidden.transpose(1, 2)
+        return hidden.sum(1) if self.aggregation == "sum" else hidden.mean(1)
+
+
+class ExtraLinearLayer(nn.Module):
+    """--use-extra-linear-layer: a plain dense 512-unit ReLU layer after the MoE (or baseline) layer, before the heads
+    (which stay noisy), as Dopamine's."""
+
+    def __init__(self, moe, features, units=512):
+        super().__init__()
+        self.moe, self.extra, self.out_features = moe, xavier_(nn.Linear(features, units)), units
+
+    def forward(self, x, record=None):
+        x = F.relu(self.extra(self.moe(x, record).flatten(1)))
+        if record is not None:
+            record["extra"] = x
+        return x
+
+
+def make_knob_network(args, num_actions):
+    """The network with the research knobs of `args`, built in the same order as `make_network` (so that the same
+    seed draws the same weights where a knob leaves a layer alone)."""
+    support = torch.linspace(args.v_min, args.v_max, args.n_atoms)
+    big = args.expert_type == "big"  # the experts hold the encoders: the tokens are the frames' pixels
+    encoder = Frames() if big else ENCODERS[args.encoder]()
+    channels, height, width = encoder.output_shape
+    units, sigma0 = args.expert_hidden_units * args.num_experts, args.noisy_sigma0
+    if args.moe_type == "baseline" and args.baseline_aggregation != "flatten":  # the dense layer on every token
+        tokenizer = Tokenizer(args.tokenization, channels, height, width)
+        moe, features = AggregatedDenseLayer(tokenizer.token_dim, units, args.baseline_aggregation, sigma0), units
+    elif args.moe_type in ("baseline", "simplicial_embedding_v1", "simplicial_embedding_v2"):
+        tokenizer = SimplicialFlatten(args.sem_tau) if args.moe_type == "simplicial_embedding_v1" else Flatten()
+        if args.moe_type == "simplicial_embedding_v2":
+            moe = NoisySimplicialDenseLayer(channels * height * width, units, args.num_experts, args.sem_tau, sigma0)
+        else:
+            moe = NoisyDenseLayer(channels * height * width, units, sigma0)
+        features = units
+    else:
+        tokenizer = Tokenizer(args.tokenization, channels, height, width)
+        if args.shuffle_tokens:
+            tokenizer = ShuffledTokenizer(tokenizer, channels * height * width, args.seed)
+        num_tokens, dim = tokenizer.num_tokens, tokenizer.token_dim
+        slots = None
+        if big:
+            slots = square_slots(num_tokens, args.num_experts, args.capacity_factor)
+            experts = NoisyBigExperts(args.num_experts, dim, slots, args.expert_hidden_units, ENCODERS[args.encoder],
+                                      sigma0)
+        else:
+            experts = NoisyExperts(args.num_experts, dim, args.expert_hidden_units, sigma0)
+        if args.moe_type == "softmoe":
+            soft_moe = RandomPhiSoftMoE if args.use_random_phi else SoftMoE
+            moe = soft_moe(num_tokens, dim, args.num_experts, experts, args.capacity_factor,
+                           normalize=args.moe_normalization, slots_per_expert=slots)
+        else:
+            moe = TopKMoE(num_tokens, dim, args.num_experts, experts, capacity_factor=args.capacity_factor,
+                          k=args.num_selected_experts, noisy_routing=args.noisy_routing, noise_std=args.noise_std)
+        features = num_tokens * dim
+    if args.use_extra_linear_layer:
+        moe, features = ExtraLinearLayer(moe, features), 512
+    return QNetwork(encoder, tokenizer, moe, DuelingHead(features, num_actions, args.n_atoms, sigma0), support)
+# <<< shared block: rainbow_knobs
+
+
 # >>> shared block: moe_losses
 def moe_aux_losses(args, record):
     """Dopamine's auxiliary load-balancing losses (agents/losses.py; off unless named in --aux-loss-fns), from the
@@ -1206,31 +1427,75 @@ def reset_experts(experts, optimizer, shrink_factor):
         for value in optimizer.state.get(p, {}).values():
             if torch.is_tensor(value) and value.shape == p.shape:
                 value.zero_()
+
+
+def expert_reset_hook(args):
+    """--expert-reset's after-update hook: resets (or shrinks and perturbs) the experts when due and logs the reset's
+    number as moe/expert_resets."""
+    shrink_factor = args.shrink_factor if args.expert_reset == "shrink_perturb" else 0.0
+
+    def after_update(step, q_network, optimizer):
+        number = expert_reset_number(args, step)
+        if not number:
+            return {}
+        moe = getattr(q_network.moe, "moe", q_network.moe)  # inside an ExtraLinearLayer, if any
+        reset_experts(moe.experts, optimizer, shrink_factor)
+        return {"moe/expert_resets": number}
+
+    return after_update
 # <<< shared block: expert_reset
-# ALGO LOGIC: ReDo. These functions work for any network whose forward(x, record) records the post-ReLU activations
-# [B, neurons, ...] of the layers that its redo_layers() lists as (name, incoming parameters, outgoing weights).
-# >>> shared block: dormant
-def neuron_scores(activation):
-    """ReDo's score: mean |activation| over everything but the neuron axis (dim 1: channels, units or
-    (expert, unit) pairs), divided by the layer's mean score (Sokar et al. 2023, mean normalization)."""
-    score = activation.abs().mean(dim=[d for d in range(activation.dim()) if d != 1])
-    return score / (score.mean() + 1e-9)
 
 
-def dormant_statistics(record, taus):
-    """Percentage of tau-dormant neurons (score <= tau) per layer and pooled over all hidden layers."""
-    routing = ("dispatch", "combine", "router_logits", "router_probs", "top_experts", "kept")
-    layers = {k: v for k, v in record.items() if k not in routing}
-    stats = {}
-    for tau in taus:
-        dormant, total = 0, 0
-        for name, activation in layers.items():
-            mask = neuron_scores(activation) <= tau
-            stats[f"dormant/{name}_tau{tau:g}_pct"] = 100.0 * mask.float().mean().item()
-            dormant, total = dormant + mask.sum().item(), total + mask.numel()
-        stats[f"dormant/tau{tau:g}_pct"] = 100.0 * dormant / total
-    return stats
-# <<< shared block: dormant
+# >>> shared block: moe_args
+def check_moe_args(args):
+    """The MoE layer's flags: each one applies to some layers only, and a flag given for another layer stops the run
+    rather than being silently ignored."""
+    moe = args.moe_type in ("softmoe", "top1")
+    if args.use_random_phi and args.moe_type != "softmoe":
+        fail("--use-random-phi replaces the Soft MoE router's phi; use --moe-type softmoe or drop it")
+    if not 1 <= args.num_selected_experts <= args.num_experts:
+        fail(f"--num-selected-experts must be in [1, --num-experts {args.num_experts}], got {args.num_selected_experts}")
+    if args.num_selected_experts != 1 and args.moe_type != "top1":
+        fail("--num-selected-experts is the k of the Top-k MoE; use --moe-type top1 or drop it")
+    if args.noisy_routing and args.moe_type != "top1":
+        fail("--noisy-routing adds noise to the Top-k router; use --moe-type top1 or drop it")
+    if not args.noise_std > 0 or (args.noise_std != 1.0 and not args.noisy_routing):
+        fail(f"--noise-std {args.noise_std}: a positive scale of the router noise, with --noisy-routing")
+    if len(set(args.aux_loss_fns)) != len(args.aux_loss_fns):
+        fail(f"--aux-loss-fns {' '.join(args.aux_loss_fns)} names a loss twice; name each once")
+    if args.aux_loss_fns and not moe:
+        fail("--aux-loss-fns balances the experts of an MoE layer; use --moe-type softmoe or top1, or drop it")
+    if args.aux_loss_fns and args.num_experts < 2:
+        fail("--aux-loss-fns balances the load over experts: use --num-experts 2 or more, or drop it")
+    if "load_loss" in args.aux_loss_fns and args.moe_type != "top1":
+        fail("--aux-loss-fns load_loss needs the Top-k router's logits (Dopamine's Soft MoE gives it none and the loss "
+             "is 0 there); use --moe-type top1, or naive_entropy / importance_loss")
+    for name, loss, default in (("entropy_weight", "naive_entropy", 0.5), ("importance_weight", "importance_loss", 1.0),
+                                ("load_weight", "load_loss", 1.0), ("std_scale", "load_loss", 1.0)):
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if not value >= 0 or (name == "std_scale" and not value > 0):
+            fail(f"{flag} must be {'positive' if name == 'std_scale' else '>= 0'}, got {value}")
+        if value != default and loss not in args.aux_loss_fns:
+            fail(f"{flag} applies to the {loss} loss; add --aux-loss-fns {loss} or drop {flag}")
+    if not args.sem_tau > 0 or (args.sem_tau != 0.1 and not args.moe_type.startswith("simplicial_embedding")):
+        fail(f"--sem-tau {args.sem_tau}: a positive temperature, with --moe-type simplicial_embedding_v1 or _v2")
+    if args.shuffle_tokens and not moe:
+        fail("--shuffle-tokens shuffles the MoE layer's tokens; use --moe-type softmoe or top1, or drop it")
+    if args.expert_reset != "none" and not moe:
+        fail("--expert-reset resets the experts of an MoE layer; use --moe-type softmoe or top1, or drop it")
+    if args.expert_reset_period < 1 or (args.expert_reset_period != 20_000 and args.expert_reset == "none"):
+        fail(f"--expert-reset-period {args.expert_reset_period}: a positive number of updates, with --expert-reset")
+    if not 0.0 < args.shrink_factor < 1.0 or (args.shrink_factor != 0.8 and args.expert_reset != "shrink_perturb"):
+        fail(f"--shrink-factor {args.shrink_factor}: in (0, 1), with --expert-reset shrink_perturb")
+    if args.expert_type == "big" and args.moe_type != "softmoe":  # Dopamine builds BigExpertModel for SOFTMOE only
+        fail("--expert-type big needs the Soft MoE router; use --moe-type softmoe or drop --expert-type")
+    if args.expert_type == "big" and args.tokenization != "perconv":
+        fail(f"--expert-type big: the experts read their slots as images of pixel tokens, which --tokenization "
+             f"{args.tokenization} does not give; use --tokenization perconv (the default)")
+    for flag, given in (("--shuffle-tokens", args.shuffle_tokens), ("--expert-reset", args.expert_reset != "none")):
+        if given and args.expert_type == "big":
+            fail(f"{flag} applies to the small experts (an MLP per slot); drop it or --expert-type big")
+# <<< shared block: moe_args
 
 
 # >>> shared block: redo
@@ -1309,130 +1574,143 @@ def recycle_dormant(network, optimizer, masks):
 # <<< shared block: redo
 
 
-# >>> shared block: rainbow_update
-def beta_at(args, step):
-    """The importance-sampling exponent: linear from priority-beta-start at the warm-up's end to priority-beta-end
-    at the last step."""
-    fraction = (step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts)
-    return args.priority_beta_start + min(1.0, max(0.0, fraction)) * (args.priority_beta_end - args.priority_beta_start)
+class RecyclableQNetwork(QNetwork):
+    """--redo: the network, which also lists the layers that ReDo recycles for `dormant_neurons` and `recycle_dormant`
+    (the redo block: they work for any network whose forward(x, record) records the post-ReLU activations
+    [B, neurons, ...] of the layers that its redo_layers() lists as (name, incoming parameters, outgoing weights))."""
+
+    @classmethod
+    def of(cls, network):
+        """`network` itself (its modules, parameters and buffers) as a RecyclableQNetwork."""
+        return cls(network.encoder, network.tokenizer, network.moe, network.head, network.support)
+
+    def redo_layers(self):
+        """(name, incoming parameters, outgoing weights) of every layer that ReDo recycles, in forward order
+        (`recycle_dormant`); `name` is its `record` key. The Nature CNN's channels, read by the next conv and, for conv3,
+        by whatever reads the encoder output (`encoder_readers`); the Impala encoder's first conv of each residual block,
+        read by the block's second conv (as the official recycler treats its ResNet; the residual stream and the
+        encoder output are sums, not one layer's neurons); the experts' (expert, unit) pairs, read by w2; the baseline's
+        noisy hidden units, read by both heads (or the extra linear layer, whose units both heads read). The heads are
+        never recycled."""
+        e, layers = self.encoder, []
+        moe = getattr(self.moe, "moe", self.moe)  # inside an ExtraLinearLayer, if any
+        extra = self.moe.extra if isinstance(self.moe, ExtraLinearLayer) else None
+        heads = [self.head.advantage, self.head.value]
+        if isinstance(e, NatureEncoder):
+            layers += [("conv1", incoming(e.conv1), outgoing(e.conv2)), ("conv2", incoming(e.conv2), outgoing(e.conv3))]
+            if self.encoder_readers(moe):
+                layers.append(("conv3", incoming(e.conv3), self.encoder_readers(moe)))
+        else:
+            lecun = lambda w: lecun_normal_(w, fan_in=w[0].numel())  # noqa: E731  (the blocks' init: Flax's default)
+            for i, blocks in enumerate(e.blocks):
+                for j, block in enumerate(blocks):
+                    layers.append((f"stack{i}.block{j}.relu1", incoming(block.conv0, lecun), outgoing(block.conv1)))
+        if hasattr(moe, "experts"):
+            layers.append(("experts", incoming(moe.experts), [(moe.experts.w2, (0, 1))]))
+        else:
+            layers.append(("hidden", incoming(moe), outgoing(*([extra] if extra is not None else heads))))
+        if extra is not None:
+            layers.append(("extra", incoming(extra), outgoing(*heads)))
+        return layers
+
+    def encoder_readers(self, moe):
+        """The weights that read each channel of the encoder output, as `outgoing` lists them: the flattened baseline's
+        dense layer, the per-patch embedding, or, for tokens made of channels at a position (perconv) or of the whole
+        flattened output (persample), the dense layer of the tokenized baseline or the experts' first layer and the
+        router (Soft MoE's phi, Top-1's linear router). Per-channel tokens (perfeat): none, no weight reads one
+        channel, so the encoder's last layer is not recycled."""
+        if isinstance(self.tokenizer, SimplicialFlatten):  # a silent channel's softmax is 1/W, not 0: not recycled
+            return []
+        if isinstance(self.tokenizer, Flatten):
+            return outgoing(moe)
+        if self.tokenizer.kind == "perfeat":
+            return []
+        if self.tokenizer.kind == "perpatch":
+            return outgoing(self.tokenizer.embedding)
+        if not hasattr(moe, "experts"):  # the tokenized baseline
+            return outgoing(moe)
+        router = [(moe.phi, (0,))] if isinstance(moe, SoftMoE) else outgoing(moe.router)
+        return outgoing(moe.experts) + router
 
 
-def importance_weights(probabilities, beta):
-    """(N p)^-beta normalized by the batch's largest weight (Schaul et al. 2016); beta = 0.5 is Dopamine's 1/sqrt(p)."""
-    return (probabilities / probabilities.min()) ** -beta
+# >>> shared block: rainbow_knob_hooks
+def redo_hook(args):
+    """--redo's after-update hook, the recycled Rainbow agents' `_training_step_update`: after every redo-period-th
+    update, the hidden neurons are scored on a fresh prioritized sample (the official agents'
+    `sample_transition_batch`) with the parameters of this update, and the dormant ones recycled; logs the neurons
+    recycled per layer (redo/<layer>_recycled_count) and in all (redo/recycled_count)."""
+
+    def after_update(step, q_network, optimizer, rb, rng):
+        if update_number(args, step) % args.redo_period:
+            return {}
+        probe, _ = rb.sample_prioritized(args.redo_batch_size, rng)
+        masks, _ = dormant_neurons(q_network, rb.stacks(probe).to(next(q_network.parameters()).device), args.redo_tau)
+        recycled = recycle_dormant(q_network, optimizer, masks)
+        events = {f"redo/{name}_recycled_count": count for name, count in recycled.items()}
+        return {**events, "redo/recycled_count": sum(recycled.values())}
+
+    return after_update
 
 
-def greedy_action(q_network, obs, noise):
-    """argmax_a Q(obs, a) [B] under a fresh noise sample (recorded as a CUDA graph on GPUs)."""
-    resample_noise(q_network, noise)
-    with torch.no_grad():
-        return q_network(obs)[1].argmax(1)
+def recyclable(make_network):
+    """--redo: the networks of `make_network(num_actions)` as RecyclableQNetworks, which list their layers for ReDo."""
+    return lambda num_actions: RecyclableQNetwork.of(make_network(num_actions))
 
 
-def select_action(q_network, stack, epsilon, rng, noise, device, greedy=greedy_action):
-    """Epsilon-greedy on the noisy network's Q-values, with fresh noise at every call: the agent explores by its
-    noise from the first step on, warm-up included (Dopamine; epsilon is 0 by default). `greedy` is
-    `greedy_action` or its CUDA graph."""
-    if rng.random() < epsilon:
-        return int(rng.integers(q_network.num_actions))
-    return greedy(q_network, torch.as_tensor(stack, device=device).unsqueeze(0), noise).item()
+def knob_after_update(args):
+    """The step after each update of --redo and --expert-reset, in this order, or None when both are off."""
+    redo = redo_hook(args) if args.redo else None
+    reset = expert_reset_hook(args) if args.expert_reset != "none" else None
+    if not (redo or reset):
+        return None
+
+    def after_update(step, q_network, optimizer, rb, rng):
+        events = redo(step, q_network, optimizer, rb, rng) if redo else {}
+        return {**events, **(reset(step, q_network, optimizer) if reset else {})}
+
+    return after_update
 
 
-def categorical_target(q_network, target_network, batch, noise):
-    """The double-Q C51 target: the next action is the online network's argmax (fresh noise), its return
-    distribution comes from the target network (its own fresh noise), shifted by the n-step return and discount
-    and projected onto the support."""
-    with torch.no_grad():
-        resample_noise(q_network, noise)
-        next_actions = q_network(batch["next_obs"])[1].argmax(1)
-        resample_noise(target_network, noise)
-        next_log_probs = target_network(batch["next_obs"])[0]
-        next_probs = next_log_probs[torch.arange(len(next_actions), device=next_actions.device), next_actions].exp()
-        return project_distribution(next_probs, batch["returns"], batch["discounts"], target_network.support)
+def check_knob_args(args):
+    """The knobs' flags: the MoE layer's (`check_moe_args`), the tokenized baseline's and ReDo's."""
+    check_moe_args(args)
+    if args.baseline_aggregation != "flatten" and args.moe_type != "baseline":
+        fail(f"--baseline-aggregation {args.baseline_aggregation} applies to --moe-type baseline only")
+    for name in ("redo_period", "redo_batch_size"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not args.redo_tau >= 0:
+        fail(f"--redo-tau must be >= 0, got {args.redo_tau}")
+    for flag, given in (("--expert-type big", args.expert_type == "big"), ("--shuffle-tokens", args.shuffle_tokens),
+                        ("--moe-type simplicial_embedding_v2", args.moe_type == "simplicial_embedding_v2")):
+        if args.redo and given:  # no layer-to-layer map for the experts' encoders, the shuffled features, a softmax group
+            fail(f"--redo does not recycle the network of {flag} (no neuron maps onto the weights that read it); "
+                 f"drop --redo or {flag}")
+    num_updates = update_number(args, (args.total_timesteps - 1) // args.train_frequency * args.train_frequency)
+    if args.redo and args.redo_period > num_updates:
+        fail(f"--redo-period {args.redo_period} is more than the run's {num_updates:,} gradient updates, so --redo would "
+             "never recycle; use a smaller --redo-period (the paper's Atari runs: 1000)")
+# <<< shared block: rainbow_knob_hooks
 
 
-def categorical_loss(q_network, target_network, batch, noise):
-    """Per-sample cross-entropy between the projected target and the online distribution of the action taken
-    (fresh noise), Q(s, a), and the auxiliary MoE losses of --aux-loss-fns on the same forward pass (Dopamine adds
-    them to the weighted mean of the cross-entropy): (loss [B], Q(s, a) [B], {name: auxiliary loss})."""
-    target = categorical_target(q_network, target_network, batch, noise)
-    resample_noise(q_network, noise)
-    record = {} if q_network.args.aux_loss_fns else None
-    log_probs, q_values = q_network(batch["obs"], record)
-    rows = torch.arange(len(batch["actions"]), device=log_probs.device)
-    loss = -(target * log_probs[rows, batch["actions"]]).sum(1)
-    aux = moe_aux_losses(q_network.args, record) if record is not None else {}
-    return loss, q_values[rows, batch["actions"]], aux
-
-
-def update(q_network, target_network, optimizer, rb, index, weights, noise, max_grad_norm):
-    """One gradient step on the replay transitions at linear indices `index` [B] with importance weights `weights` [B]
-    (both on the memory's device): gather the batch, the weighted cross-entropy loss, backward, clipping to the global
-    norm max_grad_norm (when > 0), Adam step; the auxiliary MoE losses add to the weighted loss. Recorded as one CUDA
-    graph on GPUs. Returns the per-sample losses (for the priorities), the weighted loss, the mean Q(s, a) and
-    {name: auxiliary loss}, as tensors; a non-finite loss leaves the weights and Adam's state unchanged
-    (`make_optimizer`)."""
-    device = next(q_network.parameters()).device
-    batch = {k: v.to(device) for k, v in rb.get(index).items()}  # a no-op when the memory is on that device
-    loss, q_taken, aux = categorical_loss(q_network, target_network, batch, noise)
-    weighted_loss = (weights.to(device) * loss).mean()
-    total = weighted_loss + sum(aux.values())
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    if max_grad_norm > 0:
-        nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm)
-    optimizer.found_inf.copy_(~torch.isfinite(total))
-    optimizer.step()
-    return loss.detach(), weighted_loss.detach(), q_taken.detach().mean(), {k: v.detach() for k, v in aux.items()}
-
-
-def train_step(step, args, q_network, target_network, optimizer, rb, rng, noise, update_fn=update):
-    """Dopamine's _train_step at agent step `step`: after the warm-up, one update every train_frequency steps on a
-    prioritized batch, whose priorities are then set from its losses; with --redo, after every redo-period-th update, a
-    ReDo event (the recycled Rainbow agents' `_training_step_update`): the hidden neurons are scored on a fresh
-    prioritized sample (the official agents' `sample_transition_batch`) with the parameters of this update, and the
-    dormant ones recycled; the experts' reset of --expert-reset when due; a hard target copy every
-    target_network_frequency steps. `update_fn` is `update` or its CUDA graph. Returns ((weighted loss, mean Q, mean
-    importance weight, {name: auxiliary loss}) of the update or None, the neurons recycled per layer or None); a
-    non-finite loss leaves the priorities alone."""
-    out, recycled = None, None
-    if step <= args.learning_starts:
-        return out, recycled
-    number = update_number(args, step)
-    if number:
-        index, probabilities = rb.sample_prioritized(args.batch_size, rng)
-        weights = importance_weights(probabilities, beta_at(args, step))
-        loss, weighted_loss, q_mean, aux = update_fn(
-            q_network, target_network, optimizer, rb, torch.as_tensor(index, device=rb.device),
-            torch.as_tensor(weights, dtype=torch.float32, device=rb.device), noise, args.max_grad_norm)
-        out = (weighted_loss, q_mean, float(weights.mean()), aux)
-        if torch.isfinite(weighted_loss + sum(aux.values())):
-            rb.update_priorities(index, (loss.cpu().double().numpy() + 1e-10) ** args.priority_exponent)
-        if args.redo and number % args.redo_period == 0:
-            probe, _ = rb.sample_prioritized(args.redo_batch_size, rng)
-            masks, _ = dormant_neurons(q_network, rb.stacks(probe).to(next(q_network.parameters()).device), args.redo_tau)
-            recycled = recycle_dormant(q_network, optimizer, masks)
-    if expert_reset_number(args, step):
-        reset_experts(q_network.moe.experts, optimizer, args.shrink_factor if args.expert_reset == "shrink_perturb" else 0.0)
-    if step % args.target_network_frequency == 0:
-        target_network.load_state_dict(q_network.state_dict())  # in place: a CUDA graph sees the new weights
-    return out, recycled
-# <<< shared block: rainbow_update
-
-
-def evaluation_settings(args):
-    """How `evaluate` plays the trained agent after --save-model: epsilon-greedy with --eval-epsilon
-    (full_rainbow.gin's `epsilon_eval`) and the noise off, on environments seeded apart from training's (no no-op
-    starts, as training)."""
-    return {"epsilon": args.eval_epsilon, "seed": args.seed + 1000}
+def research_knobs(args):
+    """Check the knobs' flags, and the hooks that plug them in. With every knob off: the paper's network, no hooks."""
+    check_knob_args(args)
+    network_knobs = (args.moe_type not in ("softmoe", "baseline") or args.use_random_phi or args.use_extra_linear_layer
+                     or args.shuffle_tokens or args.expert_type == "big" or args.baseline_aggregation != "flatten")
+    build = (functools.partial(make_knob_network, args) if network_knobs
+             else functools.partial(make_network, **network_flags(args)))
+    return Hooks(
+        recyclable(build) if args.redo else build,
+        extra_losses=functools.partial(moe_aux_losses, args) if args.aux_loss_fns else None,
+        after_update=knob_after_update(args),
+    )
 
 
 # =====================================================================================================================
 # Run plumbing: what a training run needs besides the method (environment state, statistics, failure and resource
 # checks, checkpoints, flags, progress, CUDA graphs, evaluation). Nothing below changes what the agent learns.
 # =====================================================================================================================
-
-
 # >>> shared block: envstate
 def get_env_state(env):
     """Everything needed to continue the current episode bit-exactly after a restart."""
@@ -1461,6 +1739,29 @@ def set_env_state(env, state):
 # <<< shared block: envstate
 
 
+# >>> shared block: dormant
+def neuron_scores(activation):
+    """ReDo's score: mean |activation| over everything but the neuron axis (dim 1: channels, units or
+    (expert, unit) pairs), divided by the layer's mean score (Sokar et al. 2023, mean normalization)."""
+    score = activation.abs().mean(dim=[d for d in range(activation.dim()) if d != 1])
+    return score / (score.mean() + 1e-9)
+
+
+def dormant_statistics(activations, taus):
+    """Percentage of tau-dormant neurons (score <= tau) per layer and pooled over all layers of `activations`
+    ({layer name: post-ReLU activations [B, neurons, ...]})."""
+    stats = {}
+    for tau in taus:
+        dormant, total = 0, 0
+        for name, activation in activations.items():
+            mask = neuron_scores(activation) <= tau
+            stats[f"dormant/{name}_tau{tau:g}_pct"] = 100.0 * mask.float().mean().item()
+            dormant, total = dormant + mask.sum().item(), total + mask.numel()
+        stats[f"dormant/tau{tau:g}_pct"] = 100.0 * dormant / total
+    return stats
+# <<< shared block: dormant
+
+
 # >>> shared block: routing
 def normalized_entropy(p, dims):
     """Entropy of the distributions over `dims`, divided by its maximum log(size): 1 = uniform."""
@@ -1481,7 +1782,7 @@ def routing_summary(record):
             summary["combine_entropy"] = normalized_entropy(combine, (2, 3)).mean(1)
             summary["slot_share"] = combine.sum(1).flatten(1) / num_tokens  # combine mass each slot delivers
         summary["expert_share"] = combine.sum(dim=(1, 3)) / num_tokens
-    elif "router_probs" in record:  # Top-1 MoE, probabilities [B, m, n]
+    elif "router_probs" in record:  # Top-k MoE, probabilities [B, m, n]
         probs, kept = record["router_probs"], record["kept"]
         num_experts = probs.shape[-1]
         if num_experts > 1:
@@ -1506,6 +1807,9 @@ def routing_statistics(record, summary=None):
     return stats
 
 
+ROUTING_KEYS = ("dispatch", "combine", "router_logits", "router_probs", "top_experts", "kept")  # no activations
+
+
 def probe_statistics(q_network, probe, taus, chunk_size):
     """The dormant/ and moe/ statistics of `q_network` on the states `probe`, which go through the network
     `chunk_size` states at a time: the same numbers as one pass over the whole probe, whose routing weights alone
@@ -1517,7 +1821,7 @@ def probe_statistics(q_network, probe, taus, chunk_size):
             q_network(states, record)
             summaries.append(routing_summary(record))
             for name, value in record.items():
-                if name not in ("dispatch", "combine", "router_probs", "kept"):
+                if name not in ROUTING_KEYS:
                     activations.setdefault(name, []).append(value)
     activations = {name: torch.cat(values) for name, values in activations.items()}
     summary = {name: torch.cat([chunk[name] for chunk in summaries]) for name in summaries[0]}
@@ -1666,63 +1970,110 @@ def keep_freed_memory():
 
 
 # >>> shared block: checkpoint
-CHECKPOINT_FORMAT = 2  # version of the layout below; a checkpoint of another version is refused with one line
+CHECKPOINT_FORMAT = 3  # version of the layout below; a checkpoint of another version is refused with one line
+SEGMENT_SLOTS = 50_000  # replay slots per segment file (about 350 MB of Atari frames)
+
+
+def segment_name(first, end):
+    return f"replay-{first:012d}-{end:012d}.npz"
 
 
 class Checkpoint:
-    """A run's checkpoint folder. A save first writes the transitions added to the replay memory since the previous
-    save as new segment files (`replay-<first>-<end>.npz`: linear indices [first, end)), then everything else as
-    `state.pt` (networks, optimizer, environment, random generators, counters, the list of segments), written to a
-    temporary file, flushed and renamed over the previous one; last it deletes the segments the memory has overwritten
-    since. A stop at any moment (a signal, a kill, a full disk) leaves the last complete checkpoint loadable, and a save
-    costs time in proportion to what changed, not to the memory's size. Loading unpickles no code:
-    `torch.load(weights_only=True)` and `np.load(allow_pickle=False)`."""
+    """A run's checkpoint folder: `state.pt` (networks, optimizer, environment, random generators, counters, and the
+    replay segments it names) and the replay memory as segment files `replay-<first>-<end>.npz`, linear indices
+    [first, end). Full segments (SEGMENT_SLOTS slots, or up to the end of a pass over the memory's slots) are written
+    while training runs, as the memory fills (`stream`): append-only, fsynced, never rewritten. A save writes the
+    partial segment since the last full one, then `state.pt` (a temporary file, flushed and renamed over the previous
+    one), and last deletes the files that the new state.pt no longer names (the partial it replaced, segments the memory
+    has overwritten). So a save - periodic, on a signal, on a non-finite loss - writes at most one segment whatever the
+    memory's size; a stop at any moment leaves the last complete checkpoint loadable; the disk holds the stored
+    transitions, not the capacity. Every path inside is relative to the folder, so a folder copied elsewhere resumes.
+    Loading unpickles no code: `torch.load(weights_only=True)` and `np.load(allow_pickle=False)`."""
 
     def __init__(self, folder):
-        self.folder, self.segments = folder, []  # segments: the (first, end) linear index ranges on disk
+        self.folder, self.full = folder, []  # full: the (first, end) of the full segments written here, oldest first
+        self.committed = set()  # the segment files that the state.pt on disk names
+
+    def segment_end(self, first, rb):
+        return min((first // SEGMENT_SLOTS + 1) * SEGMENT_SLOTS, (first // rb.capacity + 1) * rb.capacity)
+
+    def stream(self, rb):
+        """Write the full segments that the memory has completed since the last one (a no-op on most steps)."""
+        first = self.full[-1][1] if self.full else rb.cursor - len(rb)
+        while (end := self.segment_end(first, rb)) <= rb.cursor:
+            self._guarded(lambda: self._write_segment(rb, first, end), "cannot write a replay segment in")
+            self.full.append((first, end))
+            first = end
+        oldest = rb.cursor - len(rb)
+        for segment in [segment for segment in self.full if segment[1] <= oldest]:  # overwritten by the memory
+            self.full.remove(segment)
+            if segment_name(*segment) not in self.committed:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.folder, segment_name(*segment)))
 
     def save(self, state, rb=None):
-        """Write `state`, with the new transitions of `rb` unless it is None; on a storage error the run ends with one
-        line and the previous checkpoint intact."""
-        committed = {f"replay-{first:012d}-{end:012d}.npz" for first, end in self.segments}
-        try:
-            os.makedirs(self.folder, exist_ok=True)
-            self._remove("*.tmp")  # left by a process killed in the middle of a write
-            replay = None  # an evaluation after training may leave the memory out: then it cannot train further
-            if rb is None:
-                self.segments = []
-            else:
-                oldest = rb.cursor - len(rb)
-                first = max(self.segments[-1][1] if self.segments else 0, oldest)
-                while first < rb.cursor:  # one segment per pass over the memory's slots, so each is a contiguous view
-                    end = min(rb.cursor, (first // rb.capacity + 1) * rb.capacity)
-                    self._write(f"replay-{first:012d}-{end:012d}.npz", lambda f: np.savez(f, **rb.slots(first, end)))
-                    self.segments.append((first, end))
-                    first = end
-                self.segments = [(first, end) for first, end in self.segments if end > oldest]
-                replay = {**rb.state_dict(), "segments": self.segments}
-            buffer = io.BytesIO()  # torch.save reports a failed write as a RuntimeError: write its bytes ourselves
-            torch.save({**state, "replay": replay, "format": CHECKPOINT_FORMAT}, buffer)
-            self._write("state.pt", lambda f: f.write(buffer.getbuffer()))
-            kept = {f"replay-{first:012d}-{end:012d}.npz" for first, end in self.segments}
-            self._remove("replay-*.npz", keep=kept)
-        except OSError as error:
-            self._remove("*.tmp")
-            self._remove("replay-*.npz", keep=committed)  # segments this save wrote: the previous state knows none
-            exit_run(f"error: cannot write the checkpoint in {self.folder}: {error.strerror or error}; the previous "
-                     f"checkpoint there is intact: free space or fix the storage, then --resume {self.folder}", 1)
+        """Write `state` with the memory `rb` (None: an evaluation after training may leave it out, and then the run
+        cannot train further); on a storage error the run ends with one line and the previous checkpoint intact."""
+        replay, names = None, set()
+        if rb is not None:
+            self.stream(rb)
+            oldest = rb.cursor - len(rb)
+            segments = [(first, end) for first, end in self.full if end > oldest]
+            first = segments[-1][1] if segments else oldest
+            if first < rb.cursor:  # the partial segment since the last full one
+                self._guarded(lambda: self._write_segment(rb, first, rb.cursor), "cannot write a replay segment in")
+                segments.append((first, rb.cursor))
+            replay = {**rb.state_dict(), "segments": segments}
+            names = {segment_name(*segment) for segment in segments}
+        buffer = io.BytesIO()  # torch.save reports a failed write as a RuntimeError: write its bytes ourselves
+        torch.save({**state, "replay": replay, "format": CHECKPOINT_FORMAT}, buffer)
+        self._guarded(lambda: self._write("state.pt", lambda f: f.write(buffer.getbuffer())),
+                      "cannot write the checkpoint in")
+        self.committed = names
+        keep = names | {segment_name(*segment) for segment in self.full}
+        for path in glob.glob(os.path.join(self.folder, "replay-*.npz")):  # named by no committed state any more
+            if os.path.basename(path) not in keep:
+                with contextlib.suppress(OSError):  # a read-only folder: nothing more can be done there
+                    os.remove(path)
 
-    def load_replay(self, rb, replay):
-        """Refill `rb` from the checkpoint's `replay` state and its segments."""
+    def load_replay(self, rb, replay, source):
+        """Refill `rb` from the checkpoint's `replay` state and its segments in the folder `source`, straight into the
+        memory's storage; the full segments are then this folder's too (copied, or linked, from another folder)."""
         rb.load_state_dict(replay)
-        self.segments = [tuple(segment) for segment in replay["segments"]]
-        for first, end in self.segments:
+        for first, end in replay["segments"]:
             start = max(first, rb.cursor - rb.capacity)  # slots that later segments overwrote are skipped
             if start < end:
-                with np.load(os.path.join(self.folder, f"replay-{first:012d}-{end:012d}.npz"), allow_pickle=False) as f:
+                with np.load(os.path.join(source, segment_name(first, end)), allow_pickle=False) as f:
                     rb.load_slots(start, {k: f[k][start - first:] for k in f.files})
+        self.full = [(first, end) for first, end in replay["segments"] if end == self.segment_end(first, rb)]
+        self.committed = {segment_name(*segment) for segment in replay["segments"]}
+        if os.path.abspath(source) != os.path.abspath(self.folder):
+            self._guarded(lambda: self._adopt(source), "cannot copy the replay segments into")
+
+    def _adopt(self, source):
+        os.makedirs(self.folder, exist_ok=True)
+        for segment in self.full:
+            name = segment_name(*segment)
+            try:
+                os.link(os.path.join(source, name), os.path.join(self.folder, name))
+            except OSError:  # another file system: copy
+                shutil.copyfile(os.path.join(source, name), os.path.join(self.folder, name))
+
+    def _write_segment(self, rb, first, end):
+        self._write(segment_name(first, end), lambda f: np.savez(f, **rb.slots(first, end)))
+
+    def _guarded(self, write, what):
+        try:
+            write()
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                for path in glob.glob(os.path.join(self.folder, "*.tmp")):
+                    os.remove(path)
+            exit_run(f"error: {what} {self.folder}: {error.strerror or error}; the previous checkpoint there is "
+                     f"intact: free space or fix the storage, then --resume {self.folder}", 1)
 
     def _write(self, name, write):
+        os.makedirs(self.folder, exist_ok=True)
         path = os.path.join(self.folder, name)
         with open(f"{path}.tmp", "wb") as f:
             write(f)
@@ -1730,16 +2081,33 @@ class Checkpoint:
             os.fsync(f.fileno())
         os.replace(f"{path}.tmp", path)
 
-    def _remove(self, pattern, keep=()):
-        for path in glob.glob(os.path.join(self.folder, pattern)):
-            if os.path.basename(path) not in keep:
-                with contextlib.suppress(OSError):  # a read-only folder: nothing more can be done there
-                    os.remove(path)
+
+def check_segment(path, folder, first, end, fields):
+    """A replay segment whole and of the expected kind (every member's CRC read back, each field's dtype and shape),
+    else one line naming the file."""
+    name = os.path.join(folder, segment_name(first, end))
+    try:
+        with zipfile.ZipFile(name) as archive:
+            bad = archive.testzip()
+            if bad is not None:
+                raise ValueError(f"{bad} is corrupt")
+        with np.load(name, allow_pickle=False) as f:
+            for key, (dtype, shape) in fields.items():
+                if key not in f.files or f[key].dtype != dtype or f[key].shape != (end - first, *shape):
+                    got = (f[key].dtype, f[key].shape) if key in f.files else "missing"
+                    raise ValueError(f"{key} is {got}, expected {dtype} {(end - first, *shape)}")
+    except FileNotFoundError:
+        fail(f"--resume {path}: replay segment {segment_name(first, end)} is missing from {folder}; restore the whole "
+             "checkpoint folder or start a new run")
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        fail(f"--resume {path}: replay segment {name} is damaged or of another kind ({error}); restore it from an "
+             "intact copy of the checkpoint folder or start a new run")
 
 
-def read_checkpoint(path, script):
-    """The state of the checkpoint at `path` (a run directory, its checkpoint folder or its state.pt), with "folder"
-    added; any problem stops with one line that names the file and what to do."""
+def read_checkpoint(path, script, replay_fields):
+    """The state of the checkpoint at `path` (a run directory, its checkpoint folder or its state.pt, wherever it was
+    moved or copied), with "folder" added; any damaged, missing or foreign file stops the run here, before anything is
+    created, with one line that names the file and what to do. `replay_fields`: {field: (dtype, per-slot shape)}."""
     if os.path.isfile(path):
         folder = os.path.dirname(path) or "."
     elif os.path.isfile(os.path.join(path, "state.pt")):
@@ -1748,35 +2116,33 @@ def read_checkpoint(path, script):
         folder = os.path.join(path, "checkpoint")
     state_path = os.path.join(folder, "state.pt")
     if not os.path.isfile(state_path):
-        fail(f"--resume {path}: no checkpoint there (expected {state_path}); give a run directory, its checkpoint "
+        reason = "cannot be read" if os.path.exists(path) and not os.access(path, os.R_OK | os.X_OK) else "no checkpoint"
+        fail(f"--resume {path}: {reason} there (expected {state_path}); give a readable run directory, its checkpoint "
              "folder or its state.pt")
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # empty, truncated, or not a checkpoint at all
+    except Exception as error:  # empty, truncated, unreadable, or not a checkpoint at all
         fail(f"--resume {path}: {state_path} is damaged or incomplete ({type(error).__name__}); resume from an intact "
              "copy or start a new run without --resume")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         version = state.get("format", 1) if isinstance(state, dict) else "unknown"
         fail(f"--resume {path}: {state_path} has checkpoint format {version}, this script reads format "
              f"{CHECKPOINT_FORMAT}; resume it with the version of the script that wrote it, or start a new run")
-    if state["script"] != script:
-        fail(f"--resume {path}: that is a checkpoint of {state['script']}, not of {script}; resume it with "
-             f"{state['script']}")
-    segments = state["replay"]["segments"] if state["replay"] is not None else []
-    for first, end in segments:
-        if not os.path.isfile(os.path.join(folder, f"replay-{first:012d}-{end:012d}.npz")):
-            fail(f"--resume {path}: replay segment replay-{first:012d}-{end:012d}.npz is missing from {folder}; "
-                 "restore the whole checkpoint folder or start a new run")
+    if state.get("script") != script:
+        fail(f"--resume {path}: that is a checkpoint of {state.get('script')}, not of {script}; resume it with "
+             f"{state.get('script')}")
+    for first, end in state["replay"]["segments"] if state["replay"] is not None else []:
+        check_segment(path, folder, first, end, replay_fields)
     return {**state, "folder": folder}
 
 
-def parse_args(args_class, resumable_fields, argv=None):
+def parse_args(args_class, resumable_fields, replay_fields, argv=None):
     """tyro flags, and the checkpoint to resume (or None). With --resume, the checkpoint's flags are the defaults and
     only `resumable_fields` may change: a resumed run keeps its network, memory and environment."""
     args = tyro.cli(args_class, args=argv)
     if args.resume is None:
         return args, None
-    checkpoint = read_checkpoint(args.resume, os.path.basename(__file__))
+    checkpoint = read_checkpoint(args.resume, os.path.basename(__file__), replay_fields)
     args = tyro.cli(args_class, args=argv, default=args_class(**{**checkpoint["args"], "resume": args.resume}))
     for field, value in checkpoint["args"].items():
         if field not in resumable_fields and field != "resume" and getattr(args, field) != value:
@@ -1789,6 +2155,11 @@ def parse_args(args_class, resumable_fields, argv=None):
         fail(f"--total-timesteps {args.total_timesteps}: this checkpoint was saved in the evaluation after training and "
              f"holds no replay memory, so training cannot go on; drop --total-timesteps to finish the evaluation")
     return args, checkpoint
+
+
+def segment_fields(memory):
+    """{field: (dtype, per-slot shape)} of the segments that `memory` (a tiny one of the run's kind) writes."""
+    return {key: (value.dtype, value.shape[1:]) for key, value in memory.slots(0, 1).items()}
 # <<< shared block: checkpoint
 
 
@@ -1837,7 +2208,7 @@ class Progress:
         self.last_time = time.time()
         self.samples = deque([(self.last_time, start_step)], maxlen=64)
 
-    def update(self, step, recent_return, updates, replay_fill, force=False):
+    def update(self, step, recent_return, updates, replay_fill, force=False, warm_up=False):
         now = time.time()
         if not force and now - self.last_time < (0.5 if self.tty else self.interval):
             return
@@ -1848,6 +2219,8 @@ class Progress:
         (t0, s0), (t1, s1) = self.samples[0], self.samples[-1]
         sps = (s1 - s0) / max(t1 - t0, 1e-9)
         eta = format_seconds((self.total - step) / sps) if sps > 0 else "?"
+        if warm_up:  # random actions without updates: the learning phase runs far slower
+            eta = f"over {eta} (warm-up speed; learning is slower)"
         ret = "n/a" if recent_return is None else f"{recent_return:.1f}"
         line = (f"step {step:,}/{self.total:,} ({100 * step / self.total:.1f}%) | {sps:,.0f} SPS | {updates:,} updates | "
                 f"replay {100 * replay_fill:.0f}% | return {ret} | ETA {eta}")
@@ -1855,9 +2228,6 @@ class Progress:
             print("\r" + line.ljust(120), end="" if not force else "\n", flush=True)
         else:
             print(line, flush=True)
-
-    def print(self, message):
-        print(("\n" if self.tty else "") + message, flush=True)
 
 
 class PhaseClock:
@@ -1882,6 +2252,150 @@ def print_summary(title, rows):
     width = max(len(label) for label, _ in rows)
     print("\n".join([title, *(f"  {label:<{width}}  {value}" for label, value in rows)]), flush=True)
 # <<< shared block: progress
+
+
+# >>> shared block: run
+class Run:
+    """What a training run keeps besides the agent: its directory (runs/<run>, or the checkpoint's on --resume), the
+    TensorBoard writer and wandb run, the checkpoint folder, the stop signals, progress and phase times, the episode
+    returns and the metrics of the log interval. A checkpoint holds its `state_dict` under "run"."""
+
+    def __init__(self, args, checkpoint):
+        self.args, saved = args, checkpoint["run"] if checkpoint else {}
+        folder = os.path.normpath(checkpoint["folder"]) if checkpoint else None
+        parent = folder and (os.path.dirname(folder) or ".")
+        in_place = folder and os.path.basename(folder) == "checkpoint" and glob.glob(f"{parent}/events.out.tfevents.*")
+        self.dir = parent if in_place else make_run_dir(args)  # a copied checkpoint continues in a new run directory
+        self.name = os.path.basename(self.dir)
+        self.checkpoint = Checkpoint(os.path.join(self.dir, "checkpoint"))
+        if checkpoint:
+            print(f"resuming {checkpoint['folder']} in {self.dir}", flush=True)
+        self.wandb_id = init_wandb(args, self.name, saved.get("wandb_id")) if args.track else None
+        self.start_step = checkpoint["global_step"] if checkpoint else 0
+        try:
+            self.writer = SummaryWriter(self.dir, purge_step=self.start_step if checkpoint else None)
+        except OSError as error:
+            fail(f"cannot write TensorBoard events in {self.dir}: {error.strerror}; resume from a writable directory")
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(
+            f"|{key}|{value}|" for key, value in vars(args).items()))
+        self.episode_return, self.episode_length, self.episodes, self.updates = saved.get("episode", (0.0, 0, 0, 0))
+        self.recent_returns = deque(saved.get("recent_returns", ()), maxlen=100)
+        self.sums, self.num_logged = saved.get("metric_sums", {}), saved.get("num_logged", 0)  # of the log interval
+        self.eval_returns = saved.get("eval_returns", [])
+        self.clock, self.progress = PhaseClock(saved.get("phase_seconds")), Progress(args.total_timesteps, self.start_step)
+        self.stop, self.videos, self.last_log = StopSignal(), set(), (time.time(), self.start_step)
+
+    def state_dict(self):
+        return {"wandb_id": self.wandb_id, "recent_returns": list(self.recent_returns), "eval_returns": self.eval_returns,
+                "episode": (self.episode_return, self.episode_length, self.episodes, self.updates),
+                "metric_sums": self.sums, "num_logged": self.num_logged, "phase_seconds": self.clock.state_dict()}
+
+    def start_step_of_loop(self, step, save, rb):
+        """Phase time; the replay segments the memory has completed; a signal saves and leaves (--resume continues
+        exactly here); the periodic checkpoint."""
+        self.clock.enter("warm-up" if step <= self.args.learning_starts else "learning")
+        self.checkpoint.stream(rb)
+        if self.stop:
+            self.stop_here(step, save)
+        if self.args.checkpoint_every and step > self.start_step and step % self.args.checkpoint_every == 0:
+            save(step)
+
+    def add_reward(self, reward):
+        self.episode_return += reward
+        self.episode_length += 1
+
+    def end_episode(self, step):
+        self.writer.add_scalar("charts/episodic_return", self.episode_return, step)
+        self.writer.add_scalar("charts/episodic_length", self.episode_length, step)
+        self.recent_returns.append(self.episode_return)
+        self.episode_return, self.episode_length, self.episodes = 0.0, 0, self.episodes + 1
+        if self.args.track and self.args.capture_video:
+            upload_videos(f"videos/{self.name}", "videos/train", self.videos)
+
+    def log_training(self, step, updates, events, save):
+        """The metrics of a training step's updates, summed for the log interval's means (losses/<name>), and its
+        `events` {tag: value}, logged at once. A non-finite loss (whose step Adam skipped) saves the last finite
+        weights and ends the run."""
+        for metrics in updates:
+            self.updates += 1
+            values = {name: value.item() for name, value in metrics.items()}
+            if not all(math.isfinite(value) for value in values.values()):
+                save(step + 1)
+                exit_run(f"error: non-finite loss {values} at step {step:,}; checkpoint saved; resume with a lower "
+                         f"learning rate: --resume {self.checkpoint.folder} --learning-rate {self.args.learning_rate / 4:g}",
+                         1)
+            for name, value in values.items():
+                self.sums[name] = self.sums.get(name, 0.0) + value
+            self.num_logged += 1
+        for tag, value in events.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def log_interval(self, step, charts):
+        """Every --log-frequency steps: the interval's mean losses, SPS, and `charts` {name: value} as charts/<name>."""
+        if (step + 1) % self.args.log_frequency:
+            return
+        if self.num_logged:
+            for name, value in self.sums.items():
+                self.writer.add_scalar(f"losses/{name}", value / self.num_logged, step)
+            self.sums, self.num_logged = dict.fromkeys(self.sums, 0.0), 0
+        now = time.time()  # SPS over the last log interval
+        self.writer.add_scalar("charts/SPS", int((step + 1 - self.last_log[1]) / (now - self.last_log[0])), step)
+        self.last_log = (now, step + 1)
+        for name, value in charts.items():
+            self.writer.add_scalar(f"charts/{name}", value, step)
+
+    def show_progress(self, step, rb, force=False):
+        recent = np.mean(self.recent_returns) if self.recent_returns else None
+        self.progress.update(step, recent, self.updates, len(rb) / rb.capacity, force=force,
+                             warm_up=step <= self.args.learning_starts)
+
+    def stop_here(self, step, save, with_replay=True):
+        """A signal arrived: save, say how to resume, leave."""
+        save(step, with_replay)
+        self.writer.close()
+        if self.args.track:
+            finish_wandb(128 + self.stop.signum)
+        exit_run(f"{signal.Signals(self.stop.signum).name} at step {step:,}: checkpoint saved; resume with\n"
+                 f"  python {sys.argv[0]} --resume {self.checkpoint.folder}", 128 + self.stop.signum)
+
+    def save_model(self, q_network):
+        path = f"{self.dir}/{self.args.exp_name}.cleanrl_model"
+        torch.save({"model": {k: v.cpu() for k, v in q_network.state_dict().items()}, "args": vars(self.args)}, path)
+        return path
+
+    def log_evaluation(self):
+        for idx, episodic_return in enumerate(self.eval_returns):
+            self.writer.add_scalar("eval/episodic_return", episodic_return, idx)
+        if self.args.track and self.args.capture_video:
+            upload_videos(f"videos/{self.name}-eval", "videos/eval", self.videos)
+
+    def finish(self, model_path):
+        """result.json, the writers closed, and the end-of-run summary."""
+        args, seconds, returns = self.args, self.clock.state_dict(), self.recent_returns
+        write_json(f"{self.dir}/result.json", {
+            "script": args.exp_name, "env_id": args.env_id, "seed": args.seed, "steps": args.total_timesteps,
+            "episodes": self.episodes, "train_return_last100": float(np.mean(returns)) if returns else None,
+            "eval_returns": self.eval_returns or None,
+            "eval_return_mean": float(np.mean(self.eval_returns)) if self.eval_returns else None,
+            "wall_time_s": sum(seconds.values()), "phase_seconds": seconds, "args": vars(args),
+        })
+        self.writer.close()
+        if args.track:
+            finish_wandb()
+        warmup_steps = min(args.learning_starts + 1, args.total_timesteps)
+        print_summary(f"{args.exp_name} on {args.env_id}, seed {args.seed}: done", [
+            ("steps", f"{args.total_timesteps:,} in {format_seconds(sum(seconds.values()))}, {self.updates:,} updates"),
+            ("speed", f"warm-up {warmup_steps / max(seconds.get('warm-up', 0.0), 1e-9):,.0f} SPS, learning "
+                      f"{(args.total_timesteps - warmup_steps) / max(seconds.get('learning', 0.0), 1e-9):,.0f} SPS"),
+            ("final return", f"{np.mean(returns):.1f} (mean of the last {len(returns)} episodes)" if returns
+             else "no finished episode"),
+            ("evaluation", f"{np.mean(self.eval_returns):.1f} (mean of {len(self.eval_returns)} episodes)"
+             if self.eval_returns else "none (--save-model evaluates)"),
+            ("run directory", self.dir),
+            ("model", model_path or "not saved (--save-model)"),
+            ("checkpoint", self.checkpoint.folder if os.path.isdir(self.checkpoint.folder) else "none (--checkpoint-every)"),
+        ])
+# <<< shared block: run
 
 
 # >>> shared block: cudagraph
@@ -1923,69 +2437,33 @@ class CudaGraph:
                 recorded.copy_(arg)
         self.graph.replay()
         return self.outputs
+
+
+def use_cuda_graphs(args, device, replay_device):
+    """--cuda-graphs on CUDA: the graphed update gathers its batch inside the graph, so the replay memory must be on the
+    GPU too; a memory that fell back to RAM turns the graphs off, with one line that says so."""
+    if not (args.cuda_graphs and device.type == "cuda"):
+        return False
+    if replay_device.type != "cuda":
+        print("--cuda-graphs: off, the replay memory did not fit on the GPU and lives in RAM; a smaller --buffer-size "
+              "keeps it (and the graphs) on the GPU", flush=True)
+    return replay_device.type == "cuda"
 # <<< shared block: cudagraph
 
 
-# >>> shared block: moe_args
-def check_moe_args(args):
-    """The MoE layer's flags: each one applies to some layers only, and a flag given for another layer stops the run
-    rather than being silently ignored."""
-    moe = args.moe_type in ("softmoe", "top1")
-    if not args.capacity_factor > 0:
-        fail(f"--capacity-factor must be positive (1.0: as many slots as tokens), got {args.capacity_factor}")
-    if args.capacity_factor != 1.0 and not moe:
-        fail("--capacity-factor sets the MoE layer's slots; drop it or use --moe-type softmoe or top1")
-    if args.moe_normalization and args.moe_type != "softmoe":
-        fail("--moe-normalization applies to the Soft MoE router only; use --moe-type softmoe")
-    if args.use_random_phi and args.moe_type != "softmoe":
-        fail("--use-random-phi replaces the Soft MoE router's phi; use --moe-type softmoe or drop it")
-    if not 1 <= args.num_selected_experts <= args.num_experts:
-        fail(f"--num-selected-experts must be in [1, --num-experts {args.num_experts}], got {args.num_selected_experts}")
-    if args.num_selected_experts != 1 and args.moe_type != "top1":
-        fail("--num-selected-experts is the k of the Top-k MoE; use --moe-type top1 or drop it")
-    if args.noisy_routing and args.moe_type != "top1":
-        fail("--noisy-routing adds noise to the Top-k router; use --moe-type top1 or drop it")
-    if not args.noise_std > 0 or (args.noise_std != 1.0 and not args.noisy_routing):
-        fail(f"--noise-std {args.noise_std}: a positive scale of the router noise, with --noisy-routing")
-    if len(set(args.aux_loss_fns)) != len(args.aux_loss_fns):
-        fail(f"--aux-loss-fns {' '.join(args.aux_loss_fns)} names a loss twice; name each once")
-    if args.aux_loss_fns and not moe:
-        fail("--aux-loss-fns balances the experts of an MoE layer; use --moe-type softmoe or top1, or drop it")
-    if args.aux_loss_fns and args.num_experts < 2:
-        fail("--aux-loss-fns balances the load over experts: use --num-experts 2 or more, or drop it")
-    if "load_loss" in args.aux_loss_fns and args.moe_type != "top1":
-        fail("--aux-loss-fns load_loss needs the Top-k router's logits (Dopamine's Soft MoE gives it none and the loss "
-             "is 0 there); use --moe-type top1, or naive_entropy / importance_loss")
-    for name, loss, default in (("entropy_weight", "naive_entropy", 0.5), ("importance_weight", "importance_loss", 1.0),
-                                ("load_weight", "load_loss", 1.0), ("std_scale", "load_loss", 1.0)):
-        value, flag = getattr(args, name), "--" + name.replace("_", "-")
-        if not value >= 0 or (name == "std_scale" and not value > 0):
-            fail(f"{flag} must be {'positive' if name == 'std_scale' else '>= 0'}, got {value}")
-        if value != default and loss not in args.aux_loss_fns:
-            fail(f"{flag} applies to the {loss} loss; add --aux-loss-fns {loss} or drop {flag}")
-    if not args.sem_tau > 0 or (args.sem_tau != 0.1 and not args.moe_type.startswith("simplicial_embedding")):
-        fail(f"--sem-tau {args.sem_tau}: a positive temperature, with --moe-type simplicial_embedding_v1 or _v2")
-    if args.shuffle_tokens and not moe:
-        fail("--shuffle-tokens shuffles the MoE layer's tokens; use --moe-type softmoe or top1, or drop it")
-    if args.expert_reset != "none" and not moe:
-        fail("--expert-reset resets the experts of an MoE layer; use --moe-type softmoe or top1, or drop it")
-    if args.expert_reset_period < 1 or (args.expert_reset_period != 20_000 and args.expert_reset == "none"):
-        fail(f"--expert-reset-period {args.expert_reset_period}: a positive number of updates, with --expert-reset")
-    if not 0.0 < args.shrink_factor < 1.0 or (args.shrink_factor != 0.8 and args.expert_reset != "shrink_perturb"):
-        fail(f"--shrink-factor {args.shrink_factor}: in (0, 1), with --expert-reset shrink_perturb")
-    if args.expert_type == "big" and args.moe_type != "softmoe":  # Dopamine builds BigExpertModel for SOFTMOE only
-        fail("--expert-type big needs the Soft MoE router; use --moe-type softmoe or drop --expert-type")
-    if args.expert_type == "big" and args.tokenization != "perconv":
-        fail(f"--expert-type big: the experts read their slots as images of pixel tokens, which --tokenization "
-             f"{args.tokenization} does not give; use --tokenization perconv (the default)")
-    for flag, given in (("--shuffle-tokens", args.shuffle_tokens), ("--expert-reset", args.expert_reset != "none")):
-        if given and args.expert_type == "big":
-            fail(f"{flag} applies to the small experts (an MLP per slot); drop it or --expert-type big")
-# <<< shared block: moe_args
+@dataclass
+class Hooks:
+    """How the research knobs plug into the method: the network (`make_network(num_actions)`), extra losses on the
+    update's forward pass (`extra_losses(record)` -> {name: loss}), and a step after each update
+    (`after_update(step, q_network, optimizer, rb, rng)` -> {tag: value} to log)."""
+
+    make_network: Callable
+    extra_losses: Optional[Callable] = None
+    after_update: Optional[Callable] = None
 
 
 def check_args(args):
-    """Every bad flag stops here, before anything is created or allocated."""
+    """Every bad flag of the method and the run stops here, before anything is created or allocated."""
     check_numbers(args)
     for name in ("total_timesteps", "buffer_size", "batch_size", "train_frequency", "target_network_frequency",
                  "num_experts", "expert_hidden_units", "max_episode_steps", "log_frequency", "stats_frequency",
@@ -2004,20 +2482,6 @@ def check_args(args):
             fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if args.dormant_tau < 0:
         fail(f"--dormant-tau must be >= 0, got {args.dormant_tau}")
-    for name in ("redo_period", "redo_batch_size"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not args.redo_tau >= 0:
-        fail(f"--redo-tau must be >= 0, got {args.redo_tau}")
-    for flag, given in (("--expert-type big", args.expert_type == "big"), ("--shuffle-tokens", args.shuffle_tokens),
-                        ("--moe-type simplicial_embedding_v2", args.moe_type == "simplicial_embedding_v2")):
-        if args.redo and given:  # no layer-to-layer map for the experts' encoders, the shuffled features, a softmax group
-            fail(f"--redo does not recycle the network of {flag} (no neuron maps onto the weights that read it); "
-                 f"drop --redo or {flag}")
-    num_updates = update_number(args, (args.total_timesteps - 1) // args.train_frequency * args.train_frequency)
-    if args.redo and args.redo_period > num_updates:
-        fail(f"--redo-period {args.redo_period} is more than the run's {num_updates:,} gradient updates, so --redo would "
-             "never recycle; use a smaller --redo-period (the paper's Atari runs: 1000)")
     if args.n_atoms < 2:
         fail(f"--n-atoms must be at least 2, got {args.n_atoms}")
     if not args.v_min < args.v_max:
@@ -2028,14 +2492,16 @@ def check_args(args):
     if args.learning_starts < args.n_step + 8:
         fail(f"--learning-starts must be at least {args.n_step + 8} (--n-step + 8) so that the first update has "
              f"complete transitions, got {args.learning_starts}")
-    if args.moe_type == "baseline":
-        if args.baseline_aggregation == "flatten" and args.tokenization != "perconv":
-            fail(f"--tokenization {args.tokenization} needs tokens: use --baseline-aggregation sum|mean or an MoE")
-    elif args.baseline_aggregation != "flatten":
-        fail(f"--baseline-aggregation {args.baseline_aggregation} applies to --moe-type baseline only")
+    if args.moe_type == "baseline" and args.baseline_aggregation == "flatten" and args.tokenization != "perconv":
+        fail(f"--tokenization {args.tokenization} needs tokens: use --baseline-aggregation sum|mean or an MoE")
     if args.moe_type.startswith("simplicial_embedding") and args.tokenization != "perconv":
         fail(f"--tokenization {args.tokenization} needs an MoE layer; drop it or use --moe-type softmoe")
-    check_moe_args(args)
+    if not args.capacity_factor > 0:
+        fail(f"--capacity-factor must be positive (1.0: as many slots as tokens), got {args.capacity_factor}")
+    if args.capacity_factor != 1.0 and args.moe_type not in ("softmoe", "top1"):
+        fail("--capacity-factor sets the MoE layer's slots; drop it or use --moe-type softmoe or top1")
+    if args.moe_normalization and args.moe_type != "softmoe":
+        fail("--moe-normalization applies to the Soft MoE router only; use --moe-type softmoe")
     check_env_id(args.env_id)
     if args.track:
         try:
@@ -2049,16 +2515,16 @@ def check_args(args):
             fail("--capture-video needs moviepy: pip install moviepy (or drop --capture-video)")
 
 
-def evaluate(model_path, num_episodes, device, epsilon, seed, returns=(), stop=None, video_dir=None):
-    """Returns of `num_episodes` episodes of the saved model with all noise off, epsilon-greedy with `epsilon`.
-    Episode i starts from env.reset(seed=seed + i) and draws its random actions from its own generator, so an
-    evaluation stopped by a signal (`stop`) resumes after its last finished episode (`returns`) and ends as an
-    uninterrupted one would."""
+def evaluate(model_path, make_network, num_episodes, device, epsilon, seed, returns=(), stop=None, video_dir=None):
+    """Returns of `num_episodes` episodes of the saved model (built by `make_network(num_actions)`) with all noise off,
+    epsilon-greedy with `epsilon`. Episode i starts from env.reset(seed=seed + i) and draws its random actions from its
+    own generator, so an evaluation stopped by a signal (`stop`) resumes after its last finished episode (`returns`)
+    and ends as an uninterrupted one would."""
     saved = torch.load(model_path, map_location=device, weights_only=True)
     args = Args(**saved["args"])
     env = make_env(args.env_id, seed, args.repeat_action_probability, args.max_episode_steps,
                    capture_video=video_dir is not None, video_dir=video_dir, video_prefix="eval")
-    model = QNetwork(args, env.action_space.n).to(device)
+    model = make_network(env.action_space.n).to(device)
     model.load_state_dict(saved["model"])
     model.eval()  # every noisy layer, the experts' included, uses its mean weights
     returns = list(returns)
@@ -2082,32 +2548,102 @@ def evaluate(model_path, num_episodes, device, epsilon, seed, returns=(), stop=N
     return returns
 
 
+# >>> shared block: rainbow_run
+class RainbowRun(Run):
+    """The shared `Run`, with prioritized replay's charts at the end of each log interval: replay/is_weight_mean, the
+    mean over the interval's updates of their batch's mean importance weight (the "is_weight_mean" that `train_step`
+    adds to their metrics), and the priorities, replay/max_priority and replay/mean_priority."""
+
+    def __init__(self, args, checkpoint):
+        super().__init__(args, checkpoint)
+        self.weight_sum = checkpoint["run"]["weight_sum"] if checkpoint else 0.0
+
+    def state_dict(self):
+        return {**super().state_dict(), "weight_sum": self.weight_sum}
+
+    def log_training(self, step, updates, events, save):
+        weights = [metrics.pop("is_weight_mean") for metrics in updates]
+        super().log_training(step, updates, events, save)
+        for weight in weights:
+            self.weight_sum += weight
+
+    def log_interval(self, step, charts, rb):
+        if (step + 1) % self.args.log_frequency == 0:
+            if self.num_logged:
+                self.writer.add_scalar("replay/is_weight_mean", self.weight_sum / self.num_logged, step)
+                self.weight_sum = 0.0
+            if rb.tree.total() > 0:
+                self.writer.add_scalar("replay/max_priority", rb.tree.max_priority, step)
+                self.writer.add_scalar("replay/mean_priority", rb.tree.total() / rb.num_prioritized(), step)
+        super().log_interval(step, charts)
+
+
+def rng_state(rng, noise, device):
+    return {"numpy": rng.bit_generator.state, "noise": noise.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def load_optimizer(optimizer, state, learning_rate):
+    """Adam's saved state, with this run's --learning-rate (it may change on resume: a non-finite loss suggests it)
+    and this device's `capturable` (a checkpoint written on a CPU restores capturable=False, which a CUDA graph of the
+    update cannot record)."""
+    capturable = [group["capturable"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keep in zip(optimizer.param_groups, capturable):
+        group["capturable"], group["lr"] = keep, learning_rate
+
+
+def resume(checkpoint, run, q_network, target_network, optimizer, rb, env, rng, noise, device, stack):
+    """Load a checkpoint (None: a fresh run) into the networks, the optimizer, the replay memory (priorities
+    included), the environment and the generators (the noise's included). Returns the frame stack to act on and
+    whether the replay memory was loaded (a checkpoint saved in the evaluation after training may hold none: then only
+    the evaluation can go on)."""
+    if not checkpoint:
+        return stack, True
+    q_network.load_state_dict(checkpoint["q_network"])
+    target_network.load_state_dict(checkpoint["target_network"])
+    load_optimizer(optimizer, checkpoint["optimizer"], run.args.learning_rate)
+    if checkpoint["replay"] is not None:
+        run.checkpoint.load_replay(rb, checkpoint["replay"], checkpoint["folder"])
+    set_env_state(env, checkpoint["env"])
+    rng.bit_generator.state = checkpoint["rng"]["numpy"]
+    noise.set_state(checkpoint["rng"]["noise"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+    print(f"resumed {run.name} at step {run.start_step:,} from {run.checkpoint.folder}", flush=True)
+    return checkpoint["stack"].numpy().copy(), checkpoint["replay"] is not None
+
+
+def statistics(args, q_network, rb, step, device):
+    """The dormant/ and moe/ statistics of the noise-free network on a fresh uniform sample of --stats-batch-size
+    states, drawn from its own generator: the analysis never changes the training run."""
+    probe = rb.stacks(rb.sample_indices(args.stats_batch_size, np.random.default_rng([args.seed, step]))).to(device)
+    set_noise(q_network, False)
+    stats = probe_statistics(q_network, probe, (0.0, args.dormant_tau), args.batch_size)
+    set_noise(q_network, True)
+    return stats
+# <<< shared block: rainbow_run
+
+
 # flags that may change when resuming; everything else must match the checkpoint
 RESUMABLE_FIELDS = ("total_timesteps", "checkpoint_every", "cuda", "cuda_graphs", "track", "wandb_project_name",
                     "wandb_entity", "save_model", "eval_episodes", "log_frequency", "stats_frequency", "capture_video",
                     "learning_rate")
 
 
+# =====================================================================================================================
+# Main: set-up, then CleanRL's loop (act, step, store, train, log)
+# =====================================================================================================================
 if __name__ == "__main__":
-    args, checkpoint = parse_args(Args, RESUMABLE_FIELDS)
+    args, checkpoint = parse_args(Args, RESUMABLE_FIELDS, segment_fields(PrioritizedReplayMemory(1)))
     check_args(args)
+    hooks = research_knobs(args)  # without the knobs: hooks = Hooks(functools.partial(make_network, **network_flags(args)))
     keep_freed_memory()
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     bytes_per_transition = PrioritizedReplayMemory.bytes_per_slot(capacity=args.buffer_size)
     replay_device = place_replay(args.buffer_size, device, bytes_per_transition, resuming=bool(checkpoint))
-    run_dir = os.path.dirname(checkpoint["folder"]) if checkpoint else make_run_dir(args)
-    run_name = os.path.basename(run_dir)
-    ckpt = Checkpoint(os.path.join(run_dir, "checkpoint"))
-    wandb_id = init_wandb(args, run_name, checkpoint and checkpoint["wandb_id"]) if args.track else None
-    start_step = checkpoint["global_step"] if checkpoint else 0
-    try:
-        writer = SummaryWriter(run_dir, purge_step=start_step if checkpoint else None)
-    except OSError as error:
-        fail(f"cannot write TensorBoard events in {run_dir}: {error.strerror}; resume from a writable directory")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    run = RainbowRun(args, checkpoint)
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -2118,197 +2654,68 @@ if __name__ == "__main__":
     noise = torch.Generator(device=device)  # the noisy layers' noise
     noise.manual_seed(args.seed)
 
-    # env setup
-    env = make_training_env(args, run_name)
-    num_actions = env.action_space.n
-
-    q_network = QNetwork(args, num_actions).to(device)
+    env = make_training_env(args, run.name)
+    q_network = hooks.make_network(env.action_space.n).to(device)
     optimizer = make_optimizer(args, q_network)
-    target_network = QNetwork(args, num_actions).to(device)
+    target_network = hooks.make_network(env.action_space.n).to(device)
     target_network.load_state_dict(q_network.state_dict())
     rb = make_replay(args, replay_device)
-    print(f"{run_name}: {sum(p.numel() for p in q_network.parameters()):,} parameters on {device}, replay memory on "
+    print(f"{run.name}: {sum(p.numel() for p in q_network.parameters()):,} parameters on {device}, replay memory on "
           f"{replay_device} ({bytes_per_transition} bytes per transition with priorities)", flush=True)
-
-    # TRY NOT TO MODIFY: start the game
     frame, _ = env.reset(seed=args.seed)
     stack = np.repeat(frame[None], 4, axis=0)
-    episode_return, episode_length, episodes, updates = 0.0, 0, 0, 0
-    recent_returns = deque(maxlen=100)
-    loss_sum, q_sum, weight_sum, num_logged = 0.0, 0.0, 0.0, 0  # of the log interval in progress
-    aux_sums = dict.fromkeys(args.aux_loss_fns, 0.0)  # the auxiliary losses' sums over the same interval
-    eval_returns, phase_seconds = [], {}
-    replay_loaded = not checkpoint or checkpoint["replay"] is not None  # else only the evaluation can go on
-    if checkpoint:
-        q_network.load_state_dict(checkpoint["q_network"])
-        target_network.load_state_dict(checkpoint["target_network"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        for group in optimizer.param_groups:  # --learning-rate may change on resume (a non-finite loss suggests it)
-            group["lr"] = args.learning_rate
-        if replay_loaded:
-            ckpt.load_replay(rb, checkpoint["replay"])
-        set_env_state(env, checkpoint["env"])
-        stack = checkpoint["stack"].numpy().copy()
-        episode_return, episode_length, episodes, updates = checkpoint["episode"]
-        recent_returns.extend(checkpoint["recent_returns"])
-        loss_sum, q_sum, weight_sum, num_logged = checkpoint["log_sums"]
-        aux_sums = checkpoint.get("aux_sums", aux_sums)
-        eval_returns, phase_seconds = checkpoint["eval_returns"], checkpoint["phase_seconds"]
-        rng.bit_generator.state = checkpoint["rng"]["numpy"]
-        noise.set_state(checkpoint["rng"]["noise"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
-        print(f"resumed {run_name} at step {start_step:,} from {ckpt.folder}", flush=True)
-        del checkpoint
+    stack, replay_loaded = resume(checkpoint, run, q_network, target_network, optimizer, rb, env, rng, noise, device,
+                                  stack)
+    checkpoint = None  # its tensors are loaded: free them
 
-    def save_checkpoint(next_step, with_replay=True):
-        ckpt.save({
-            "script": os.path.basename(__file__), "args": vars(args), "wandb_id": wandb_id, "global_step": next_step,
+    def save(next_step, with_replay=True):
+        run.checkpoint.save({
+            "script": os.path.basename(__file__), "args": vars(args), "global_step": next_step, "run": run.state_dict(),
             "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
             "optimizer": optimizer.state_dict(), "env": get_env_state(env), "stack": torch.from_numpy(stack.copy()),
-            "episode": (episode_return, episode_length, episodes, updates), "recent_returns": list(recent_returns),
-            "log_sums": (loss_sum, q_sum, weight_sum, num_logged), "aux_sums": aux_sums, "eval_returns": eval_returns,
-            "phase_seconds": clock.state_dict(),
-            "rng": {"numpy": rng.bit_generator.state, "noise": noise.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-        }, rb if with_replay else None)
+            "rng": rng_state(rng, noise, device)}, rb if with_replay else None)
 
-    def stop_here(step, with_replay=True):
-        """A signal arrived: save, say how to resume, leave."""
-        save_checkpoint(step, with_replay)
-        writer.close()
-        if args.track:
-            finish_wandb(128 + stop.signum)
-        exit_run(f"{signal.Signals(stop.signum).name} at step {step:,}: checkpoint saved; resume with\n"
-                 f"  python {sys.argv[0]} --resume {ckpt.folder}", 128 + stop.signum)
+    use_graphs = use_cuda_graphs(args, device, replay_device)
+    act = CudaGraph(greedy_action, use_graphs)
+    update_fn = CudaGraph(functools.partial(update, extra_losses=hooks.extra_losses), use_graphs)
+    for global_step in range(run.start_step, args.total_timesteps):
+        run.start_step_of_loop(global_step, save, rb)
 
-    # the gather of a batch runs inside the graph, so the memory must be on the GPU too
-    use_graphs = args.cuda_graphs and device.type == "cuda" and replay_device.type == "cuda"
-    greedy, update_fn = CudaGraph(greedy_action, use_graphs), CudaGraph(update, use_graphs)
-    stop = StopSignal()
-    progress, clock = Progress(args.total_timesteps, start_step), PhaseClock(phase_seconds)
-    videos_uploaded = set()
-    last_log = (time.time(), start_step)
-    for global_step in range(start_step, args.total_timesteps):
-        clock.enter("warm-up" if global_step <= args.learning_starts else "learning")
-        if stop:  # preemption or Ctrl-C: save and leave; --resume continues exactly here
-            stop_here(global_step)
-        if args.checkpoint_every and global_step > start_step and global_step % args.checkpoint_every == 0:
-            save_checkpoint(global_step)
+        # ALGO LOGIC: put action logic here (the noisy network explores; epsilon is 0 by default)
+        action = select_action(q_network, stack, args.epsilon_train, rng, noise, device, act)
 
-        # ALGO LOGIC: put action logic here
-        action = select_action(q_network, stack, args.epsilon_train, rng, noise, device, greedy)
-
-        # TRY NOT TO MODIFY: execute the game and log data.
+        # TRY NOT TO MODIFY: execute the game, save data to replay memory (the final frame of an episode is kept)
         next_frame, reward, terminated, truncated, _ = env.step(action)
-        episode_return += reward
-        episode_length += 1
-
-        # TRY NOT TO MODIFY: save data to replay memory; the final frame of an episode is kept
+        run.add_reward(reward)
         rb.add(stack[-1], action, clip_reward(reward), terminated, truncated, next_frame)
-
-        # TRY NOT TO MODIFY: record rewards for plotting purposes
         if terminated or truncated:
-            writer.add_scalar("charts/episodic_return", episode_return, global_step)
-            writer.add_scalar("charts/episodic_length", episode_length, global_step)
-            recent_returns.append(episode_return)
-            episode_return, episode_length, episodes = 0.0, 0, episodes + 1
+            run.end_episode(global_step)
             next_frame, _ = env.reset()
             stack = np.repeat(next_frame[None], 4, axis=0)
-            if args.track and args.capture_video:
-                upload_videos(f"videos/{run_name}", "videos/train", videos_uploaded)
-        else:
-            # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
+        else:  # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
             stack = np.concatenate([stack[1:], next_frame[None]])
 
         # ALGO LOGIC: training.
-        update_out, recycled = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, noise,
-                                          update_fn)
-        if update_out is not None:
-            loss, q_mean, weight_mean = (float(value) for value in update_out[:3])
-            aux = {name: value.item() for name, value in update_out[3].items()}
-            updates += 1
-            if not math.isfinite(loss + sum(aux.values())):  # the step was skipped, so the checkpoint holds the last
-                save_checkpoint(global_step + 1)  # finite weights
-                exit_run(f"error: non-finite loss {loss} at step {global_step:,}; checkpoint saved; resume with a lower "
-                         f"learning rate: --resume {ckpt.folder} --learning-rate {args.learning_rate / 4:g}", 1)
-            loss_sum, q_sum, weight_sum, num_logged = loss_sum + loss, q_sum + q_mean, weight_sum + weight_mean, num_logged + 1
-            aux_sums = {name: aux_sums[name] + value for name, value in aux.items()}
-        if reset := expert_reset_number(args, global_step):
-            writer.add_scalar("moe/expert_resets", reset, global_step)
-        if recycled is not None:
-            for layer, count in recycled.items():
-                writer.add_scalar(f"redo/{layer}_recycled_count", count, global_step)
-            writer.add_scalar("redo/recycled_count", sum(recycled.values()), global_step)
-
-        if (global_step + 1) % args.log_frequency == 0:
-            if num_logged:
-                writer.add_scalar("losses/td_loss", loss_sum / num_logged, global_step)
-                writer.add_scalar("losses/q_values", q_sum / num_logged, global_step)
-                writer.add_scalar("replay/is_weight_mean", weight_sum / num_logged, global_step)
-                for name, value in aux_sums.items():
-                    writer.add_scalar(f"losses/{name}", value / num_logged, global_step)
-                loss_sum, q_sum, weight_sum, num_logged = 0.0, 0.0, 0.0, 0
-                aux_sums = dict.fromkeys(aux_sums, 0.0)
-            if rb.tree.total() > 0:
-                writer.add_scalar("replay/max_priority", rb.tree.max_priority, global_step)
-                writer.add_scalar("replay/mean_priority", rb.tree.total() / rb.num_prioritized(), global_step)
-            now = time.time()  # SPS over the last log interval
-            writer.add_scalar("charts/SPS", int((global_step + 1 - last_log[1]) / (now - last_log[0])), global_step)
-            last_log = (now, global_step + 1)
-            writer.add_scalar("charts/beta", beta_at(args, global_step), global_step)
+        updates, events = train_step(global_step, args, q_network, target_network, optimizer, rb, rng, noise,
+                                     update_fn, hooks.after_update)
+        run.log_training(global_step, updates, events, save)
+        run.log_interval(global_step, {"beta": beta_at(args, global_step)}, rb)
         if (global_step + 1) % args.stats_frequency == 0 and global_step > args.learning_starts:
-            # a fresh uniform sample, drawn from its own generator, through the noise-free network: the analysis
-            # never changes the training run
-            probe_rng = np.random.default_rng([args.seed, global_step])
-            probe = rb.stacks(rb.sample_indices(args.stats_batch_size, probe_rng)).to(device)
-            set_noise(q_network, False)
-            stats = probe_statistics(q_network, probe, (0.0, args.dormant_tau), args.batch_size)
-            set_noise(q_network, True)
-            for key, value in stats.items():
-                writer.add_scalar(key, value, global_step)
-        progress.update(global_step + 1, np.mean(recent_returns) if recent_returns else None, updates,
-                        len(rb) / rb.capacity)
+            for key, value in statistics(args, q_network, rb, global_step, device).items():
+                run.writer.add_scalar(key, value, global_step)
+        run.show_progress(global_step + 1, rb)
 
-    progress.update(args.total_timesteps, np.mean(recent_returns) if recent_returns else None, updates,
-                    len(rb) / rb.capacity, force=True)
-    if args.checkpoint_every and start_step < args.total_timesteps:
-        save_checkpoint(args.total_timesteps)
-    model_path = None
-    if args.save_model:
-        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
-        torch.save({"model": q_network.state_dict(), "args": vars(args)}, model_path)
-        clock.enter("evaluation")
-        eval_returns = evaluate(model_path, args.eval_episodes, device, **evaluation_settings(args), returns=eval_returns,
-                                stop=stop, video_dir=f"videos/{run_name}-eval" if args.capture_video else None)
-        if stop:  # only the unfinished episodes run again on resume
-            stop_here(args.total_timesteps, with_replay=replay_loaded and args.checkpoint_every > 0)
-        for idx, episodic_return in enumerate(eval_returns):
-            writer.add_scalar("eval/episodic_return", episodic_return, idx)
-        if args.track and args.capture_video:
-            upload_videos(f"videos/{run_name}-eval", "videos/eval", videos_uploaded)
-    seconds = clock.state_dict()
-    write_json(f"{run_dir}/result.json", {
-        "script": args.exp_name, "env_id": args.env_id, "seed": args.seed, "steps": args.total_timesteps,
-        "episodes": episodes, "train_return_last100": float(np.mean(recent_returns)) if recent_returns else None,
-        "eval_returns": eval_returns or None, "eval_return_mean": float(np.mean(eval_returns)) if eval_returns else None,
-        "wall_time_s": sum(seconds.values()), "phase_seconds": seconds, "args": vars(args),
-    })
+    run.show_progress(args.total_timesteps, rb, force=True)
+    if args.checkpoint_every and run.start_step < args.total_timesteps:
+        save(args.total_timesteps)
+    model_path = run.save_model(q_network) if args.save_model else None
+    if model_path:
+        run.clock.enter("evaluation")
+        run.eval_returns = evaluate(model_path, hooks.make_network, args.eval_episodes, device,
+                                    **evaluation_settings(args), returns=run.eval_returns, stop=run.stop,
+                                    video_dir=f"videos/{run.name}-eval" if args.capture_video else None)
+        if run.stop:  # only the unfinished episodes run again on resume
+            run.stop_here(args.total_timesteps, save, with_replay=replay_loaded and args.checkpoint_every > 0)
+        run.log_evaluation()
     env.close()
-    writer.close()
-    if args.track:
-        finish_wandb()
-    warmup_steps = min(args.learning_starts + 1, args.total_timesteps)
-    print_summary(f"{args.exp_name} on {args.env_id}, seed {args.seed}: done", [
-        ("steps", f"{args.total_timesteps:,} in {format_seconds(sum(seconds.values()))}, {updates:,} updates"),
-        ("speed", f"warm-up {warmup_steps / max(seconds.get('warm-up', 0.0), 1e-9):,.0f} SPS, learning "
-                  f"{(args.total_timesteps - warmup_steps) / max(seconds.get('learning', 0.0), 1e-9):,.0f} SPS"),
-        ("final return", f"{np.mean(recent_returns):.1f} (mean of the last {len(recent_returns)} episodes)"
-         if recent_returns else "no finished episode"),
-        ("evaluation", f"{np.mean(eval_returns):.1f} (mean of {len(eval_returns)} episodes)" if eval_returns
-         else "none (--save-model evaluates)"),
-        ("run directory", run_dir),
-        ("model", model_path or "not saved (--save-model)"),
-        ("checkpoint", ckpt.folder if os.path.isdir(ckpt.folder) else "none (--checkpoint-every)"),
-    ])
+    run.finish(model_path)

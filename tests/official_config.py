@@ -396,10 +396,10 @@ def crafted_categorical_update(m):
     memory.add(np.array([1], np.uint8), 0, 0.0, True, False, np.array([0], np.uint8))
     online, target = TabularDistribution(ONLINE_LOGITS, SUPPORT), TabularDistribution(TARGET_LOGITS, SUPPORT)
     optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.0, adam_eps=1.5e-4), online)
-    loss, weighted_loss, *_ = m.update(online, target, optimizer, memory, torch.tensor([0]), torch.tensor([1.0]),
-                                      torch.Generator().manual_seed(0), 0.0)
-    assert weighted_loss.item() == loss.item()
-    return loss.item()
+    out = m.update(online, target, optimizer, memory, torch.tensor([0]), torch.tensor([1.0]),
+                   torch.Generator().manual_seed(0), 0.0)
+    assert out["td_loss"].item() == out["sample_losses"].item()  # importance weight 1
+    return out["sample_losses"].item()
 
 
 def categorical_settings(m):
@@ -424,7 +424,7 @@ def prioritized_schedule(m, args, last_step, capacity=1000):
         probabilities = rb.tree.get(index % rb.capacity) / rb.tree.total()
         calls.append({"index": index, "probabilities": probabilities, "weights": weights.cpu().double().numpy(),
                       "max_grad_norm": max_grad_norm, "loss": loss.double().numpy()})
-        return loss, loss.mean(), torch.tensor(0.0), {}
+        return {"td_loss": loss.mean(), "q_values": torch.tensor(0.0), "sample_losses": loss}
 
     updates, copies = schedule(m, args, last_step, update, memory, noise=torch.Generator().manual_seed(0))
     return updates, copies, calls, memory
@@ -464,7 +464,7 @@ def redo_settings(m, args, numbers, monkeypatch):
 
     def update(q_network, target_network, optimizer, rb, index, weights, noise, max_grad_norm):
         loss = torch.full((len(index),), 0.5)
-        return loss, loss.mean(), torch.tensor(0.0), {}
+        return {"td_loss": loss.mean(), "q_values": torch.tensor(0.0), "sample_losses": loss}
 
     def dormant_neurons(network, obs, tau):
         probes.append((obs, tau))
@@ -477,9 +477,10 @@ def redo_settings(m, args, numbers, monkeypatch):
         for number in numbers:
             step = (args.learning_starts // args.train_frequency + number) * args.train_frequency
             assert m.update_number(args, step) == number
-            _, recycled = m.train_step(step, args, Counter(), Counter(), None, memory, np.random.default_rng(number),
-                                       torch.Generator().manual_seed(0), update_fn=update)
-            if recycled is not None:
+            _, logged = m.train_step(step, args, Counter(), Counter(), None, memory, np.random.default_rng(number),
+                                     torch.Generator().manual_seed(0), update_fn=update,
+                                     after_update=m.redo_hook(args) if args.redo else None)  # as research_knobs
+            if logged:
                 events.append(number)
     settings = {"events": events}
     if probes:

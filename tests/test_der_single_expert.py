@@ -11,9 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from harness import load_script
+from harness import build_network, check_flags, load_script
 
 m = load_script("der_single_expert")
+
+
+def network(args, num_actions):
+    """The network the script builds for the flags `args`, research knobs included."""
+    return build_network(m, args, num_actions)
 
 
 def num_params(net):
@@ -43,16 +48,16 @@ def test_official_parameter_counts():
     heads = noisy(7744, 18 * 51) + noisy(7744, 51)
     for n, h in ((1, 2048), (4, 512)):
         official = NATURE + 64 * n * math.ceil(121 / n) + 1 + n * (noisy(64, h) + dense(h, 64)) + heads
-        net = m.QNetwork(m.Args(num_experts=n, expert_hidden_units=h), 18)
+        net = network(m.Args(num_experts=n, expert_hidden_units=h), 18)
         assert num_params(net) == official - 1  # the scalar exists here only with --moe-normalization
-    assert num_params(m.QNetwork(m.Args(), 18)) == 15_492_914
+    assert num_params(network(m.Args(), 18)) == 15_492_914
     # the flatten baseline scaled 4x: NoisyNetwork(2048) on the 7744 features, then the two heads on 2048
     baseline = NATURE + noisy(7744, 2048) + noisy(2048, 18 * 51) + noisy(2048, 51)
-    assert num_params(m.QNetwork(m.Args(moe_type="baseline"), 18)) == baseline
+    assert num_params(network(m.Args(moe_type="baseline"), 18)) == baseline
     # DER.gin's own network (Dopamine's Rainbow torso: flatten -> NoisyNetwork(512) -> the heads), the command the docs
     # give for it: --moe-type baseline --num-experts 1 --expert-hidden-units 512
     der_gin = NATURE + noisy(7744, 512) + noisy(512, 18 * 51) + noisy(512, 51)
-    net = m.QNetwork(m.Args(moe_type="baseline", num_experts=1, expert_hidden_units=512), 18)
+    net = network(m.Args(moe_type="baseline", num_experts=1, expert_hidden_units=512), 18)
     assert num_params(net) == der_gin == 9_003_058
 
 
@@ -60,7 +65,7 @@ def test_der_encoder_is_the_van_hasselt_network():
     # Kaixhin/Rainbow --architecture data-efficient: conv 32 5x5/5, conv 64 5x5/5 (84 -> 16 -> 3, 576 features),
     # a noisy 256-unit hidden layer for each dueling stream, noisy outputs 51 and A * 51
     official = conv(4, 32, 5) + conv(32, 64, 5) + 2 * noisy(576, 256) + noisy(256, 51) + noisy(256, 18 * 51)
-    net = m.QNetwork(m.Args(encoder="der"), 18)
+    net = network(m.Args(encoder="der"), 18)
     assert num_params(net) == official == 1_143_410
     record = {}
     log_probs, q = net(torch.zeros(2, 4, 84, 84, dtype=torch.uint8), record)
@@ -71,7 +76,7 @@ def test_der_encoder_is_the_van_hasselt_network():
 
 def test_der_network_matches_a_float64_restatement():
     torch.manual_seed(0)
-    net = m.QNetwork(m.Args(encoder="der", n_atoms=5), 3).eval()  # eval: noise off; float32 vs the float64 reference
+    net = network(m.Args(encoder="der", n_atoms=5), 3).eval()  # eval: noise off; float32 vs the float64 reference
     x = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
     log_probs, q = net(x)
 
@@ -89,8 +94,9 @@ def test_der_network_matches_a_float64_restatement():
         return inp @ layer.weight_mu.detach().double().numpy().T + layer.bias_mu.detach().double().numpy()
 
     h = conv_valid(conv_valid(x.double().numpy() / 255, net.encoder.conv1, 5), net.encoder.conv2, 5).reshape(2, -1)
-    value = linear(np.maximum(linear(h, net.value_hidden), 0), net.value).reshape(2, 1, 5)
-    advantage = linear(np.maximum(linear(h, net.advantage_hidden), 0), net.advantage).reshape(2, 3, 5)
+    head = net.head
+    value = linear(np.maximum(linear(h, head.value_hidden), 0), head.value).reshape(2, 1, 5)
+    advantage = linear(np.maximum(linear(h, head.advantage_hidden), 0), head.advantage).reshape(2, 3, 5)
     logits = value + advantage - advantage.mean(1, keepdims=True)
     probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     np.testing.assert_allclose(log_probs.exp().detach().numpy(), probs, rtol=1e-5)
@@ -101,11 +107,11 @@ def test_der_encoder_rejects_moe_flags(capsys):
     for kw, flag in ((dict(num_experts=4), "--num-experts"), (dict(moe_type="baseline"), "--moe-type"),
                      (dict(tokenization="perfeat"), "--tokenization")):
         with pytest.raises(SystemExit) as exit_info:
-            m.check_args(m.Args(encoder="der", **kw))
+            check_flags(m, m.Args(encoder="der", **kw))
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and flag in err[0] and "--encoder der" in err[0]
-    m.check_args(m.Args(encoder="der", n_step=20, max_grad_norm=10.0))
+    check_flags(m, m.Args(encoder="der", n_step=20, max_grad_norm=10.0))
 
 
 def recording_optimizer(network):
@@ -127,7 +133,7 @@ def test_max_grad_norm_clips_the_global_norm(max_grad_norm):
     args = m.Args(encoder="der", n_step=3, buffer_size=300, learning_starts=20, batch_size=8,
                   max_grad_norm=max_grad_norm)
     torch.manual_seed(0)
-    q, target = m.QNetwork(args, 4), m.QNetwork(args, 4)
+    q, target = network(args, 4), network(args, 4)
     target.load_state_dict(q.state_dict())
     opt = recording_optimizer(q)
     rb = m.PrioritizedReplayMemory(300, n_step=3)

@@ -1,16 +1,16 @@
 """der_single_expert.py against Dopamine's `labs/moes/configs/DER.gin` (Atari 100k) and, for ReDo, the ReDo lab's
 recycled Atari-100k Rainbow agent: every default measured on the script's own code path (Args, make_optimizer,
-make_replay, make_training_env, train_step with its prioritized sampling and ReDo events, update, beta_at,
-clip_reward, QNetwork) and compared with a table of the official values; then the schedule and the choices by
-behaviour, and the rewards of a real training run: clipped for learning, raw in the logged return, with a lost life
-terminal for learning only. The evaluation protocol's behaviour is tested in
-test_der_single_expert.py."""
+make_replay, make_training_env, train_step with its prioritized sampling and, with --redo's after-update hook, its
+ReDo events, update, beta_at, clip_reward, the network the script builds) and compared with a table of the official
+values; then the schedule and the choices by behaviour, and the rewards of a real training run: clipped for learning,
+raw in the logged return, with a lost life terminal for learning only. The evaluation protocol's behaviour is tested
+in test_der_single_expert.py."""
 import dataclasses
 import math
 
 import numpy as np
 import pytest
-from harness import load_script
+from harness import build_network, load_script
 from official_config import (
     assert_matches_official, assert_rewards_clipped_for_learning_and_raw_in_the_return, categorical_candidates,
     categorical_settings, clip_settings, crafted_categorical_update, env_settings, first_update_and_period,
@@ -107,7 +107,7 @@ def test_defaults_match_the_official_der_gin_with_one_scaled_expert(default_sche
     args = m.Args()
     updates, copies, calls, memory = default_schedule
     warm_up, period = first_update_and_period(updates)
-    net = m.QNetwork(args, 18)
+    net = build_network(m, args, 18)
     features = net.tokenizer.num_tokens * net.tokenizer.token_dim
     measured = {
         **optimizer_settings(m, args), **replay_settings(m, args, monkeypatch), "batch size": len(calls[0]["index"]),
@@ -117,9 +117,10 @@ def test_defaults_match_the_official_der_gin_with_one_scaled_expert(default_sche
         "target update period (agent steps)": int(np.diff(copies)[0]), "training length (agent steps)": args.total_timesteps,
         "epsilon (train)": args.epsilon_train, "epsilon (evaluation)": args.eval_epsilon,
         "evaluation episodes": args.eval_episodes, "evaluation no-op starts (at most)": args.eval_noop_max,
-        "noisy sigma0": round(net.value.weight_sigma[0, 0].item() * math.sqrt(net.value.weight_mu.shape[1]), 6),
+        "noisy sigma0": round(net.head.value.weight_sigma[0, 0].item() * math.sqrt(net.head.value.weight_mu.shape[1]),
+                              6),
         "support": (net.support[0].item(), net.support[-1].item(), len(net.support)),
-        "dueling noisy heads": isinstance(net.value, m.NoisyLinear) and isinstance(net.advantage, m.NoisyLinear),
+        "dueling noisy heads": isinstance(net.head.value, m.NoisyLinear) and isinstance(net.head.advantage, m.NoisyLinear),
         **categorical_settings(m), **env_settings(m, args),
         "life loss terminal for learning": args.terminal_on_life_loss, "reward clipping": clip_settings(m),
         "encoder": type(net.encoder).__name__, "MoE layer": type(net.moe).__name__,
@@ -127,7 +128,7 @@ def test_defaults_match_the_official_der_gin_with_one_scaled_expert(default_sche
         "tokens": net.tokenizer.num_tokens,
         "slots per expert": net.moe.slots_per_expert,
         "expert type": "big" if isinstance(net.moe.experts, m.BigExperts) else "small",
-        "extra linear layer before the heads": net.value.weight_mu.shape[1] != features,
+        "extra linear layer before the heads": net.head.value.weight_mu.shape[1] != features,
         "ReDo": bool(redo_settings(m, args, [args.redo_period], monkeypatch)["events"]),
         **redo_defaults(args, monkeypatch),
     }

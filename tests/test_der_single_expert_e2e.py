@@ -5,8 +5,8 @@ import signal
 import numpy as np
 import pytest
 import torch
-from harness import (assert_same_scalars, load_script, only_run_dir, read_checkpoint, result, run_script, scalars,
-                     start_script, wait_for_checkpoint)
+from harness import (assert_same_scalars, check_flags, load_script, only_run_dir, read_checkpoint, result, run_script,
+                     scalars, start_script, wait_for_checkpoint)
 
 m = load_script("der_single_expert")
 SCRIPT = "der_single_expert"
@@ -26,7 +26,7 @@ def episode_ends(run_dir):
     transition = replay["is_transition"][:n].numpy()
     terminated = replay["terminated"][:n].numpy() & transition
     ends = replay["episode_end"][:n].numpy() & transition
-    return int(terminated.sum()), int(ends.sum()), checkpoint["episode"][2]
+    return int(terminated.sum()), int(ends.sum()), checkpoint["run"]["episode"][2]
 
 
 # the lost-life test needs episodes, not learning: 200 updates (from step 600) instead of 700
@@ -105,7 +105,8 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
     assert f"at step {interrupted_at:,}" in resumed.stdout
     final = read_checkpoint(run_dir)
     assert final["global_step"] == uninterrupted["global_step"] == 600
-    assert final["episode"] == uninterrupted["episode"]  # return, length, episodes and lives
+    assert final["run"]["episode"] == uninterrupted["run"]["episode"]  # return, length, episodes, updates
+    assert final["lives"] == uninterrupted["lives"]
     assert np.array_equal(final["stack"], uninterrupted["stack"])
     for key in ("q_network", "target_network"):
         for name, tensor in uninterrupted[key].items():
@@ -136,7 +137,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
 ])
 def test_bad_flags_stop_with_one_clear_line(kwargs, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        m.check_args(m.Args(**kwargs))
+        check_flags(m, m.Args(**kwargs))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and flag in err[0], err
@@ -144,12 +145,12 @@ def test_bad_flags_stop_with_one_clear_line(kwargs, flag, capsys):
 
 def test_redo_needs_a_period_that_comes_within_the_run(capsys):
     with pytest.raises(SystemExit):
-        m.check_args(m.Args(redo=True))
+        check_flags(m, m.Args(redo=True))
     assert capsys.readouterr().err.strip() == (
         "error: --redo-period 200000 is more than the run's 98,399 gradient updates, so --redo would never recycle; use "
         "a smaller --redo-period (the paper's Atari runs: 1000)")
-    m.check_args(m.Args(redo=True, redo_period=1000, redo_tau=0.1, redo_batch_size=64))  # the paper's settings
-    m.check_args(m.Args(redo=True, redo_period=98_399))  # one event, after the last update
+    check_flags(m, m.Args(redo=True, redo_period=1000, redo_tau=0.1, redo_batch_size=64))  # the paper's settings
+    check_flags(m, m.Args(redo=True, redo_period=98_399))  # one event, after the last update
 
 
 def test_cli_bad_flag_exits_fast_with_one_line(tmp_path):

@@ -71,7 +71,7 @@ def default_schedule():
 
     def update(q_network, target_network, optimizer, rb, index):
         batch_sizes.append(len(index))
-        return torch.tensor(0.0), torch.tensor(0.0)
+        return {"td_loss": torch.tensor(0.0), "q_values": torch.tensor(0.0)}
 
     def dormant_neurons(network, obs, tau):
         events.append({"updates": len(batch_sizes), "probe": len(obs), "tau": tau})

@@ -10,14 +10,14 @@ from harness import ROOT
 sys.path.insert(0, str(ROOT / "tools"))
 import equivalence  # noqa: E402
 
-# the suite's share (about 1.5 CPU-minutes): each script's defaults and knobs of every kind (a network module, a loss, an
-# after-update hook); `python tools/equivalence.py check` (or CLEANRL_MOE_FULL_EQUIVALENCE=1) runs all 50 configurations
+# the suite's share: knobs of every kind (a network module, a loss, an after-update hook) beside the defaults, which
+# tests/test_layout.py compares with the same fixture for the whole and the cut script; `python tools/equivalence.py
+# check` (or CLEANRL_MOE_FULL_EQUIVALENCE=1) runs all 50 configurations
 SUITE = {
-    "dqn_softmoe": ("defaults", "top1moe8_balanced", "softmoe8_random_phi", "softmoe8_extra_layer", "shuffled",
-                    "shrink_perturb"),
-    "dqn_redo": ("defaults", "redo_rr2", "redo_adam_step"),
-    "rainbow_tokenized": ("defaults", "top1_balanced", "random_phi_extra_layer", "softmoe4_reset", "redo"),
-    "der_single_expert": ("der_vh2019", "top1_aux"),
+    "dqn_softmoe": ("top1moe8_balanced", "softmoe8_extra_layer", "shrink_perturb"),
+    "dqn_redo": ("redo_adam_step",),
+    "rainbow_tokenized": ("top1_balanced", "redo"),
+    "der_single_expert": ("der_vh2019",),
 }
 FULL = os.environ.get("CLEANRL_MOE_FULL_EQUIVALENCE") == "1"
 CASES = [(script, name) for script, configs in equivalence.CONFIGS.items() for name in configs

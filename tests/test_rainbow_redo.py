@@ -1,17 +1,23 @@
-"""ReDo in the Rainbow scripts (rainbow_tokenized.py and der_single_expert.py, each with its own QNetwork.redo_layers;
-the recycling itself is the `redo` block shared with dqn_redo.py): one recycling step on small networks with planted
-dormant neurons, checked entry by entry against a restatement (conv channels, noisy units, the experts' (expert,
-unit) pairs, the conv -> flatten and conv -> token boundaries, Adam's moments); function preservation at tau 0 in
-every network configuration; the ReDo events of train_step."""
+"""ReDo in the Rainbow scripts (rainbow_tokenized.py and der_single_expert.py, each with its own
+RecyclableQNetwork.redo_layers, the network that --redo builds; the recycling itself is the `redo` block shared with
+dqn_redo.py): one recycling step on small networks with planted dormant neurons, checked entry by entry against a
+restatement (conv channels, noisy units, the experts' (expert, unit) pairs, the conv -> flatten and conv -> token
+boundaries, Adam's moments); function preservation at tau 0 in every network configuration; the ReDo events of
+--redo's after-update hook in train_step."""
 import math
 
 import numpy as np
 import pytest
 import torch
-from harness import load_script
+from harness import build_network, load_script
 
 SCRIPTS = ("rainbow_tokenized", "der_single_expert")
 NUM_ACTIONS = 3
+
+
+def recyclable(m, **flags):
+    """The network that --redo builds for `flags` (research_knobs), which lists its layers for ReDo."""
+    return build_network(m, m.Args(redo=True, redo_period=1, **flags), NUM_ACTIONS)
 
 
 def observations(n=8, seed=0):
@@ -74,16 +80,16 @@ HW = 121  # conv3's 11 x 11 positions, flattened NCHW
 
 def baseline_network(m):
     torch.manual_seed(0)
-    args = m.Args(encoder="nature", moe_type="baseline", num_experts=1, expert_hidden_units=32, n_atoms=5)
-    net = perturbed(m.QNetwork(args, NUM_ACTIONS))
+    net = perturbed(recyclable(m, encoder="nature", moe_type="baseline", num_experts=1, expert_hidden_units=32,
+                               n_atoms=5))
     with torch.no_grad():
-        net.hidden.bias_mu.fill_(0.5)  # every unit alive on random frames (most would be silent)
+        net.moe.bias_mu.fill_(0.5)  # every unit alive on random frames (most would be silent)
         for name, units in DEAD.items():
-            (net.hidden.bias_mu if name == "hidden" else getattr(net.encoder, name).bias)[units] = -1000.0
+            (net.moe.bias_mu if name == "hidden" else getattr(net.encoder, name).bias)[units] = -1000.0
         for name, units in WEAK.items():
-            if name == "hidden":
-                net.hidden.weight_mu[units] *= 0.01
-                net.hidden.bias_mu[units] = 0.02
+            if name == "hidden":  # the baseline's noisy dense layer, recorded as "hidden"
+                net.moe.weight_mu[units] *= 0.01
+                net.moe.bias_mu[units] = 0.02
             else:
                 getattr(net.encoder, name).weight[units] *= 0.01
                 getattr(net.encoder, name).bias[units] = 1e-3
@@ -95,9 +101,10 @@ def baseline_changes(net, dead):
     sigma), and the next layer's weights that read it (mu and sigma); conv3 channel c feeds the flattened inputs
     c*121 ... c*121 + 120 of the noisy dense layer; a dense unit feeds both heads."""
     changed = {name: torch.zeros_like(p, dtype=torch.bool) for name, p in net.named_parameters()}
-    following = {"conv1": ["encoder.conv2"], "conv2": ["encoder.conv3"], "conv3": ["hidden"], "hidden": ["advantage", "value"]}
+    following = {"conv1": ["encoder.conv2"], "conv2": ["encoder.conv3"], "conv3": ["moe"],
+                 "hidden": ["head.advantage", "head.value"]}
     for name, units in dead.items():
-        own = ["hidden.weight_mu", "hidden.weight_sigma", "hidden.bias_mu", "hidden.bias_sigma"] if name == "hidden" \
+        own = ["moe.weight_mu", "moe.weight_sigma", "moe.bias_mu", "moe.bias_sigma"] if name == "hidden" \
             else [f"encoder.{name}.weight", f"encoder.{name}.bias"]
         for unit in units:
             for param in own:
@@ -165,24 +172,25 @@ def test_incoming_parameters_start_afresh_and_outgoing_weights_are_zero(recycled
             assert torch.equal(following.weight[:, units], torch.zeros_like(following.weight[:, units]))
     # the noisy dense layer's recycled units, noise and all: mu redrawn from U(+-1/sqrt(fan_in)), sigma at its initial
     # sigma0 / sqrt(fan_in), bias mu zero; its inputs from recycled conv3 channels zero in mu and in sigma
-    hidden, units = net.hidden, DEAD["hidden"]
+    hidden, units = net.moe, DEAD["hidden"]
     bound = 1.0 / math.sqrt(hidden.weight_mu.shape[1])
     fed = torch.zeros(hidden.weight_mu.shape[1], dtype=torch.bool)
     for c in DEAD["conv3"]:
         fed[c * HW:(c + 1) * HW] = True
     for p in (hidden.weight_mu, hidden.weight_sigma):
         assert torch.equal(p[:, fed], torch.zeros_like(p[:, fed]))  # every unit's, the recycled ones' too
-    rows, old = hidden.weight_mu[units][:, ~fed], params["hidden.weight_mu"][units][:, ~fed]
+    rows, old = hidden.weight_mu[units][:, ~fed], params["moe.weight_mu"][units][:, ~fed]
     assert rows.abs().max() <= bound and (rows != old).all()
     assert abs(rows.std().item() - bound / math.sqrt(3)) < 0.05 * bound
     sigma = hidden.sigma0 * bound
     assert torch.equal(hidden.weight_sigma[units][:, ~fed], torch.full_like(rows, sigma))
     assert torch.equal(hidden.bias_sigma[units], torch.full((len(units),), sigma))
     assert torch.equal(hidden.bias_mu[units], torch.zeros(len(units)))
-    for head in (net.advantage, net.value):  # both heads read the recycled units: mu and sigma zero
+    for name in ("advantage", "value"):  # both heads read the recycled units: mu and sigma zero
+        head = getattr(net.head, name)
         for p in (head.weight_mu, head.weight_sigma):
             assert torch.equal(p[:, units], torch.zeros_like(p[:, units]))
-        assert torch.equal(head.bias_mu, params[f"{'advantage' if head is net.advantage else 'value'}.bias_mu"])
+        assert torch.equal(head.bias_mu, params[f"head.{name}.bias_mu"])
 
 
 def test_recycling_at_tau_0_keeps_the_noise_free_outputs_and_revives_the_neurons(recycled_baseline):
@@ -201,8 +209,8 @@ def test_recycling_at_tau_0_keeps_the_noise_free_outputs_and_revives_the_neurons
 # ---------------------------------------------------------------------------------------------------------------------
 def moe_network(m, moe_type="softmoe", experts=3, units=8):
     torch.manual_seed(0)
-    args = m.Args(encoder="nature", moe_type=moe_type, num_experts=experts, expert_hidden_units=units, n_atoms=5)
-    return perturbed(m.QNetwork(args, NUM_ACTIONS))
+    return perturbed(recyclable(m, encoder="nature", moe_type=moe_type, num_experts=experts, expert_hidden_units=units,
+                                n_atoms=5))
 
 
 def no_masks(net):
@@ -266,7 +274,7 @@ def test_a_dormant_conv3_channel_is_cut_from_every_expert_and_the_router(moe_typ
     assert net.encoder.conv3.bias[7] == 0
 
 
-# every configuration of both QNetworks: (script, flags)
+# every network configuration of both scripts that --redo recycles: (script, flags)
 CONFIGS = [
     ("rainbow_tokenized", dict(encoder="impala")),
     ("rainbow_tokenized", dict(encoder="nature")),
@@ -303,7 +311,7 @@ def test_recycling_at_tau_0_keeps_the_function_in_every_configuration(script, fl
     m = load_script(script)
     torch.manual_seed(0)
     extra = {} if flags.get("encoder") == "der" else dict(num_experts=2, expert_hidden_units=8)
-    net = perturbed(m.QNetwork(m.Args(n_atoms=5, **extra, **flags), NUM_ACTIONS))
+    net = perturbed(recyclable(m, n_atoms=5, **extra, **flags))
     names = [name for name, _, _ in net.redo_layers()]
     if flags.get("encoder") == "der":
         assert names == ["conv1", "conv2", "value_hidden", "advantage_hidden"]
@@ -334,7 +342,7 @@ def test_recycling_at_tau_0_keeps_the_function_in_every_configuration(script, fl
 def test_the_heads_and_the_impala_residual_stream_are_never_recycled():
     m = load_script("rainbow_tokenized")
     torch.manual_seed(0)
-    net = m.QNetwork(m.Args(num_experts=2, expert_hidden_units=8, n_atoms=5), NUM_ACTIONS)
+    net = recyclable(m, num_experts=2, expert_hidden_units=8, n_atoms=5)
     record = {}
     with torch.no_grad():
         net(observations(2), record)
@@ -342,7 +350,7 @@ def test_the_heads_and_the_impala_residual_stream_are_never_recycled():
     recycled = {name for name, _, _ in net.redo_layers()}
     assert recycled < recorded and recorded - recycled == {"encoder"} | {
         f"stack{i}.block{j}.relu0" for i in range(3) for j in range(2)}  # logged, not recycled
-    heads = {id(p) for layer in (net.advantage, net.value) for p in layer.parameters()}
+    heads = {id(p) for p in net.head.parameters()}
     assert not any(id(p) in heads for _, renewed, zeroed in net.redo_layers() for p, *_ in renewed + zeroed)
 
 
@@ -377,17 +385,22 @@ def test_redo_events_follow_every_redo_period_th_update_and_only_with_redo(scrip
         encoder="nature", moe_type="baseline", num_experts=1, expert_hidden_units=16)
     args = m.Args(**network, n_step=3, learning_starts=20, train_frequency=2, batch_size=8, redo=redo, redo_period=3,
                   redo_tau=1e9, redo_batch_size=4, total_timesteps=100)
+    hooks = m.research_knobs(args)
+    assert (hooks.after_update is not None) == redo
     torch.manual_seed(0)
-    q, target = m.QNetwork(args, 4), m.QNetwork(args, 4)
+    q, target = hooks.make_network(4), hooks.make_network(4)
     target.load_state_dict(q.state_dict())
     optimizer = m.make_optimizer(args, q)
     memory, rng, noise = filled_memory(m), np.random.default_rng(0), torch.Generator().manual_seed(0)
     events, updates = {}, []
     for step in range(1, 41):
-        out, recycled = m.train_step(step, args, q, target, optimizer, memory, rng, noise)
-        if out is not None:
-            updates.append(step)
-        if recycled is not None:
+        done, logged = m.train_step(step, args, q, target, optimizer, memory, rng, noise,
+                                    after_update=hooks.after_update)
+        updates += [step] * len(done)
+        if logged:
+            recycled = {tag[len("redo/"):-len("_recycled_count")]: count for tag, count in logged.items()
+                        if tag != "redo/recycled_count"}
+            assert logged["redo/recycled_count"] == sum(recycled.values())
             events[step] = recycled
     assert updates == list(range(22, 41, 2))
     sizes = ({"conv1": 32, "conv2": 64, "value_hidden": 256, "advantage_hidden": 256} if script == "der_single_expert"

@@ -1,14 +1,15 @@
 """rainbow_tokenized.py against Dopamine's `labs/moes/configs/full_rainbow.gin` (JaxFullRainbowAgent) and, for ReDo,
 the ReDo lab's recycled Rainbow agent: every default measured on the script's own code path (Args, make_optimizer,
-make_replay, make_training_env, train_step with its prioritized sampling and ReDo events, update, beta_at,
-clip_reward, evaluation_settings, QNetwork) and compared with a table of the official values; then the schedule and
-the choices by behaviour, and the rewards of a real training run: clipped for learning, raw in the logged return."""
+make_replay, make_training_env, train_step with its prioritized sampling and, with --redo's after-update hook, its
+ReDo events, update, beta_at, clip_reward, evaluation_settings, the network the script builds) and compared with a
+table of the official values; then the schedule and the choices by behaviour, and the rewards of a real training run:
+clipped for learning, raw in the logged return."""
 import dataclasses
 import math
 
 import numpy as np
 import pytest
-from harness import load_script
+from harness import build_network, load_script
 from official_config import (
     assert_matches_official, assert_rewards_clipped_for_learning_and_raw_in_the_return, categorical_candidates,
     categorical_settings, clip_settings, crafted_categorical_update, env_settings, evaluation_run,
@@ -101,7 +102,7 @@ def test_defaults_match_the_official_full_rainbow_gin(default_schedule, monkeypa
     args = m.Args()
     updates, copies, calls, memory = default_schedule
     warm_up, period = first_update_and_period(updates)
-    net = m.QNetwork(args, 18)
+    net = build_network(m, args, 18)
     features = net.tokenizer.num_tokens * net.tokenizer.token_dim
     measured = {
         **optimizer_settings(m, args), **replay_settings(m, args, monkeypatch), "batch size": len(calls[0]["index"]),
@@ -110,16 +111,17 @@ def test_defaults_match_the_official_full_rainbow_gin(default_schedule, monkeypa
         "updates per training step": max(np.bincount(updates)),
         "target update period (agent steps)": int(np.diff(copies)[0]), "training length (agent steps)": args.total_timesteps,
         "epsilon (train)": args.epsilon_train, "epsilon (evaluation)": m.evaluation_settings(args)["epsilon"],
-        "noisy sigma0": round(net.value.weight_sigma[0, 0].item() * math.sqrt(net.value.weight_mu.shape[1]), 6),
+        "noisy sigma0": round(net.head.value.weight_sigma[0, 0].item() * math.sqrt(net.head.value.weight_mu.shape[1]),
+                              6),
         "support": (net.support[0].item(), net.support[-1].item(), len(net.support)),
-        "dueling noisy heads": isinstance(net.value, m.NoisyLinear) and isinstance(net.advantage, m.NoisyLinear),
+        "dueling noisy heads": isinstance(net.head.value, m.NoisyLinear) and isinstance(net.head.advantage, m.NoisyLinear),
         **categorical_settings(m), **env_settings(m, args), "reward clipping": clip_settings(m),
         "encoder": type(net.encoder).__name__, "MoE layer": type(net.moe).__name__,
         "experts": net.moe.experts.w1_mu.shape[0], "expert hidden units": net.moe.experts.w1_mu.shape[2],
         "tokens": net.tokenizer.num_tokens,
         "slots per expert": net.moe.slots_per_expert,
         "expert type": "big" if isinstance(net.moe.experts, m.BigExperts) else "small",
-        "extra linear layer before the heads": net.value.weight_mu.shape[1] != features,
+        "extra linear layer before the heads": net.head.value.weight_mu.shape[1] != features,
         "ReDo": bool(redo_settings(m, args, [args.redo_period], monkeypatch)["events"]),
         **redo_defaults(args, monkeypatch),
     }

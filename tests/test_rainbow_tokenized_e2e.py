@@ -5,8 +5,8 @@ import signal
 import numpy as np
 import pytest
 import torch
-from harness import (assert_same_scalars, load_script, only_run_dir, read_checkpoint, result, run_script, scalars,
-                     start_script, wait_for_checkpoint)
+from harness import (assert_same_scalars, check_flags, load_script, only_run_dir, read_checkpoint, result, run_script,
+                     scalars, start_script, wait_for_checkpoint)
 
 m = load_script("rainbow_tokenized")
 SCRIPT = "rainbow_tokenized"
@@ -38,7 +38,7 @@ def test_end_to_end_logs_checkpoint_and_evaluation(tmp_path):
     replay = checkpoint["replay"]
     assert replay["reward"].max() == 1.0 and replay["reward"].min() >= -1.0  # the memory holds clipped rewards
     memory = m.PrioritizedReplayMemory(600, n_step=3, gamma=0.99)
-    m.Checkpoint(run_dir / "checkpoint").load_replay(memory, replay)
+    m.Checkpoint(run_dir / "checkpoint").load_replay(memory, replay, run_dir / "checkpoint")
     lo, hi = memory.sample_range()
     valid = np.arange(lo, hi + 1)[memory.is_valid(np.arange(lo, hi + 1))]
     assert memory.num_prioritized() == len(valid) > 0  # exactly the valid transitions carry a priority
@@ -80,8 +80,10 @@ def assert_same(x, y, name):
 
 def assert_same_training_state(a, b):
     assert a["global_step"] == b["global_step"] == 600
-    for key in ("episode", "q_network", "target_network", "rng", "stack", "recent_returns"):
+    for key in ("q_network", "target_network", "rng", "stack"):
         assert_same(a[key], b[key], key)  # rng includes the noise generator
+    for key in ("episode", "recent_returns", "metric_sums", "num_logged", "weight_sum"):
+        assert_same(a["run"][key], b["run"][key], f"run.{key}")
     # the replay, priorities included: the same data, however the saves split it into segments
     assert_same({k: v for k, v in a["replay"].items() if k != "segments"},
                 {k: v for k, v in b["replay"].items() if k != "segments"}, "replay")
@@ -159,7 +161,7 @@ BAD_FLAGS = [
 @pytest.mark.parametrize("kwargs,flag", BAD_FLAGS)
 def test_bad_flags_stop_with_one_clear_line(kwargs, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        m.check_args(m.Args(**kwargs))
+        check_flags(m, m.Args(**kwargs))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and flag in err[0], err
@@ -170,7 +172,7 @@ def test_good_variants_pass_the_checks():
                                                            tokenization="perfeat"), dict(moe_type="top1"),
                    dict(num_experts=1, expert_hidden_units=2048), dict(priority_beta_start=0.4, priority_beta_end=1.0),
                    dict(redo=True), dict(redo=True, redo_period=1000, redo_tau=0.1, redo_batch_size=64)):
-        m.check_args(m.Args(**kwargs))
+        check_flags(m, m.Args(**kwargs))
 
 
 def test_cli_bad_flag_exits_fast_with_one_line(tmp_path):

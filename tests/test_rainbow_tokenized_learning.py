@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from harness import load_script
+from harness import build_network, load_script
 
 m = load_script("rainbow_tokenized")
 
@@ -26,8 +26,6 @@ START_Z = [0, 0.0125, 0.875, 0.1125, 0]  # 0.5 * CHOICE_Z[0]
 
 
 class TabularDistribution(torch.nn.Module):
-    args = SimpleNamespace(aux_loss_fns=())  # the scripts' losses read it: no auxiliary MoE losses
-
     def __init__(self, seed):
         super().__init__()
         self.num_actions = 2
@@ -76,10 +74,9 @@ def train(memory, steps=2000):
     torch.manual_seed(0)
     q_network, target_network = TabularDistribution(0), TabularDistribution(1)  # the target starts different
     optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.05, adam_eps=1e-8), q_network)
-    args = SimpleNamespace(expert_reset="none",
-                           learning_starts=0, train_frequency=1, target_network_frequency=50, batch_size=128,
+    args = SimpleNamespace(learning_starts=0, train_frequency=1, target_network_frequency=50, batch_size=128,
                            total_timesteps=steps, priority_exponent=0.5, priority_beta_start=1.0, priority_beta_end=1.0,
-                           max_grad_norm=0.0, redo=False)
+                           max_grad_norm=0.0)
     rng, noise = np.random.default_rng(2), torch.Generator().manual_seed(0)
     for step in range(1, steps + 1):
         if step == 3 * steps // 4:
@@ -112,13 +109,12 @@ def test_update_schedule_and_target_sync():
     memory = fill_memory()
     q_network, target_network = TabularDistribution(0), TabularDistribution(1)
     optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.01, adam_eps=1e-8), q_network)
-    args = SimpleNamespace(expert_reset="none",
-                           learning_starts=10, train_frequency=4, target_network_frequency=8, batch_size=8,
+    args = SimpleNamespace(learning_starts=10, train_frequency=4, target_network_frequency=8, batch_size=8,
                            total_timesteps=100, priority_exponent=0.5, priority_beta_start=0.5, priority_beta_end=0.5,
-                           max_grad_norm=0.0, redo=False)
+                           max_grad_norm=0.0)
     rng, noise = np.random.default_rng(0), torch.Generator()
     updates = [s for s in range(1, 41)
-               if m.train_step(s, args, q_network, target_network, optimizer, memory, rng, noise)[0] is not None]
+               for _ in m.train_step(s, args, q_network, target_network, optimizer, memory, rng, noise)[0]]
     assert updates == [12, 16, 20, 24, 28, 32, 36, 40]
     torch.testing.assert_close(target_network.logits, q_network.logits)  # synced at step 40
     m.train_step(44, args, q_network, target_network, optimizer, memory, rng, noise)  # update, no sync
@@ -131,7 +127,7 @@ def test_a_real_network_fits_a_fixed_target(moe_type):
     torch.manual_seed(0)
     args = m.Args(encoder="nature", moe_type=moe_type, num_experts=2, expert_hidden_units=16, n_atoms=5, v_min=-2,
                   v_max=2, learning_rate=1e-3)
-    net = m.QNetwork(args, 2)
+    net = build_network(m, args, 2)
     optimizer = m.make_optimizer(args, net)
     obs = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     target = torch.tensor([[0.0, 0.0, 0.2, 0.8, 0.0], [0.5, 0.5, 0.0, 0.0, 0.0]])

@@ -6,13 +6,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import load_script
+from harness import build_network, load_script
 
 m = load_script("rainbow_tokenized")
 
 
 def args(**kw):
     return m.Args(**kw)
+
+
+def network(a, num_actions):
+    """The network the script builds for the flags `a`, research knobs included."""
+    return build_network(m, a, num_actions)
 
 
 def num_params(net):
@@ -122,7 +127,7 @@ SMALL = dict(num_experts=2, expert_hidden_units=8, n_atoms=11)
                                 dict(moe_type="baseline", baseline_aggregation="mean")], ids=str)
 def test_evaluation_is_deterministic_across_noise_seeds(kw):
     torch.manual_seed(0)
-    net = m.QNetwork(args(encoder="nature", **{**SMALL, **kw}), 3)
+    net = network(args(encoder="nature", **{**SMALL, **kw}), 3)
     x = torch.randint(0, 256, (4, 4, 84, 84), dtype=torch.uint8)
     net.eval()
     outputs = []
@@ -142,12 +147,12 @@ def test_evaluation_is_deterministic_across_noise_seeds(kw):
 
 def test_training_mode_noise_reaches_every_noisy_layer():
     torch.manual_seed(0)
-    net = m.QNetwork(args(encoder="nature", **SMALL), 3)
+    net = network(args(encoder="nature", **SMALL), 3)
     x = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
     m.resample_noise(net, generator(1))
     base = net(x)[0].detach()
     torch.testing.assert_close(net(x)[0], base, rtol=0, atol=0)  # no new draw, no change
-    for layer in (net.moe.experts, net.advantage, net.value):  # changing one layer's noise changes the output
+    for layer in (net.moe.experts, net.head.advantage, net.head.value):  # changing one layer's noise changes the output
         saved = layer.eps_out.clone()
         layer.sample_noise(generator(7))
         assert not torch.allclose(net(x)[0], base), type(layer).__name__
@@ -156,13 +161,13 @@ def test_training_mode_noise_reaches_every_noisy_layer():
 
 def test_select_action_draws_fresh_noise_at_every_step():
     torch.manual_seed(0)
-    net = m.QNetwork(args(encoder="nature", **SMALL), 3)
+    net = network(args(encoder="nature", **SMALL), 3)
     noise, rng = generator(0), np.random.default_rng(0)
     stack = np.random.default_rng(1).integers(0, 256, (4, 84, 84), dtype=np.uint8)
     seen = []
     for _ in range(3):
         m.select_action(net, stack, 0.0, rng, noise, "cpu")
-        seen.append(net.advantage.eps_in.clone())
+        seen.append(net.head.advantage.eps_in.clone())
     assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
     # with epsilon 1 the action is random and uniform over the actions
     actions = [m.select_action(net, stack, 1.0, rng, noise, "cpu") for _ in range(300)]
@@ -173,11 +178,11 @@ def test_update_draws_fresh_noise_for_each_forward():
     """Online noise for the next-state argmax and again for the loss; the target network draws its own."""
     torch.manual_seed(0)
     a = args(encoder="nature", **SMALL)
-    online, target = m.QNetwork(a, 3), m.QNetwork(a, 3)
+    online, target = network(a, 3), network(a, 3)
     target.load_state_dict(online.state_dict())
     seen = []
     for name, net in (("online", online), ("target", target)):
-        net.register_forward_pre_hook(lambda module, inp, name=name: seen.append((name, module.value.eps_in.clone())))
+        net.register_forward_pre_hook(lambda module, inp, name=name: seen.append((name, module.head.value.eps_in.clone())))
     batch = dict(obs=torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8),
                  next_obs=torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8), actions=torch.tensor([0, 2]),
                  returns=torch.tensor([0.5, -1.0]), discounts=torch.tensor([0.9, 0.0]))
@@ -190,9 +195,9 @@ def test_update_draws_fresh_noise_for_each_forward():
 def test_dueling_distributional_head_matches_reference():
     torch.manual_seed(0)
     a = args(encoder="nature", **SMALL)
-    net = m.QNetwork(a, 5)
+    net = network(a, 5)
     with torch.no_grad():  # make the value head matter
-        net.value.bias_mu.normal_()
+        net.head.value.bias_mu.normal_()
     x = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
     m.resample_noise(net, generator(1))
     log_probs, q = net(x)
@@ -205,8 +210,8 @@ def test_dueling_distributional_head_matches_reference():
         w = p["weight_mu"] + p["weight_sigma"] * torch.outer(layer.eps_out, layer.eps_in).double()
         return z @ w.T + p["bias_mu"] + p["bias_sigma"] * layer.eps_out.double()
 
-    adv = noisy(net.advantage, features).view(3, 5, 11)
-    value = noisy(net.value, features).view(3, 1, 11)
+    adv = noisy(net.head.advantage, features).view(3, 5, 11)
+    value = noisy(net.head.value, features).view(3, 1, 11)
     logits = value + adv - adv.mean(dim=1, keepdim=True)  # the mean over actions, per atom
     probs = torch.softmax(logits, dim=-1)
     torch.testing.assert_close(log_probs.double().exp(), probs, rtol=1e-5, atol=1e-6)
@@ -219,22 +224,22 @@ def test_dueling_distributional_head_matches_reference():
 @pytest.mark.parametrize("tokenization,tokens", [("perconv", (121, 64)), ("perfeat", (64, 121))])
 def test_tokenized_baseline_applies_the_dense_layer_per_token(aggregation, tokenization, tokens):
     torch.manual_seed(0)
-    net = m.QNetwork(args(encoder="nature", moe_type="baseline", baseline_aggregation=aggregation,
+    net = network(args(encoder="nature", moe_type="baseline", baseline_aggregation=aggregation,
                           tokenization=tokenization, num_experts=2, expert_hidden_units=4, n_atoms=5), 3)
-    assert net.hidden.weight_mu.shape == (8, tokens[1])
+    assert net.moe.weight_mu.shape == (8, tokens[1])
     x = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
     m.resample_noise(net, generator(1))
     record = {}
     log_probs, _ = net(x, record)
     fmap = net.encoder(x.float() / 255)
     token_list = fmap.flatten(2).transpose(1, 2) if tokenization == "perconv" else fmap.flatten(2)
-    h = net.hidden
+    h = net.moe
     w = h.weight_mu + h.weight_sigma * torch.outer(h.eps_out, h.eps_in)
     per_token = torch.relu(token_list @ w.T + h.bias_mu + h.bias_sigma * h.eps_out)  # [B, m, units]
     assert per_token.shape == (2, tokens[0], 8)
     pooled = per_token.sum(1) if aggregation == "sum" else per_token.mean(1)
-    adv = net.advantage(pooled).view(2, 3, 5)
-    logits = net.value(pooled).view(2, 1, 5) + adv - adv.mean(1, keepdim=True)
+    adv = net.head.advantage(pooled).view(2, 3, 5)
+    logits = net.head.value(pooled).view(2, 1, 5) + adv - adv.mean(1, keepdim=True)
     torch.testing.assert_close(log_probs, logits.log_softmax(-1), rtol=1e-5, atol=1e-5)
     assert record["hidden"].shape == (2, 8, tokens[0])
 
@@ -269,29 +274,29 @@ def test_official_parameter_counts():
     experts = 4 * (noisy(32, 512) + dense(512, 32))
     official = IMPALA + 32 * 4 * 31 + 1 + experts + heads_adv + heads_value
     assert official == 7_808_419
-    net = m.QNetwork(args(), 18)
+    net = network(args(), 18)
     assert num_params(net) == official - 1  # the unused normalization scalar exists here only with normalization
-    assert num_params(m.QNetwork(args(moe_normalization=True), 18)) == official
-    assert num_params(net.advantage) == heads_adv and num_params(net.value) == heads_value
+    assert num_params(network(args(moe_normalization=True), 18)) == official
+    assert num_params(net.head.advantage) == heads_adv and num_params(net.head.value) == heads_value
     assert num_params(net.moe.experts) == experts
     # the Rainbow baseline (the official branch crashes; with its one-line fix): flatten -> NoisyNetwork(512 k)
     # -> ReLU -> the two noisy heads on 512 k; scale_hidden_layer gives k = num_experts
     for k in (1, 4):
         units = 512 * k
         baseline = IMPALA + noisy(3872, units) + noisy(units, 18 * 51) + noisy(units, 51)
-        assert num_params(m.QNetwork(args(moe_type="baseline", num_experts=k), 18)) == baseline
-    assert num_params(m.QNetwork(args(moe_type="baseline", num_experts=1), 18)) == 5_057_890
+        assert num_params(network(args(moe_type="baseline", num_experts=k), 18)) == baseline
+    assert num_params(network(args(moe_type="baseline", num_experts=1), 18)) == 5_057_890
     # Dopamine's Nature-CNN encoder (RainbowCNNet), SoftMoE-4: 7744 features into the heads
     nature = 8 * 8 * 4 * 32 + 32 + 4 * 4 * 32 * 64 + 64 + 3 * 3 * 64 * 64 + 64
-    assert num_params(m.QNetwork(args(encoder="nature"), 18)) == (
+    assert num_params(network(args(encoder="nature"), 18)) == (
         nature + 64 * 4 * 31 + 4 * (noisy(64, 512) + dense(512, 64)) + noisy(7744, 18 * 51) + noisy(7744, 51))
 
 
 def test_single_scaled_expert_parameter_difference():
     # SoftMoE-4 vs one expert of 4 x 512 units differ by d*(n*p - m) + (k - 1)*d, the noisy first layer included
     k, d = 4, 32
-    many = num_params(m.QNetwork(args(num_experts=k), 18))
-    one = num_params(m.QNetwork(args(num_experts=1, expert_hidden_units=512 * k), 18))
+    many = num_params(network(args(num_experts=k), 18))
+    one = num_params(network(args(num_experts=1, expert_hidden_units=512 * k), 18))
     assert many - one == d * (k * math.ceil(121 / k) - 121) + (k - 1) * d
 
 
@@ -300,12 +305,12 @@ def test_single_scaled_expert_parameter_difference():
 def test_token_shapes_and_output_shapes(encoder, channels, kind):
     expected = {"perconv": (121, channels), "perfeat": (channels, 121), "perpatch": (9, channels),
                 "persample": (1, 121 * channels)}[kind]
-    net = m.QNetwork(args(encoder=encoder, tokenization=kind, num_experts=4, expert_hidden_units=8, n_atoms=7), 5)
+    net = network(args(encoder=encoder, tokenization=kind, num_experts=4, expert_hidden_units=8, n_atoms=7), 5)
     x = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
     tokens = net.tokenizer(net.encoder(x.float() / 255))
     assert tokens.shape == (2, *expected)
     assert net.moe.slots_per_expert == math.ceil(expected[0] / 4)
-    assert net.advantage.weight_mu.shape == (5 * 7, expected[0] * expected[1])
+    assert net.head.advantage.weight_mu.shape == (5 * 7, expected[0] * expected[1])
     log_probs, q = net(x)
     assert log_probs.shape == (2, 5, 7) and q.shape == (2, 5)
 
@@ -318,12 +323,12 @@ def test_record_exposes_every_hidden_layer():
                        (dict(moe_type="simplicial_embedding_v1"), {"conv1", "conv2", "conv3", "hidden"}),
                        (dict(moe_type="top1"), {"conv1", "conv2", "conv3", "experts", "router_logits", "router_probs",
                                                 "top_experts", "kept"})):
-        net = m.QNetwork(args(encoder="nature", num_experts=2, expert_hidden_units=8, n_atoms=5, **kw), 3)
+        net = network(args(encoder="nature", num_experts=2, expert_hidden_units=8, n_atoms=5, **kw), 3)
         record = {}
         net(torch.zeros(2, 4, 84, 84, dtype=torch.uint8), record)
         assert set(record) == layers
     assert record["experts"].shape == (2, 2 * 8, 61)  # neurons (expert, unit) on dim 1, slots after
-    stats = m.dormant_statistics(record, (0.0,))
+    stats = m.dormant_statistics({k: v for k, v in record.items() if k not in m.ROUTING_KEYS}, (0.0,))
     assert "dormant/experts_tau0_pct" in stats and "moe/router_entropy" in m.routing_statistics(record)
 
 
@@ -331,7 +336,7 @@ def test_record_exposes_every_hidden_layer():
 def test_capacity_factor_sets_the_slots_per_expert(moe_type, factor, slots):
     # Impala, 121 tokens, 4 experts: ceil(121 x factor / 4) slots each (Dopamine's capacity_factor); the network still
     # gives one distribution per action
-    net = m.QNetwork(m.Args(moe_type=moe_type, capacity_factor=factor, expert_hidden_units=16), 6)
+    net = network(m.Args(moe_type=moe_type, capacity_factor=factor, expert_hidden_units=16), 6)
     assert (net.moe.slots_per_expert if moe_type == "softmoe" else net.moe.capacity) == slots
     log_probs, q = net(torch.zeros(2, 4, 84, 84, dtype=torch.uint8))
     assert log_probs.shape == (2, 6, 51) and q.shape == (2, 6)

@@ -221,7 +221,8 @@ def test_replay_state_round_trip_includes_priorities(tmp_path):
     memory.update_priorities(index, np.array([0.5, 2.0, 7.0, 0.1, 0.2]))
     m.Checkpoint(str(tmp_path)).save({}, memory)
     other = m.PrioritizedReplayMemory(50, frame_shape=(1,), stack_size=4, n_step=3, gamma=0.9)
-    m.Checkpoint(str(tmp_path)).load_replay(other, torch.load(tmp_path / "state.pt", weights_only=True)["replay"])
+    m.Checkpoint(str(tmp_path)).load_replay(other, torch.load(tmp_path / "state.pt", weights_only=True)["replay"],
+                                            str(tmp_path))
     np.testing.assert_array_equal(other.tree.nodes, memory.tree.nodes)  # inner sums rebuilt to the same bits
     assert other.tree.max_priority == 7.0 and other.synced == memory.synced
     for episode in random_episodes(rng, 5):  # both continue identically
@@ -253,8 +254,6 @@ NUM_STATES, NUM_ACTIONS = 6, 3
 
 class TabularDistribution(torch.nn.Module):
     """Return distributions read from a logit table [S, A, K], the state id being the 1-pixel frame."""
-
-    args = SimpleNamespace(aux_loss_fns=())  # the scripts' losses read it: no auxiliary MoE losses
 
     def __init__(self, logits, support):
         super().__init__()
@@ -337,13 +336,13 @@ def test_train_step_sets_priorities_from_the_losses_and_weights_the_loss():
     optimizer = m.make_optimizer(SimpleNamespace(learning_rate=0.01, adam_eps=1e-8), online)
     sample_rng = np.random.default_rng(9)
     index, probabilities = memory.sample_prioritized(16, copy.deepcopy(sample_rng))  # what train_step will draw
-    out, _ = m.train_step(11, args, online, target, optimizer, memory, sample_rng, torch.Generator())
+    (out,), _ = m.train_step(11, args, online, target, optimizer, memory, sample_rng, torch.Generator())
     losses = np.array([-(reference[t]["target"] * log_probs_before[reference[t]["state"], reference[t]["action"]]).sum()
                        for t in index])
     weights = (len(index) * probabilities) ** -0.8
     weights /= weights.max()
-    assert out[0].item() == pytest.approx(np.mean(weights * losses), rel=1e-5)
-    assert out[2] == pytest.approx(weights.mean(), rel=1e-6)
+    assert out["td_loss"].item() == pytest.approx(np.mean(weights * losses), rel=1e-5)
+    assert out["is_weight_mean"] == pytest.approx(weights.mean(), rel=1e-6)
     after = memory.tree.get(np.arange(1000))
     np.testing.assert_allclose(after[index % 1000], (losses + 1e-10) ** 0.7, rtol=1e-5)
     untouched = np.setdiff1d(np.arange(1000), index % 1000)

@@ -69,7 +69,7 @@ def test_ctrl_c_in_evaluation_resumes_only_the_rest_with_tracking_and_videos(nam
     run_dir = model.parent
     stopped = read_checkpoint(run_dir)
     assert stopped["global_step"] == 300 and stopped["replay"] is None  # no --checkpoint-every: memory left out
-    done = stopped["eval_scores" if name == "der_single_expert" else "eval_returns"]
+    done = stopped["run"]["eval_returns"]
     assert len(done) < 4, "the evaluation was not interrupted"
 
     resumed = subprocess.run(script_command(name, "--resume", run_dir), cwd=tmp_path, env=env, capture_output=True,

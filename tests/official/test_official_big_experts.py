@@ -102,7 +102,7 @@ def script_network(script, flags):
     net = perturb_(build_network(m, m.Args(**dict(flags)), NUM_ACTIONS), seed=1).double()
     if script != "dqn_softmoe":  # logits far from uniform over the atoms, so that Q is not ~0 (a weak comparison)
         with torch.no_grad():
-            for head in (net.advantage, net.value):
+            for head in (net.head.advantage, net.head.value):
                 head.weight_mu.mul_(30.0)
                 head.bias_mu.mul_(30.0)
     return net
@@ -118,8 +118,8 @@ def official_params(net, encoder, shapes, dtype, rainbow=False, zero_expert_sigm
     mp.put("SoftMoE_0/phi_weights", mp.take("moe.phi"))
     mp.big_experts(net.moe.experts.w2.shape[0], encoder, net.moe.experts.encoding_shape, noisy=rainbow)
     if rainbow:
-        mp.noisy("NoisyNetwork_0", "advantage")
-        mp.noisy("NoisyNetwork_1", "value")
+        mp.noisy("NoisyNetwork_0", "head.advantage")
+        mp.noisy("NoisyNetwork_1", "head.value")
     else:
         mp.dense("Dense_0", "head")  # after the MoE: tokens [m, d] flatten token-major in both frameworks
     params = mp.finish(shapes, {"SoftMoE_0/scalar": np.array([3.7])})  # unused without normalization: any value
@@ -223,7 +223,7 @@ def test_rainbow_noise_on_matches_the_official_module_given_its_draws(config, dt
         eps_in = eps(draws["BigExpertModel_0/net"][0]).reshape(h, w, c).permute(2, 0, 1).reshape(-1)
         experts.eps_in.copy_(eps_in.expand_as(experts.eps_in))
         experts.eps_out.copy_(eps(draws["BigExpertModel_0/net"][1]).expand_as(experts.eps_out))
-        for layer, path in ((net.advantage, "NoisyNetwork_0"), (net.value, "NoisyNetwork_1")):
+        for layer, path in ((net.head.advantage, "NoisyNetwork_0"), (net.head.value, "NoisyNetwork_1")):
             layer.eps_in.copy_(eps(draws[path][0]))
             layer.eps_out.copy_(eps(draws[path][1]))
     net.train()

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from harness import load_script
+from harness import build_network, load_script
 from official_mapping import (Mapper, assert_close, encoder_input, eps, frames, moe_networks, nhwc, x64,
                               num_official_params, num_params, official_noise_draws, perturb_, preprocessed)
 
@@ -61,7 +61,7 @@ def script_network(config):
     script, flags, _ = CONFIGS[config]
     m = load_script(script)
     torch.manual_seed(0)
-    return perturb_(m.QNetwork(m.Args(**flags), NUM_ACTIONS), seed=1).double()
+    return perturb_(build_network(m, m.Args(**flags), NUM_ACTIONS), seed=1).double()
 
 
 def official_params(net, attributes, shapes, dtype, zero_expert_sigma=False):
@@ -70,13 +70,14 @@ def official_params(net, attributes, shapes, dtype, zero_expert_sigma=False):
         mp.impala("encoder/")
     else:
         mp.nature("encoder/")
-    if isinstance(net.moe.phi, torch.nn.Parameter):  # else --use-random-phi's buffer (`random_phi`)
-        mp.put("SoftMoE_0/phi_weights", mp.take("moe.phi"))
-    mp.experts(noisy=True)
-    if "extra.weight" in mp.params:
-        mp.dense("Dense_0", "extra")
-    mp.noisy("NoisyNetwork_0", "advantage")  # the first head built: adv = net(x, num_actions * num_atoms)
-    mp.noisy("NoisyNetwork_1", "value")
+    moe = "moe.moe" if "moe.extra.weight" in mp.params else "moe"  # an ExtraLinearLayer wraps the MoE layer
+    if isinstance(getattr(net.moe, "moe", net.moe).phi, torch.nn.Parameter):  # else --use-random-phi's buffer
+        mp.put("SoftMoE_0/phi_weights", mp.take(f"{moe}.phi"))
+    mp.experts(noisy=True, moe=moe)
+    if "moe.extra.weight" in mp.params:
+        mp.dense("Dense_0", "moe.extra")
+    mp.noisy("NoisyNetwork_0", "head.advantage")  # the first head built: adv = net(x, num_actions * num_atoms)
+    mp.noisy("NoisyNetwork_1", "head.value")
     params = mp.finish(shapes, {"SoftMoE_0/scalar": np.array([3.7])})  # unused without normalization
     if zero_expert_sigma:  # the official experts ignore eval_mode: without noise is with sigma = 0
         experts = params["params"]["ExpertModel_0"]["net"]
@@ -97,7 +98,8 @@ def random_phi(config, net, key, dtype):
     _, _, key_3 = jax.random.split(key, 3)
     phi_key, _ = jax.random.split(key_3)
     with torch.no_grad():
-        net.moe.phi.copy_(torch.from_numpy(np.array(jax.random.normal(phi_key, tuple(net.moe.phi.shape), dtype=dtype))))
+        phi = getattr(net.moe, "moe", net.moe).phi
+        phi.copy_(torch.from_numpy(np.array(jax.random.normal(phi_key, tuple(phi.shape), dtype=dtype))))
     gin.bind_parameter("SoftMoE.use_random_phi", True)
     try:
         yield
@@ -164,10 +166,10 @@ def test_noise_on_matches_the_official_module_given_its_draws(config, dtype):
                 lambda s: official.apply(p, s, support, eval_mode=False, key=key))(x))(params, x)
     assert {k: len(v) for k, v in draws.items()} == {"ExpertModel_0/net": 2, "NoisyNetwork_0": 2, "NoisyNetwork_1": 2}
     with torch.no_grad():
-        experts = net.moe.experts
+        experts = getattr(net.moe, "moe", net.moe).experts  # inside an ExtraLinearLayer, if any
         experts.eps_in.copy_(eps(draws["ExpertModel_0/net"][0]).expand_as(experts.eps_in))
         experts.eps_out.copy_(eps(draws["ExpertModel_0/net"][1]).expand_as(experts.eps_out))
-        for layer, path in ((net.advantage, "NoisyNetwork_0"), (net.value, "NoisyNetwork_1")):
+        for layer, path in ((net.head.advantage, "NoisyNetwork_0"), (net.head.value, "NoisyNetwork_1")):
             layer.eps_in.copy_(eps(draws[path][0]))
             layer.eps_out.copy_(eps(draws[path][1]))
     net.train()

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 import pytest
 import torch
-from harness import load_script
+from harness import build_network, load_script
 from official_mapping import (Mapper, assert_close, base_networks, encoder_input, frames, perturb_, redo_networks,
                               weight_recyclers, x64)
 
@@ -36,17 +36,17 @@ TAU = 0.1
 LAYERS = [("conv1", "Conv_0", ["Conv_1"]), ("conv2", "Conv_1", ["Conv_2"]), ("conv3", "Conv_2", ["Dense_0"]),
           ("hidden", "Dense_0", ["Dense_1", "Dense_2"])]
 SCRIPT_KERNEL = {"Conv_0": "encoder.conv1.weight", "Conv_1": "encoder.conv2.weight", "Conv_2": "encoder.conv3.weight",
-                 "Dense_0": "hidden.weight_mu", "Dense_1": "advantage.weight_mu", "Dense_2": "value.weight_mu"}
+                 "Dense_0": "moe.weight_mu", "Dense_1": "head.advantage.weight_mu", "Dense_2": "head.value.weight_mu"}
 DEAD = {"conv1": [3], "conv2": [10, 11], "conv3": [5, 40], "hidden": [7, 100, 300]}  # bias -1000: silent
 WEAK = {"conv2": [20], "hidden": [50]}  # incoming weights x 0.01, bias 0: active, but far below tau
 
 
 def bias(net, name):
-    return net.hidden.bias_mu if name == "hidden" else getattr(net.encoder, name).bias
+    return net.moe.bias_mu if name == "hidden" else getattr(net.encoder, name).bias  # the baseline's dense layer
 
 
 def weight(net, name):
-    return net.hidden.weight_mu if name == "hidden" else getattr(net.encoder, name).weight
+    return net.moe.weight_mu if name == "hidden" else getattr(net.encoder, name).weight
 
 
 @functools.cache
@@ -54,7 +54,7 @@ def script_network(script):
     m = load_script(script)
     torch.manual_seed(0)
     args = m.Args(encoder="nature", moe_type="baseline", num_experts=1, expert_hidden_units=512, n_atoms=NUM_ATOMS)
-    net = perturb_(m.QNetwork(args, NUM_ACTIONS), seed=1).double()
+    net = perturb_(m.RecyclableQNetwork.of(build_network(m, args, NUM_ACTIONS)), seed=1).double()  # as --redo builds it
     with torch.no_grad():
         for name, units in DEAD.items():
             bias(net, name)[units] = -1000.0
@@ -68,9 +68,9 @@ def to_official(net):
     """The script's mean weights in the official layout; the noisy layers' sigmas have no official counterpart."""
     mp = Mapper(net, np.float64)
     mp.nature("")
-    for path, name in (("Dense_0", "hidden"), ("Dense_1", "advantage"), ("Dense_2", "value")):
+    for path, name in (("Dense_0", "moe"), ("Dense_1", "head.advantage"), ("Dense_2", "head.value")):
         w = mp.take(f"{name}.weight_mu")
-        if name == "hidden":  # after the flatten: NCHW -> NHWC
+        if name == "moe":  # the baseline's dense layer, after the flatten: NCHW -> NHWC
             w = w.reshape(-1, 64, 11, 11).transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
         mp.put(f"{path}/kernel", w.T)
         mp.put(f"{path}/bias", mp.take(f"{name}.bias_mu"))
@@ -226,7 +226,7 @@ def test_incoming_and_outgoing_masks_match_the_official_recycler_away_from_the_f
         else:
             np.testing.assert_array_equal(ours, official_out)
     # the noisy layers' sigmas, which the official recycler never sees, follow their mu entry for entry
-    for layer in ("hidden", "advantage", "value"):
+    for layer in ("moe", "head.advantage", "head.value"):
         np.testing.assert_array_equal(touched[f"{layer}.weight_sigma"], touched[f"{layer}.weight_mu"])
 
 
@@ -254,9 +254,9 @@ def test_one_recycling_step_matches_the_official_recycler_away_from_the_flatten(
         assert (official_new != old).any()
     # the noisy units' sigmas back at sigma0 / sqrt(fan_in): the script's extension to its noisy layers
     dead = masks["hidden"].numpy()
-    sigma = recycled.hidden.sigma0 / np.sqrt(64 * 11 * 11)
-    np.testing.assert_array_equal(recycled.hidden.bias_sigma.detach().numpy()[dead], sigma)
-    rows = recycled.hidden.weight_sigma.detach().numpy()[dead]
+    sigma = recycled.moe.sigma0 / np.sqrt(64 * 11 * 11)
+    np.testing.assert_array_equal(recycled.moe.bias_sigma.detach().numpy()[dead], sigma)
+    rows = recycled.moe.weight_sigma.detach().numpy()[dead]
     assert set(np.unique(rows)) == {0.0, sigma}  # 0: the inputs of recycled conv3 channels (zeros win)
 
 
@@ -269,7 +269,7 @@ def test_the_official_recycler_redraws_from_xavier_uniform_the_script_from_each_
     _, recycled = script_touched(script, net, masks, only="hidden")
     _, _, before, after, _ = official_recycling(script)
     fed = np.repeat(masks["conv3"].numpy(), 121)  # NCHW inputs zeroed by the conv3 recycling in the official step
-    ours = recycled.hidden.weight_mu.detach().numpy()[masks["hidden"].numpy()]
+    ours = recycled.moe.weight_mu.detach().numpy()[masks["hidden"].numpy()]
     fan_in, fan_out = 64 * 11 * 11, 512
     assert np.abs(ours).max() <= 1 / np.sqrt(fan_in)
     official = np.asarray(after["params/Dense_0/kernel"]).T[masks["hidden"].numpy()]
