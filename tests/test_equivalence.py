@@ -1,7 +1,9 @@
 """Nothing changed numerically when the scripts took their minimal layout: every script, in its defaults and in
 every knob configuration of the suites (tools/equivalence.py), learns bit-identical parameters, Adam state and
 logged scalars to the scripts before the change (commit 31ca6d2, recorded in tests/fixtures/equivalence.json)."""
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -26,7 +28,15 @@ CASES = [(script, name) for script, configs in equivalence.CONFIGS.items() for n
 
 @pytest.mark.parametrize("script,name", CASES, ids=[f"{s}/{n}" for s, n in CASES])
 def test_same_numbers_as_before_the_minimal_layout(script, name):
-    got = equivalence.compact(equivalence.run_config(script, equivalence.flags_of(script, name)))
+    # in a fresh process: the tool forks one child per run, which a pytest worker that has imported JAX (tests/official)
+    # must not do
+    code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'tools')!r}); import equivalence; "
+            f"print(json.dumps(equivalence.compact(equivalence.run_config({script!r}, "
+            f"equivalence.flags_of({script!r}, {name!r})))))")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().split("\n")[-1])
     want = equivalence.expected(script, name)
     for key in want:
         assert got[key] == want[key], f"{script}/{name}: {key} differs"
