@@ -1111,7 +1111,8 @@ def research_knobs(args):
     network_knobs = (args.moe_type not in ("softmoe", "baseline") or args.use_random_phi or args.use_extra_linear_layer
                      or args.shuffle_tokens or args.expert_type == "big")
     return Hooks(
-        functools.partial(make_knob_network, args) if network_knobs else functools.partial(make_network, **network_flags(args)),
+        functools.partial(make_knob_network, args) if network_knobs
+        else functools.partial(make_network, **network_flags(args)),
         extra_losses=functools.partial(moe_aux_losses, args) if args.aux_loss_fns else None,
         after_update=expert_reset_hook(args) if args.expert_reset != "none" else None,
     )
@@ -2073,8 +2074,8 @@ if __name__ == "__main__":
         run.log_training(global_step, updates, events, save)
         run.log_interval(global_step, {"epsilon": epsilon})
         if (global_step + 1) % args.stats_frequency == 0 and global_step > args.learning_starts:
-            for key, value in probe_statistics(q_network, statistics_sample(args, rb, global_step, device), (0.0, args.dormant_tau),
-                                               args.batch_size).items():
+            probe = statistics_sample(args, rb, global_step, device)
+            for key, value in probe_statistics(q_network, probe, (0.0, args.dormant_tau), args.batch_size).items():
                 run.writer.add_scalar(key, value, global_step)
         run.show_progress(global_step + 1, rb)
 
