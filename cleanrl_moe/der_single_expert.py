@@ -24,6 +24,7 @@ import ctypes
 import dataclasses
 import functools
 import glob
+import hashlib
 import io
 import itertools
 import json
@@ -2717,6 +2718,18 @@ def load_optimizer(optimizer, state, learning_rate):
         group["capturable"], group["lr"] = keep, learning_rate
 
 
+def load_noise_state(noise, state):
+    """The noisy layers' generator as saved, or, for a checkpoint written on the other kind of device (a CPU
+    generator's state is 5,056 bytes, a CUDA one's 16, and their streams differ), reseeded from a digest of the saved
+    state: the run goes on, deterministically, with a noise sequence that differs from an uninterrupted run's."""
+    if state.numel() == noise.get_state().numel():
+        noise.set_state(state)
+        return
+    noise.manual_seed(int.from_bytes(hashlib.sha256(state.numpy().tobytes()).digest()[:8], "little") >> 1)
+    print(f"noise generator: the checkpoint's was on the other kind of device than {noise.device.type}; reseeded from "
+          "its state (the noise sequence differs from an uninterrupted run's)", flush=True)
+
+
 def resume(checkpoint, run, q_network, target_network, optimizer, rb, env, rng, noise, device, stack):
     """Load a checkpoint (None: a fresh run) into the networks, the optimizer, the replay memory (priorities
     included), the environment and the generators (the noise's included). Returns the frame stack to act on and
@@ -2731,7 +2744,7 @@ def resume(checkpoint, run, q_network, target_network, optimizer, rb, env, rng, 
         run.checkpoint.load_replay(rb, checkpoint["replay"], checkpoint["folder"])
     set_env_state(env, checkpoint["env"])
     rng.bit_generator.state = checkpoint["rng"]["numpy"]
-    noise.set_state(checkpoint["rng"]["noise"])
+    load_noise_state(noise, checkpoint["rng"]["noise"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)

@@ -425,7 +425,7 @@ def test_every_run_keeps_freed_memory(name):
     assert main.index("keep_freed_memory()") < main.index(built)
 
 
-@pytest.mark.parametrize("name", ["dqn_softmoe", "dqn_redo"])
+@pytest.mark.parametrize("name", NAMES)
 def test_a_cpu_checkpoint_keeps_a_gpu_optimizer_capturable(name):
     """A checkpoint written on a CPU holds capturable=False; resumed on a GPU with --cuda-graphs, the optimizer must
     stay capturable (as make_optimizer built it there) or the graph of the update cannot be recorded."""
@@ -437,3 +437,32 @@ def test_a_cpu_checkpoint_keeps_a_gpu_optimizer_capturable(name):
     optimizer.param_groups[0]["capturable"] = True  # as on CUDA
     m.load_optimizer(optimizer, saved, 1e-5)
     assert optimizer.param_groups[0]["capturable"] is True and optimizer.param_groups[0]["lr"] == 1e-5
+
+
+@pytest.mark.parametrize("name", ["rainbow_tokenized", "der_single_expert"])
+def test_a_checkpoint_from_the_other_device_resumes_the_noise(name, capsys):
+    """The noisy layers' generator state of a checkpoint written on the other kind of device (a CUDA generator's
+    16 bytes on a CPU, a CPU generator's 5,056 on a GPU) used to crash `set_state` at resume: now the generator is
+    reseeded from it, deterministically and saying so, while a same-device state still continues the stream exactly."""
+    m = load_script(name)
+    saved = torch.Generator().manual_seed(7)
+    torch.rand(5, generator=saved)
+    noise = torch.Generator()
+    m.load_noise_state(noise, saved.get_state())
+    assert torch.equal(torch.rand(5, generator=noise), torch.rand(5, generator=saved))
+    assert capsys.readouterr().out == ""
+
+    cuda_state = torch.arange(16, dtype=torch.uint8)  # a CUDA generator's state: seed and offset, 8 bytes each
+    draws = []
+    for _ in range(2):
+        noise = torch.Generator()
+        m.load_noise_state(noise, cuda_state)
+        draws.append(torch.rand(5, generator=noise))
+    assert torch.equal(draws[0], draws[1])  # deterministic: a resumed run can be resumed again identically
+    other = torch.Generator()
+    m.load_noise_state(other, torch.arange(1, 17, dtype=torch.uint8))
+    assert not torch.equal(torch.rand(5, generator=other), draws[0])  # the saved state matters
+    out = capsys.readouterr().out
+    assert out.count("\n") == 3 and "noise generator" in out and "reseeded" in out
+    resume = (harness.SCRIPTS / f"{name}.py").read_text().split("def resume(")[1].split("\ndef ")[0]
+    assert 'load_noise_state(noise, checkpoint["rng"]["noise"])' in resume and "noise.set_state" not in resume
