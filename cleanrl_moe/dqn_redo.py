@@ -906,6 +906,9 @@ def check_segment(path, folder, first, end, fields):
     except FileNotFoundError:
         fail(f"--resume {path}: replay segment {segment_name(first, end)} is missing from {folder}; restore the whole "
              "checkpoint folder or start a new run")
+    except PermissionError:
+        fail(f"--resume {path}: replay segment {name} cannot be read (permission denied); make the folder readable "
+             f"(chmod -R u+rX {folder}) or resume from a readable copy")
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
         fail(f"--resume {path}: replay segment {name} is damaged or of another kind ({error}); restore it from an "
              "intact copy of the checkpoint folder or start a new run")
@@ -928,7 +931,10 @@ def read_checkpoint(path, script, replay_fields):
              "folder or its state.pt")
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # empty, truncated, unreadable, or not a checkpoint at all
+    except PermissionError:
+        fail(f"--resume {path}: {state_path} cannot be read (permission denied); make the folder readable "
+             f"(chmod -R u+rX {folder}) or resume from a readable copy")
+    except Exception as error:  # empty, truncated, or not a checkpoint at all
         fail(f"--resume {path}: {state_path} is damaged or incomplete ({type(error).__name__}); resume from an intact "
              "copy or start a new run without --resume")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:

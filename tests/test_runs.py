@@ -1,6 +1,9 @@
 """Runs as a cluster user has them: checkpoints that grow with what is stored, signals in every phase (training and
 evaluation, SIGTERM and Ctrl-C), unique run directories, resume edge cases, bad flag values, storage faults, memory
 limits from cgroups, and tracking with wandb (offline) plus evaluation videos, for the four scripts."""
+import builtins
+import contextlib
+import io
 import math
 import os
 import shutil
@@ -275,6 +278,55 @@ def test_damaged_foreign_and_old_checkpoints_stop_with_one_line(tmp_path, capsys
         assert message in line and str(tmp_path / case) in line, line
     args, checkpoint = resume(good)  # a run directory, its checkpoint folder and its state.pt all resume
     assert checkpoint["folder"] == str(good) and resume(good / "state.pt")[1]["folder"] == str(good)
+
+
+@contextlib.contextmanager
+def unreadable(path, monkeypatch):
+    """`path` (a folder or a file) unreadable: chmod 000 for an ordinary user; root reads through any mode, so there
+    the calls that the checkpoint reader makes (os.access, os.path.isfile, open) fail under `path` as they would."""
+    path = Path(path)
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0)
+        try:
+            yield
+        finally:
+            path.chmod(mode)
+        return
+    inside = lambda name: Path(os.path.abspath(os.fspath(name))).is_relative_to(path.absolute())  # noqa: E731
+    real_access, real_isfile, real_open, real_io_open = os.access, os.path.isfile, open, io.open
+
+    def denied_open(real):
+        def opener(name, *args, **kwargs):
+            if isinstance(name, (str, os.PathLike)) and inside(name):
+                raise PermissionError(13, "Permission denied", os.fspath(name))
+            return real(name, *args, **kwargs)
+        return opener
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "access", lambda name, mode: not inside(name) and real_access(name, mode))
+        if path.is_dir():  # a file in an unreadable folder cannot even be stat'ed
+            patch.setattr(os.path, "isfile", lambda name: not (inside(name) and Path(name) != path) and real_isfile(name))
+        patch.setattr(builtins, "open", denied_open(real_open))
+        patch.setattr(io, "open", denied_open(real_io_open))
+        yield
+
+
+def test_unreadable_checkpoints_stop_with_one_line(tmp_path, capsys, monkeypatch):
+    """An unreadable folder, state.pt or replay segment: one line naming it, with the fix, exit code 2."""
+    m = load_script("dqn_softmoe")
+    segment = m.segment_name(0, 10)
+    for case in ("folder", "state", "segment"):
+        folder = fake_checkpoint(tmp_path / case, "dqn_softmoe", m.Args(),
+                                 replay={"cursor": 10, "episode_step": 0, "segments": [(0, 10)]})
+        (folder / segment).write_bytes(b"")
+        target = {"folder": folder, "state": folder / "state.pt", "segment": folder / segment}[case]
+        with unreadable(target, monkeypatch), pytest.raises(SystemExit) as exit_info:
+            parse(m, ["--resume", str(folder)])
+        assert exit_info.value.code == 2
+        line = one_error_line(capsys)
+        assert "cannot be read" in line and str(folder) in line, line
+        if case != "folder":
+            assert str(target) in line and f"chmod -R u+rX {folder}" in line, line
 
 
 def test_resume_refuses_fewer_steps_and_takes_the_advice_it_gives(tmp_path, capsys):
