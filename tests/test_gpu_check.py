@@ -1,15 +1,18 @@
 """The prepared GPU check (benchmark/gpu_check.sh, issue 14) can only run on a lent GPU machine, for a few minutes, on
-a bare image: these static checks keep it from rotting between GPU sessions. Its time limits fit its 8 minutes, it
-measures every script, tests/test_cuda.py compares every script, and every package that the check's code imports is
-either on the GPU image or shipped by benchmark/gpu_wheels.sh, at a version that pyproject.toml allows.
-(`GPU_CHECK_DRY=1 bash benchmark/gpu_check.sh /tmp/dry` runs the whole check on a CPU, in about 2 minutes.)"""
+a bare image: these static checks keep it from rotting between GPU sessions. Its time limits (`timeout -k`, every
+step) fit its 5 minutes, it records the commit where .git does not travel, each step's results reach OUT as the step
+ends, OUT holds at most 8 files, it measures and runs every script (with flags that each script accepts),
+tests/test_cuda.py compares every script, and every package that the check's code imports is either on the GPU image
+or shipped by benchmark/gpu_wheels.sh, at a version that pyproject.toml allows.
+(`GPU_CHECK_DRY=1 bash benchmark/gpu_check.sh /tmp/dry` runs the whole check on a CPU, tiny, its limits x5.)"""
 import ast
 import re
+import subprocess
 import sys
 from importlib.metadata import packages_distributions, requires
 
 import pytest
-from harness import ROOT
+from harness import ROOT, check_flags, load_script, parse
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -23,8 +26,11 @@ except ModuleNotFoundError:  # Python 3.10
 CHECK = (ROOT / "benchmark" / "gpu_check.sh").read_text()
 WHEELS_SCRIPT = (ROOT / "benchmark" / "gpu_wheels.sh").read_text()
 SCRIPT_NAMES = sorted(path.stem for path in (ROOT / "cleanrl_moe").glob("*.py"))
-BUDGET_S = 8 * 60
-OVERHEAD_S = 15  # beyond the limited steps: installing the wheels, machine.txt, summary.md, the tarball
+sys.path.insert(0, str(ROOT / "benchmark"))
+import gpu_real_runs  # noqa: E402
+
+BUDGET_S = 5 * 60  # a 15-minute device lease leaves room for a rerun
+OVERHEAD_S = 10  # beyond the limited steps: mktemp, summary.md and the tarball after each step (12 times)
 # What the GPU machines' image holds, of what the check needs (/work/.library/device/KINDS.md, image 'cuda', as read
 # on 2026-11-17: PyTorch, numpy, OpenCV, TensorBoard, rich, pytest, pytest-xdist and the packages below).
 DEVICE_IMAGE = {"torch", "numpy", "opencv-python-headless", "tensorboard", "rich", "pytest", "pytest-xdist",
@@ -35,8 +41,11 @@ NOT_ON_THE_CHECK_PATH = {"wandb", "moviepy", "rliable", "matplotlib", "pandas"}
 # The code that the check runs: the scripts, benchmark.sh perf (the bench package; report.py is imported by its CLI
 # but needs rliable only inside `report`), and the CUDA tests with their harness.
 CHECK_CODE = [*sorted((ROOT / "cleanrl_moe").glob("*.py")), *sorted((ROOT / "benchmark" / "bench").glob("*.py")),
-              ROOT / "tests" / "test_cuda.py", ROOT / "tests" / "harness.py", ROOT / "tests" / "conftest.py"]
+              ROOT / "benchmark" / "gpu_real_runs.py", ROOT / "tests" / "test_cuda.py", ROOT / "tests" / "harness.py",
+              ROOT / "tests" / "conftest.py"]
 LOCAL_MODULES = {"bench", "harness", "official_config"}
+# `timeout -k K N` or `timeout -k K $((N * X))` (X: 1 on the GPU, 5 on the dry run); the worst case is N + K seconds
+TIMEOUT = re.compile(r"\btimeout (?:-k (\d+) )?(?:\$\(\()?(\d+)\b")
 
 
 def wheels():
@@ -46,21 +55,25 @@ def wheels():
     return {canonicalize_name(name): Version(version) for name, version in pins}
 
 
+def code_lines(script):
+    return [line.split("#", 1)[0] for line in script.splitlines()]
+
+
 def limited_seconds(script):
-    """The worst case of a bash script's `timeout N` steps; a step inside `for x in a b c; do` counts once per item."""
+    """The worst case of a bash script's `timeout -k K N` (or `timeout N`) steps, N + K seconds each; a step inside
+    `for x in a b c; do` counts once per item."""
     total, loop_items = 0, 1
-    for line in script.splitlines():
-        code = line.split("#", 1)[0]
+    for code in code_lines(script):
         loop = re.match(r"\s*for \w+ in (.*); do", code)
         if loop:
             loop_items = len(loop.group(1).split())
         elif re.match(r"\s*done\b", code):
             loop_items = 1
-        total += sum(int(seconds) * loop_items for seconds in re.findall(r"\btimeout (\d+)", code))
+        total += sum((int(seconds) + int(grace or 0)) * loop_items for grace, seconds in TIMEOUT.findall(code))
     return total
 
 
-def test_the_gpu_check_fits_in_eight_minutes():
+def test_the_gpu_check_fits_in_five_minutes():
     total = limited_seconds(CHECK)
     assert total > 0
     assert total + OVERHEAD_S <= BUDGET_S, f"the check's time limits add up to {total} s, over {BUDGET_S - OVERHEAD_S} s"
@@ -68,16 +81,64 @@ def test_the_gpu_check_fits_in_eight_minutes():
 
 def test_the_time_limit_count_sees_every_limit():
     # the count itself: a step in the loop weighs once per script, one outside it once
-    script = "timeout 90 a\nfor s in x y z; do\n    timeout 10 b  # timeout 99 in a comment\ndone\ntimeout 5 c\n"
-    assert limited_seconds(script) == 90 + 3 * 10 + 5
+    script = ("timeout 90 a\nfor s in x y z; do\n    timeout -k 2 10 b  # timeout 99 in a comment\ndone\n"
+              "timeout -k 5 $((7 * X)) c | tee d\n")
+    assert limited_seconds(script) == 90 + 3 * (10 + 2) + 7 + 5
+
+
+def test_every_step_has_a_kill_grace_and_a_literal_limit():
+    # `timeout N` alone leaves a process that ignores SIGTERM running; a limit that is not a number escapes the sum
+    for code in code_lines(CHECK):
+        for call in re.findall(r"\btimeout\b.*", code):
+            assert TIMEOUT.match(call) and call.startswith("timeout -k "), call
+
+
+def test_each_step_reaches_out_when_it_ends():
+    # a step that times out must not take the others' results with it: `ran` (steps.md, summary.md, the tarball)
+    # follows every limited step of the check proper, before the next one starts
+    lines = [code.strip() for code in code_lines(CHECK.split("# 1. graphed against eager", 1)[1]) if code.strip()]
+    steps = [i for i, code in enumerate(lines) if code.startswith("timeout -k")]
+    assert len(steps) >= 3 + 2
+    for i, j in zip(steps, steps[1:] + [len(lines)]):
+        assert any(code.startswith("ran ") for code in lines[i + 1:j]), lines[i]
+    assert re.search(r"^ran\(\) \{.*?^    summarize$", CHECK, re.S | re.M)
+
+
+def test_out_holds_at_most_eight_files():
+    # a device run brings back at most 8 files
+    names = set(re.findall(r'"\$OUT/([\w.]+)"', CHECK)) - {"summary.md.tmp"}
+    assert "summary.md" in names and len(names) <= 8, sorted(names)
+
+
+def test_the_check_records_its_commit_where_git_does_not_travel():
+    assert "git log -1" in CHECK and "cat GPU_CHECK_COMMIT" in CHECK and "--prepare" in CHECK
+    assert re.search(r'^\{ date -u; commit;.*?> "\$OUT/machine.txt"', CHECK, re.S | re.M)  # into machine.txt
+    # GPU_CHECK_COMMIT must travel with the working tree: git must not ignore it
+    ignored = subprocess.run(["git", "check-ignore", "-q", "GPU_CHECK_COMMIT"], cwd=ROOT, capture_output=True)
+    if ignored.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert ignored.returncode == 1, ".gitignore ignores GPU_CHECK_COMMIT: it would not reach the GPU machine"
 
 
 def test_the_gpu_check_measures_every_script_with_a_budget_of_its_own():
     loops = re.findall(r"for script in (.*); do", CHECK)
     assert loops and all(sorted(loop.split()) == SCRIPT_NAMES for loop in loops)
-    cases = re.search(r"case \$1 in(.*?)esac", CHECK, re.S).group(1)
+    cases = re.search(r"^budget\(\) \{.*?case \$1 in(.*?)esac", CHECK, re.S | re.M).group(1)
     budgeted = {name for pattern in re.findall(r"^\s*([\w|]+)\)", cases, re.M) for name in pattern.split("|")}
     assert budgeted == set(SCRIPT_NAMES)
+
+
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
+def test_the_real_runs_cover_every_script_with_flags_it_accepts(name):
+    assert sorted(gpu_real_runs.SCRIPTS) == SCRIPT_NAMES
+    m = load_script(name)
+    for graphs in (True, False):
+        args, _ = parse(m, gpu_real_runs.flags(name, gpu_real_runs.STEPS, graphs))
+        check_flags(m, args)
+        assert args.cuda_graphs == graphs and args.checkpoint_every and args.eval_episodes == 1
+        assert args.stats_frequency < args.total_timesteps - args.learning_starts
+        assert args.save_model or name == "der_single_expert"  # the others evaluate a saved model
+    assert name != "dqn_redo" or args.replay_ratio == 1
 
 
 def test_the_cuda_tests_compare_every_script():
