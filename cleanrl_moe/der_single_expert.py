@@ -775,10 +775,14 @@ class ReplayMemory:
 
     def _write(self, frame, action, reward, terminated, episode_end, is_transition):
         slot = self.cursor % self.capacity
-        self.frames[slot] = torch.as_tensor(frame)
-        self.action[slot], self.reward[slot] = action, reward
-        self.terminated[slot], self.episode_end[slot], self.is_transition[slot] = terminated, episode_end, is_transition
-        self.history[slot] = min(self.episode_step, self.stack_size - 1)
+        self.frames[slot] = torch.as_tensor(frame)  # on a GPU: a copy from host memory, which waits for the GPU
+        # fill_ launches a kernel; `self.action[slot] = action` would copy a CPU scalar and wait for the GPU each time
+        self.action[slot].fill_(action)
+        self.reward[slot].fill_(reward)
+        self.terminated[slot].fill_(terminated)
+        self.episode_end[slot].fill_(episode_end)
+        self.history[slot].fill_(min(self.episode_step, self.stack_size - 1))
+        self.is_transition[slot] = is_transition
         self.episode_step += 1
         self.cursor += 1
 
@@ -1105,18 +1109,21 @@ def train_step(step, args, q_network, target_network, optimizer, rb, rng, noise,
     prioritized batch with importance weights, whose priorities are then set from its per-sample losses (then
     `after_update(step, q_network, optimizer, rb, rng)`, which returns {tag: value} events to log), and a hard target
     copy every target_network_frequency steps. `update_fn` is `update` or its CUDA graph. Returns the metrics of the
-    step's updates (`update`'s scalars, each with its batch's mean importance weight, "is_weight_mean") and its events;
-    a non-finite loss leaves the priorities alone."""
+    step's updates (`update`'s scalars, read to the host, each with its batch's mean importance weight,
+    "is_weight_mean") and its events; a non-finite loss leaves the priorities alone. The scalars and the per-sample
+    losses come to the host in one transfer (on a GPU one host sync an update)."""
     updates, events = [], {}
     if step > args.learning_starts and step % args.train_frequency == 0:
         index, probabilities = rb.sample_prioritized(args.batch_size, rng)
         weights = importance_weights(probabilities, beta_at(args, step))
         out = update_fn(q_network, target_network, optimizer, rb, torch.as_tensor(index, device=rb.device),
                         torch.as_tensor(weights, dtype=torch.float32, device=rb.device), noise, args.max_grad_norm)
-        metrics = {name: value for name, value in out.items() if name != "sample_losses"}
-        updates.append({**metrics, "is_weight_mean": float(weights.mean())})
-        if torch.stack(list(metrics.values())).isfinite().all():
-            rb.update_priorities(index, (out["sample_losses"].cpu().double().numpy() + 1e-10) ** args.priority_exponent)
+        names = [name for name in out if name != "sample_losses"]
+        host = torch.cat([torch.stack([out[name] for name in names]), out["sample_losses"]]).cpu()
+        scalars, sample_losses = host[:len(names)], host[len(names):]
+        updates.append({**dict(zip(names, scalars)), "is_weight_mean": float(weights.mean())})
+        if scalars.isfinite().all():
+            rb.update_priorities(index, (sample_losses.double().numpy() + 1e-10) ** args.priority_exponent)
         if after_update:
             events = after_update(step, q_network, optimizer, rb, rng)
     if step > args.learning_starts and step % args.target_network_frequency == 0:
@@ -2390,10 +2397,12 @@ class Run:
     def log_training(self, step, updates, events, save):
         """The metrics of a training step's updates, summed for the log interval's means (losses/<name>), and its
         `events` {tag: value}, logged at once. A non-finite loss (whose step Adam skipped) saves the last finite
-        weights and ends the run."""
-        for metrics in updates:
+        weights and ends the run. The metrics (0-dim tensors) of all the step's updates are read in one transfer: on a
+        GPU one host sync a step, not one per metric (`.item()`)."""
+        rows = torch.stack([torch.stack(list(metrics.values())) for metrics in updates]).tolist() if updates else []
+        for metrics, row in zip(updates, rows):
             self.updates += 1
-            values = {name: value.item() for name, value in metrics.items()}
+            values = dict(zip(metrics, row))
             if not all(math.isfinite(value) for value in values.values()):
                 save(step + 1)
                 exit_run(f"error: non-finite loss {values} at step {step:,}; checkpoint saved; resume with a lower "

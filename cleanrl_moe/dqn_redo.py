@@ -287,10 +287,14 @@ class ReplayMemory:
 
     def _write(self, frame, action, reward, terminated, episode_end, is_transition):
         slot = self.cursor % self.capacity
-        self.frames[slot] = torch.as_tensor(frame)
-        self.action[slot], self.reward[slot] = action, reward
-        self.terminated[slot], self.episode_end[slot], self.is_transition[slot] = terminated, episode_end, is_transition
-        self.history[slot] = min(self.episode_step, self.stack_size - 1)
+        self.frames[slot] = torch.as_tensor(frame)  # on a GPU: a copy from host memory, which waits for the GPU
+        # fill_ launches a kernel; `self.action[slot] = action` would copy a CPU scalar and wait for the GPU each time
+        self.action[slot].fill_(action)
+        self.reward[slot].fill_(reward)
+        self.terminated[slot].fill_(terminated)
+        self.episode_end[slot].fill_(episode_end)
+        self.history[slot].fill_(min(self.episode_step, self.stack_size - 1))
+        self.is_transition[slot] = is_transition
         self.episode_step += 1
         self.cursor += 1
 
@@ -1128,10 +1132,12 @@ class Run:
     def log_training(self, step, updates, events, save):
         """The metrics of a training step's updates, summed for the log interval's means (losses/<name>), and its
         `events` {tag: value}, logged at once. A non-finite loss (whose step Adam skipped) saves the last finite
-        weights and ends the run."""
-        for metrics in updates:
+        weights and ends the run. The metrics (0-dim tensors) of all the step's updates are read in one transfer: on a
+        GPU one host sync a step, not one per metric (`.item()`)."""
+        rows = torch.stack([torch.stack(list(metrics.values())) for metrics in updates]).tolist() if updates else []
+        for metrics, row in zip(updates, rows):
             self.updates += 1
-            values = {name: value.item() for name, value in metrics.items()}
+            values = dict(zip(metrics, row))
             if not all(math.isfinite(value) for value in values.values()):
                 save(step + 1)
                 exit_run(f"error: non-finite loss {values} at step {step:,}; checkpoint saved; resume with a lower "

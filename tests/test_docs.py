@@ -11,7 +11,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import method_table  # noqa: E402
 
 SECTIONS = ["Usage", "The method, top to bottom", "Public surface", "Logged metrics", "Deviations from the official code",
-            "Tests", "Results"]
+            "Host syncs on CUDA", "Tests", "Results"]
 SCRIPTS = sorted(p.stem for p in (ROOT / "cleanrl_moe").glob("*.py"))
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
