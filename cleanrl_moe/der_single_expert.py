@@ -2651,7 +2651,7 @@ def evaluate(q_network, args, num_episodes, device, seed, scores=None, stop=None
     others. With `video_dir`, the first `videos` episodes are recorded."""
     was_training = q_network.training
     q_network.eval()  # every noisy layer, the experts' included, uses its mean weights
-    scores = dict(scores or {})
+    scores, start, done_before = dict(scores or {}), time.time(), len(scores or {})
     todo = [i for i in range(num_episodes) if i not in scores]
     for first in range(0, len(todo), parallel):
         envs = {i: make_env(args.env_id, seed + i, args.repeat_action_probability, args.max_episode_steps,
@@ -2675,6 +2675,10 @@ def evaluate(q_network, args, num_episodes, device, seed, scores=None, stop=None
                 if terminated or truncated:
                     envs.pop(i).close()
                     scores[i] = returns[i]
+                    per_episode = (time.time() - start) / (len(scores) - done_before)  # side by side: the mean pace
+                    print(f"evaluation: {len(scores)}/{num_episodes} episodes | mean return "
+                          f"{np.mean(list(scores.values())):.1f} | "
+                          f"ETA {format_seconds(per_episode * (num_episodes - len(scores)))}", flush=True)
                 elif args.terminal_on_life_loss and info["lives"] < lives[i]:
                     stacks[i] = np.repeat(frame[None], 4, axis=0)
                 else:

@@ -2543,7 +2543,7 @@ def evaluate(model_path, make_network, num_episodes, device, epsilon, seed, retu
     model = make_network(env.action_space.n).to(device)
     model.load_state_dict(saved["model"])
     model.eval()  # every noisy layer, the experts' included, uses its mean weights
-    returns = list(returns)
+    returns, start, done_before = list(returns), time.time(), len(returns)
     while len(returns) < num_episodes and not stop:
         rng = np.random.default_rng([seed, len(returns)])
         frame, _ = env.reset(seed=seed + len(returns))
@@ -2560,6 +2560,9 @@ def evaluate(model_path, make_network, num_episodes, device, epsilon, seed, retu
             done = terminated or truncated
         if done:
             returns.append(episode_return)
+            per_episode = (time.time() - start) / (len(returns) - done_before)
+            print(f"evaluation: {len(returns)}/{num_episodes} episodes | mean return {np.mean(returns):.1f} | "
+                  f"ETA {format_seconds(per_episode * (num_episodes - len(returns)))}", flush=True)
     env.close()
     return returns
 

@@ -38,6 +38,9 @@ def test_end_to_end_writes_the_atari_100k_result_and_ends_learning_episodes_at_a
     proc = run_script(SCRIPT, *LIVES, "--checkpoint-every", 800, "--save-model", "--eval-episodes", 3,
                       "--eval-epsilon", 1.0, cwd=tmp_path)
     assert "score" in proc.stdout and "human-normalized" in proc.stdout
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("evaluation: ")]  # like training's
+    assert [line.split(" | ")[0] for line in progress] == [f"evaluation: {i}/3 episodes" for i in (1, 2, 3)]
+    assert "mean return" in progress[-1] and progress[-1].endswith("ETA 0m00s")
     run_dir = only_run_dir(tmp_path)
     info = result(run_dir)
     assert set(info) >= {"script", "env_id", "game", "seed", "steps", "episodes", "eval_returns", "score", "hns",

@@ -20,6 +20,9 @@ def test_end_to_end_logs_checkpoint_and_evaluation(tmp_path):
     proc = run_script(SCRIPT, *TINY, "--env-id", "ALE/SpaceInvaders-v5", "--checkpoint-every", 200, "--save-model",
                       "--eval-episodes", 1, cwd=tmp_path)
     assert "bytes per transition with priorities" in proc.stdout and "(mean of 1 episodes)" in proc.stdout
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("evaluation: ")]  # like training's
+    assert [line.split(" | ")[0] for line in progress] == ["evaluation: 1/1 episodes"]
+    assert "mean return" in progress[-1] and progress[-1].endswith("ETA 0m00s")
     run_dir = only_run_dir(tmp_path)
     tags = scalars(run_dir)
     for tag in ("charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/beta", "losses/td_loss",
