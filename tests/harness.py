@@ -1,15 +1,19 @@
 """Small shared test harness: load a script as a module, run it as a user would, read its TensorBoard events."""
+import atexit
 import functools
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # tools/check_mutants.py points this at mutated copies of the scripts
 SCRIPTS = Path(os.environ.get("CLEANRL_MOE_SCRIPTS", ROOT / "cleanrl_moe"))
+ZYGOTE = Path(__file__).with_name("zygote.py")
 
 
 @functools.cache
@@ -42,8 +46,24 @@ def check_flags(m, args):
         m.research_knobs(args)
 
 
+@functools.cache
+def fork_server():
+    """The address of this test process's fork server (tests/zygote.py: a script run then starts without importing
+    torch again), started on first use; None where it is turned off (CLEANRL_MOE_TEST_FORK=0) or cannot start."""
+    if os.environ.get("CLEANRL_MOE_TEST_FORK", "1") == "0" or not hasattr(socket, "send_fds"):
+        return None
+    address = os.path.join(tempfile.mkdtemp(prefix="zygote-"), "socket")
+    server = subprocess.Popen([sys.executable, "-u", str(ZYGOTE), "serve", address], env=test_env(),
+                              stdout=subprocess.PIPE, text=True)
+    atexit.register(server.kill)
+    return address if server.stdout.readline().strip() == "ready" else None
+
+
 def script_command(name, *flags):
-    return [sys.executable, str(SCRIPTS / f"{name}.py"), *map(str, flags)]
+    """The command line that runs a script as `python script.py flags` would (through the fork server when it runs)."""
+    command = [str(SCRIPTS / f"{name}.py"), *map(str, flags)]
+    address = fork_server()
+    return [sys.executable, *command] if address is None else [sys.executable, "-S", str(ZYGOTE), "run", address, *command]
 
 
 def test_env():
