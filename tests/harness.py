@@ -59,11 +59,15 @@ def fork_server():
     return address if server.stdout.readline().strip() == "ready" else None
 
 
-def script_command(name, *flags):
-    """The command line that runs a script as `python script.py flags` would (through the fork server when it runs)."""
-    command = [str(SCRIPTS / f"{name}.py"), *map(str, flags)]
+def python_command(path, *args):
+    """The command line that runs `python path args` (through the fork server when it runs)."""
+    command = [str(path), *map(str, args)]
     address = fork_server()
     return [sys.executable, *command] if address is None else [sys.executable, "-S", str(ZYGOTE), "run", address, *command]
+
+
+def script_command(name, *flags):
+    return python_command(SCRIPTS / f"{name}.py", *flags)
 
 
 def test_env():

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from harness import ROOT
+from harness import ROOT, python_command
 
 sys.path.insert(0, str(ROOT / "tools"))
 import equivalence  # noqa: E402
@@ -27,14 +27,15 @@ CASES = [(script, name) for script, configs in equivalence.CONFIGS.items() for n
 
 
 @pytest.mark.parametrize("script,name", CASES, ids=[f"{s}/{n}" for s, n in CASES])
-def test_same_numbers_as_before_the_minimal_layout(script, name):
-    # in a fresh process: the tool forks one child per run, which a pytest worker that has imported JAX (tests/official)
-    # must not do
+def test_same_numbers_as_before_the_minimal_layout(script, name, tmp_path):
+    # in another process: the tool forks one child per run, which a pytest worker that has imported JAX
+    # (tests/official) must not do
     code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'tools')!r}); import equivalence; "
             f"print(json.dumps(equivalence.compact(equivalence.run_config({script!r}, "
             f"equivalence.flags_of({script!r}, {name!r})))))")
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    (tmp_path / "run.py").write_text(code)
+    proc = subprocess.run(python_command(tmp_path / "run.py"), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().split("\n")[-1])
     want = equivalence.expected(script, name)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from harness import ROOT, SCRIPTS
+from harness import ROOT, SCRIPTS, python_command
 
 sys.path.insert(0, str(ROOT / "tools"))
 import equivalence  # noqa: E402
@@ -112,7 +112,8 @@ def test_without_the_knobs_the_script_trains_its_defaults_to_the_same_numbers(pa
             f"print(json.dumps(equivalence.compact(equivalence.run_config({path.stem!r}, "
             f"equivalence.flags_of({path.stem!r}, 'defaults')))))")
     env = dict(os.environ, CLEANRL_MOE_SCRIPTS=str(cut), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    (tmp_path / "run.py").write_text(code)
+    proc = subprocess.run(python_command(tmp_path / "run.py"), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().split("\n")[-1])
     assert got == equivalence.expected(path.stem, "defaults"), "the cut script learns other numbers"
