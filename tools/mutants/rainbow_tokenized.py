@@ -50,7 +50,7 @@ MUTANTS = [
      "return args.priority_beta_start + min(1.0, max(0.0, fraction)) *",
      "return args.priority_beta_start + 0.0 *", [REPLAY]),
     ("rainbow_tokenized", "priorities never updated",
-     "            rb.update_priorities(index, (out[\"sample_losses\"].cpu().double().numpy() + 1e-10) ** args.priority_exponent)",
+     "            rb.update_priorities(index, (sample_losses.double().numpy() + 1e-10) ** args.priority_exponent)",
      "            pass", [REPLAY]),
     ("rainbow_tokenized", "priority exponent ignored",
      "+ 1e-10) ** args.priority_exponent)", "+ 1e-10) ** 0.5)", [REPLAY]),
