@@ -1846,7 +1846,8 @@ class Run:
             ("final return", f"{np.mean(returns):.1f} (mean of the last {len(returns)} episodes)" if returns
              else "no finished episode"),
             ("evaluation", f"{np.mean(self.eval_returns):.1f} (mean of {len(self.eval_returns)} episodes)"
-             if self.eval_returns else "none (--save-model evaluates)"),
+             if self.eval_returns else "none (--eval-episodes 0)" if not args.eval_episodes
+             else "none (--save-model evaluates)"),
             ("run directory", self.dir),
             ("model", model_path or "not saved (--save-model)"),
             ("checkpoint", self.checkpoint.folder if os.path.isdir(self.checkpoint.folder) else "none (--checkpoint-every)"),

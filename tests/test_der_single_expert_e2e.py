@@ -106,6 +106,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
     assert 200 <= interrupted_at < 600
     resumed = run_script(SCRIPT, "--resume", run_dir, cwd=cwd)
     assert f"at step {interrupted_at:,}" in resumed.stdout
+    assert "evaluation     none (--eval-episodes 0)" in resumed.stdout  # the summary: DER evaluates without --save-model
     final = read_checkpoint(run_dir)
     assert final["global_step"] == uninterrupted["global_step"] == 600
     assert final["run"]["episode"] == uninterrupted["run"]["episode"]  # return, length, episodes, updates
