@@ -130,6 +130,7 @@ def test_the_extra_linear_layer_is_a_512_unit_relu_layer_before_the_head(script)
     torch.testing.assert_close(record["extra"], hidden)
     if hasattr(net.head, "advantage"):  # Rainbow's noisy dueling head reads the 512 units
         assert net.head.advantage.weight_mu.shape[1] == 512 and net.head.value.weight_mu.shape[1] == 512
+        torch.testing.assert_close(q, (net.head(hidden).softmax(dim=-1) * net.support).sum(-1))  # Q reads them
     else:
         torch.testing.assert_close(q, net.head(hidden))
 
