@@ -1,0 +1,396 @@
+"""`perf --official`: one update of a script next to the official Dopamine training step on the same network, the same
+weights and the same replay batch. For each configuration:
+
+- the script's network (every weight perturbed, float32) and its official Flax module, the weights copied in by the
+  mappings of tests/official (`official_params` of test_official_dqn_softmoe.py and test_official_rainbow_der.py);
+- the same batch on both sides: uint8 frame stacks, actions, (n-step) rewards, terminals, and for Rainbow the
+  importance weights and the n-step discount gamma^n (0 after a termination), as the official `train` takes them;
+- a check: one update of the script (`update` of the script, fed the batch by a stand-in replay memory) and one of the
+  official jitted `train` (dopamine/labs/moes/agents/dqn_moe_agent.py, full_rainbow_moe_agent.py,
+  rainbow_100k_moe_agent.py) give the same loss (<= 1e-5 relative) and the same parameter updates (max |delta ours -
+  delta official| <= 1e-2 x the learning rate; Adam's first step moves every weight by about lr x sign(gradient)).
+  The Rainbow noise is off on both sides for this check (the script's `set_noise`, the official NoisyNetwork drawing
+  zeros): the two sides draw their noise differently (softmoe.md section 10);
+- timing: the CPU time (time.process_time) per update of each side, interleaved, on one thread (torch one thread,
+  XLA with `--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`), noise on, the official `train` as
+  its agent calls it (its statistics flags at the agent's defaults).
+
+Needs the `official` extra and dopamine-rl (see tests/official/conftest.py) and pytest (the stand-ins of that conftest
+are reused)."""
+import copy
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+TESTS = ROOT / "tests"
+ONE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+NUM_ACTIONS = 18
+LOSS_RTOL = 1e-5  # |loss ours - loss official| / |loss official|
+UPDATE_TOL = 1e-2  # max |delta ours - delta official| / learning rate
+
+# name: (script, test module, its configuration, the official agent module)
+CONFIGS = {
+    "dqn_softmoe SoftMoE-8": ("dqn_softmoe", "test_official_dqn_softmoe", "softmoe8-perconv", "dqn_moe_agent"),
+    "dqn_softmoe --moe-type baseline": ("dqn_softmoe", "test_official_dqn_softmoe", "baseline-8-scaled",
+                                        "dqn_moe_agent"),
+    "rainbow_tokenized defaults": ("rainbow_tokenized", "test_official_rainbow_der",
+                                   "rainbow_tokenized defaults (Impala, SoftMoE-4)", "full_rainbow_moe_agent"),
+    "der_single_expert defaults": ("der_single_expert", "test_official_rainbow_der",
+                                   "der_single_expert defaults (Nature CNN, SoftMoE-1 x2048)", "rainbow_100k_moe_agent"),
+    "der_single_expert --encoder der": ("der_single_expert", None, None, "rainbow_100k_moe_agent"),
+}
+STATIC = {"dqn_moe_agent": ("network_def", "optimizer", "cumulative_gamma", "log_moe_statistics",
+                            "log_dormant_statistics", "loss_type"),
+          "full_rainbow_moe_agent": ("network_def", "optimizer", "cumulative_gamma", "double_dqn", "distributional",
+                                     "mse_loss", "log_moe_statistics", "log_network_statistics"),
+          "rainbow_100k_moe_agent": ("network_def", "optimizer", "cumulative_gamma", "double_dqn", "distributional",
+                                     "mse_loss", "log_moe_statistics")}
+# the statistics flags of `train` at the agents' defaults (DQNMoEAgent: True, True; the Rainbow MoE agents: False)
+AGENT_FLAGS = {"dqn_moe_agent": (True, True), "full_rainbow_moe_agent": (False, False),
+               "rainbow_100k_moe_agent": (False,)}
+
+
+def setup():
+    """jax on one thread, the official modules imported with the stand-ins of tests/official/conftest.py (plus snappy,
+    which dopamine's replay memory imports), tests/ on sys.path. Returns a namespace of the modules used."""
+    if "jax" not in sys.modules:
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {ONE_THREAD_XLA}".strip()
+    for path in (TESTS, TESTS / "official"):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    import jax
+    import torch
+
+    torch.set_num_threads(1)
+    jax.devices()  # the backend starts with the flags above (conftest's own flags come too late to change it)
+    spec = importlib.util.spec_from_file_location("official_conftest", TESTS / "official" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    if conftest._reason is not None:
+        raise SystemExit(f"perf --official: {conftest._reason}")
+    conftest.STAND_INS = conftest.STAND_INS + ("snappy",)
+    with conftest._stand_ins():
+        import dopamine.jax.agents.dqn.dqn_agent as dqn_agent
+        import dopamine.labs.moes.agents.dqn_moe_agent as dqn_moe_agent
+        import dopamine.labs.moes.agents.full_rainbow_moe_agent as full_rainbow_moe_agent
+        import dopamine.labs.moes.agents.rainbow_100k_moe_agent as rainbow_100k_moe_agent
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.WARNING)
+    return dict(dqn_agent=dqn_agent, dqn_moe_agent=dqn_moe_agent, full_rainbow_moe_agent=full_rainbow_moe_agent,
+                rainbow_100k_moe_agent=rainbow_100k_moe_agent)
+
+
+class StandInMemory:
+    """Stands in for a script's replay memory: `update` gathers this batch whatever the indices."""
+
+    device = "cpu"
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def get(self, index):
+        return self.batch
+
+
+class Pair:
+    """A configuration's two sides: the script's network, target, optimizer and update; the official module, params,
+    optimizer and the arguments of its `train`."""
+
+    def __init__(self, mods, name, batch_size=32, seed=0):
+        import jax
+        import torch
+        from harness import build_network, load_script
+        from official_mapping import frames, nhwc, perturb_
+
+        script, test, config, agent = CONFIGS[name]
+        self.name, self.agent, self.rainbow = name, mods[agent], agent != "dqn_moe_agent"
+        m = self.m = load_script(script)
+        if test is None:
+            flags = {"encoder": "der"}
+        else:
+            flags = __import__(test).CONFIGS[config][1 if self.rainbow else 0]
+        self.args = args = m.Args(**flags)
+        torch.manual_seed(seed)
+        self.net = perturb_(build_network(m, args, NUM_ACTIONS), seed=seed + 1).float()
+        self.target = copy.deepcopy(self.net)
+        self.optimizer = m.make_optimizer(args, self.net)
+        n = args.n_step if self.rainbow else 1
+        rng = np.random.default_rng(seed)
+        obs, next_obs = frames(batch_size, seed + 2), frames(batch_size, seed + 3)
+        actions = rng.integers(0, NUM_ACTIONS, batch_size)
+        terminals = (rng.random(batch_size) < 0.25).astype(np.float32)
+        rewards = rng.integers(-1, 2, (batch_size, n)).astype(np.float64) @ (args.gamma ** np.arange(n))
+        discount = args.gamma ** n
+        self.batch = {"obs": obs, "actions": torch.from_numpy(actions).long(),
+                      "returns": torch.from_numpy(rewards).float(),
+                      "discounts": torch.from_numpy(np.where(terminals > 0, 0.0, discount)).float(),
+                      "next_obs": next_obs}
+        probabilities = rng.uniform(0.1, 1.0, batch_size)
+        self.weights = (probabilities / probabilities.min()) ** -0.5  # Dopamine's 1/sqrt(p) / max, the scripts' beta 0.5
+        self.memory, self.index = StandInMemory(self.batch), torch.arange(batch_size)
+        self.noise = torch.Generator().manual_seed(seed + 4)
+        hooks = m.research_knobs(args)
+        self.extra_losses = getattr(hooks, "extra_losses", None)
+
+        # the official side
+        self.optax = mods["dqn_agent"].create_optimizer("adam", learning_rate=args.learning_rate, eps=args.adam_eps)
+        self.error = None
+        x = np.zeros((84, 84, 4), np.uint8)
+        if test is None:
+            self.module, self.params, self.error = self.closest_der_module(x, args)
+            self.note = ("no official network: FullRainbowMoENetwork without an MoE crashes; timed: "
+                         "dopamine.jax.networks.FullRainbowNetwork (Nature CNN, noisy dueling 512), its own init")
+        else:
+            T = __import__(test)
+            _, cls_or_flags, attributes = T.CONFIGS[config]
+            if self.rainbow:
+                self.support = self.net.support.numpy()
+                self.module = T.moe_networks.FullRainbowMoENetwork(num_actions=NUM_ACTIONS, num_atoms=args.n_atoms,
+                                                                   nn_scale=1, inputs_preprocessed=False, **attributes)
+                shapes = jax.eval_shape(lambda: self.module.init(jax.random.PRNGKey(0), x, self.support,
+                                                                 key=jax.random.PRNGKey(0)))
+                self.params = T.official_params(self.net, attributes, shapes, np.float32)
+            else:
+                self.module = cls_or_flags(num_actions=NUM_ACTIONS, inputs_preprocessed=False, **attributes)
+                shapes = jax.eval_shape(lambda: self.module.init(jax.random.PRNGKey(0), x, key=jax.random.PRNGKey(0)))
+                self.params = T.official_params(self.net, flags, shapes, np.float32)
+            self.map = lambda net: (T.official_params(net, attributes, shapes, np.float32) if self.rainbow
+                                    else T.official_params(net, flags, shapes, np.float32))
+            self.note = f"{type(self.module).__name__}, {self.agent.__name__.rsplit('.', 1)[-1]}.train"
+        if self.rainbow and test is None:
+            self.support = self.net.support.numpy()
+        self.target_params = self.params
+        self.opt_state = self.optax.init(self.params)
+        self.states, self.next_states = nhwc(obs), nhwc(next_obs)
+        self.actions, self.terminals = actions.astype(np.int32), terminals
+        self.rewards, self.discount = rewards.astype(np.float32), discount
+        self.flags = AGENT_FLAGS[agent]
+        self.key = jax.random.PRNGKey(seed)
+
+    def closest_der_module(self, x, args):
+        """The official Rainbow MoE network without an MoE (what --encoder der has none of) crashes; the closest that
+        runs is Dopamine's non-MoE FullRainbowNetwork."""
+        import jax
+        from official_mapping import base_networks, moe_networks
+
+        error = None
+        try:
+            moe_networks.FullRainbowMoENetwork(num_actions=NUM_ACTIONS, num_atoms=args.n_atoms, nn_scale=1,
+                                               encoder_type="CNN", moe_type="BASELINE").init(
+                jax.random.PRNGKey(0), x, self.net.support.numpy(), key=jax.random.PRNGKey(0))
+        except Exception as e:  # noqa: BLE001
+            error = f"FullRainbowMoENetwork(moe_type='BASELINE'): {type(e).__name__}: {e}"
+        module = base_networks.FullRainbowNetwork(num_actions=NUM_ACTIONS, num_atoms=args.n_atoms)
+        params = module.init(jax.random.PRNGKey(0), x, self.net.support.numpy(), key=jax.random.PRNGKey(0))
+        return module, params, error
+
+    def ours(self, check=False):
+        """One update of the script; returns its loss (a float)."""
+        m = self.m
+        if self.rainbow:
+            if check:
+                m.set_noise(self.net, False)
+                m.set_noise(self.target, False)
+            out = m.update(self.net, self.target, self.optimizer, self.memory, self.index,
+                           __import__("torch").from_numpy(self.weights).float(), self.noise, self.args.max_grad_norm,
+                           **({"extra_losses": self.extra_losses} if self.extra_losses else {}))
+        else:
+            out = m.update(self.net, self.target, self.optimizer, self.memory, self.index,
+                           **({"extra_losses": self.extra_losses} if self.extra_losses else {}))
+        return float(out["td_loss"])
+
+    def train_args(self, flags):
+        if self.rainbow:
+            return (self.module, self.params, self.target_params, self.optax, self.opt_state, self.states, self.actions,
+                    self.next_states, self.rewards, self.terminals, self.weights.astype(np.float32), self.support,
+                    self.discount, True, True, False, self.key, *flags)
+        return (self.module, self.params, self.target_params, self.optax, self.opt_state, self.states, self.actions,
+                self.next_states, self.rewards, self.terminals, self.discount, self.key, *flags)
+
+    def official(self, train=None, flags=None):
+        """One official update (the agent's jitted `train`, or `train`); returns its loss (a float)."""
+        import jax
+
+        out = (train or self.agent.train)(*self.train_args(self.flags if flags is None else flags))
+        jax.block_until_ready(out["online_params"])
+        self.params, self.opt_state, self.key = out["online_params"], out["optimizer_state"], out["rng"]
+        return float(out["mean_td_loss" if self.rainbow else "td_loss"])
+
+
+def zero_noise():
+    """The official NoisyNetwork drawing zeros (so no noise), for the check."""
+    import contextlib
+
+    import jax.numpy as jnp
+    from official_mapping import base_networks
+
+    @contextlib.contextmanager
+    def patched():
+        original = base_networks.NoisyNetwork.sample_noise
+        base_networks.NoisyNetwork.sample_noise = staticmethod(lambda key, shape: jnp.zeros(shape))
+        try:
+            yield
+        finally:
+            base_networks.NoisyNetwork.sample_noise = staticmethod(original)
+
+    return patched()
+
+
+CHECK_TRAIN = {}
+
+
+def check(pair):
+    """One update on each side from the same weights and batch: {loss_ours, loss_official, loss_rel,
+    update_diff_over_lr, passed}. A separate jit of the official `train` (noise drawn as zeros) keeps the timed one
+    untouched."""
+    import jax
+
+    before = {k: np.asarray(v) for k, v in _flat(pair.params).items()}
+    agent = pair.agent.__name__.rsplit(".", 1)[-1]
+    if agent not in CHECK_TRAIN:  # one per agent, so that its compilations are cached across checks
+        CHECK_TRAIN[agent] = jax.jit(pair.agent.train.__wrapped__, static_argnames=STATIC[agent])
+    train = CHECK_TRAIN[agent]
+    with zero_noise():
+        loss_official = pair.official(train, flags=tuple(False for _ in pair.flags))  # no statistics
+    loss_ours = pair.ours(check=True)
+    ours = _flat(pair.map(pair.net))
+    official = _flat(pair.params)
+    lr = pair.args.learning_rate
+    worst, where = 0.0, ""
+    for path, value in official.items():
+        diff = np.abs((np.asarray(ours[path]) - before[path]) - (np.asarray(value) - before[path])).max() / lr
+        if diff > worst:
+            worst, where = float(diff), path
+    moved = max(np.abs(np.asarray(v) - before[p]).max() for p, v in official.items()) / lr
+    rel = abs(loss_ours - loss_official) / abs(loss_official)
+    return {"loss_ours": loss_ours, "loss_official": loss_official, "loss_rel": rel, "update_diff_over_lr": worst,
+            "worst_param": where, "largest_update_over_lr": float(moved),
+            "passed": bool(rel <= LOSS_RTOL and worst <= UPDATE_TOL and moved > 0.5)}
+
+
+def _flat(params):
+    import flax
+
+    return flax.traverse_util.flatten_dict(params["params"], sep="/")
+
+
+def time_pair(pair, rounds, updates):
+    """CPU ms per update of each side, interleaved (ours, official, ours, ...), after one warm-up round."""
+    times = {"ours": [], "official": []}
+    for r in range(rounds + 1):
+        for side, step in (("ours", pair.ours), ("official", pair.official)):
+            start = time.process_time()
+            for _ in range(updates):
+                step()
+            if r:
+                times[side].append((time.process_time() - start) / updates * 1000)
+    return {side: statistics.median(values) for side, values in times.items()}
+
+
+def machine():
+    model = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"cpu": model, "cpus": os.cpu_count(), "python": platform.python_version(), "commit": commit}
+
+
+def run_config(mods, name, rounds, updates, batch_size=32):
+    """A configuration's row: the check (where the official network exists) and the timing."""
+    row = {"config": name}
+    try:
+        pair = Pair(mods, name, batch_size)
+        row["official_network"] = pair.note
+        if pair.error:
+            row["official_errors"] = [pair.error]
+        if hasattr(pair, "map"):
+            row["check"] = check(Pair(mods, name, batch_size))
+        # the agent's default statistics flags, else the first flag (log_moe_statistics) off, else all off
+        defaults = pair.flags
+        for flags in dict.fromkeys([defaults, (False, *defaults[1:]), tuple(False for _ in defaults)]):
+            pair.flags = flags
+            try:
+                pair.official()  # also the first compile
+                break
+            except Exception as error:  # noqa: BLE001
+                row.setdefault("official_errors", []).append(
+                    f"train with statistics flags {flags}{' (its agent defaults)' if flags == defaults else ''}: "
+                    f"{type(error).__name__}: {error}")
+        if pair.flags != defaults:
+            row["official_network"] += f" (statistics flags {pair.flags})"
+        row["official_flags"] = list(pair.flags)
+        times = time_pair(pair, rounds, updates)
+        row.update(ours_ms=times["ours"], official_ms=times["official"], ratio=times["official"] / times["ours"])
+    except Exception as error:  # noqa: BLE001
+        row["error"] = f"{type(error).__name__}: {error}"
+        traceback.print_exc()
+    return row
+
+
+def markdown(rows, info, rounds, updates, batch_size):
+    lines = [f"CPU ms per update, one thread (median of {rounds} interleaved rounds of {updates} updates; batch "
+             f"{batch_size}, {NUM_ACTIONS} actions, float32); CPU: {info['cpu']}; commit {info['commit'][:12]}; "
+             f"`{info['command']}`", "",
+             "| configuration | official network and train | same loss and update (check) | ours (ms) | official (ms) "
+             "| official / ours |", "|---|---|---|---:|---:|---:|"]
+    for row in rows:
+        c = row.get("check")
+        verdict = ("-" if c is None else
+                   f"{'yes' if c['passed'] else 'NO'}: loss {c['loss_ours']:.6g} vs {c['loss_official']:.6g} "
+                   f"(rel {c['loss_rel']:.1e}), max update diff {c['update_diff_over_lr']:.1e} lr")
+        if "error" in row:
+            lines.append(f"| {row['config']} | error: {row['error']} | - | - | - | - |")
+            continue
+        lines.append(f"| {row['config']} | {row['official_network']} | {verdict} | {row['ours_ms']:.1f} | "
+                     f"{row['official_ms']:.1f} | {row['ratio']:.2f} |")
+    errors = [f"- {row['config']}: {error}" for row in rows for error in row.get("official_errors", [])]
+    if errors:
+        lines += ["", "Official code that crashed (caught; the closest configuration that runs was timed):", *errors]
+    lines += ["", f"Check: one update from the same weights and batch, noise off on both sides; loss within "
+              f"{LOSS_RTOL:g} relative, every parameter's update within {UPDATE_TOL:g} x the learning rate of the "
+              f"official one (float32)."]
+    return "\n".join(lines)
+
+
+def official(opts):
+    """`./benchmark.sh perf --official`."""
+    names = opts.official_configs or list(CONFIGS)
+    unknown = set(names) - set(CONFIGS)
+    if unknown:
+        raise SystemExit(f"unknown configurations {sorted(unknown)}; known: {list(CONFIGS)}")
+    mods = setup()
+    info = machine()
+    info["command"] = shlex.join(["./benchmark.sh", *sys.argv[1:]])
+    info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    rows = []
+    for name in names:
+        print(f"{name} ...", flush=True)
+        rows.append(run_config(mods, name, opts.rounds, opts.updates, opts.batch_size))
+    table = markdown(rows, info, opts.rounds, opts.updates, opts.batch_size)
+    print(table)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "perf-official.md").write_text(table + "\n")
+    (out / "perf-official.json").write_text(json.dumps({"machine": info, "rounds": opts.rounds, "updates": opts.updates,
+                                                        "batch_size": opts.batch_size, "rows": rows}, indent=2) + "\n")
+    print(f"written: {out / 'perf-official.md'}, {out / 'perf-official.json'}")
+    failed = [row["config"] for row in rows if "error" in row or (row.get("check") and not row["check"]["passed"])]
+    return 1 if failed else 0
