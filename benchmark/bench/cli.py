@@ -9,7 +9,7 @@
     ./benchmark.sh collect atari100k_26          # copy finished runs into docs/results/<suite>_<variant>/ (to commit)
     ./benchmark.sh perf                          # steps/s, CPU time, peak memory, replay bytes per transition of each script
     ./benchmark.sh perf dqn_softmoe_networks --rounds 3    # variants side by side (benchmark/perf/*.toml), interleaved
-    ./benchmark.sh perf --official --rounds 10   # each script's update next to the official Dopamine train step
+    ./benchmark.sh perf --official --rounds 10   # each script's update next to Dopamine's official train step
 
 A suite is a TOML file: games x seeds x variants, a variant being a script with its flags. Every run has its own
 directory `<out>/<variant>/<game>/seed<N>/` (`<out>` = runs/benchmark/<suite>) holding `log.txt` (the run's output,
@@ -100,9 +100,10 @@ def parser():
     pf.add_argument("--flags", default="", help="extra flags for every measured run (not CleanRL's)")
     pf.add_argument("--out", default="runs/benchmark/perf")
     off = pf.add_argument_group("--official (benchmark/bench/official.py; needs the official extra and dopamine-rl)")
-    off.add_argument("--official", action="store_true", help="instead: one update of each script next to the official "
-                     "Dopamine train function on the same weights and batch (same loss and update?), and the CPU time "
-                     "per update of both, one thread, interleaved over --rounds; writes perf-official.md/json to --out")
+    off.add_argument("--official", action="store_true", help="instead: one update of each script next to the "
+                     "official Dopamine train function on the same weights and batch (same loss and gradients?), and "
+                     "the CPU time per update of both, one thread, interleaved over --rounds; writes "
+                     "perf-official.md/json to --out")
     off.add_argument("--official-configs", nargs="+", metavar="NAME", help="only these configurations (default: all)")
     off.add_argument("--updates", type=int, default=2, help="updates per side and round")
     off.add_argument("--batch-size", type=int, default=32)

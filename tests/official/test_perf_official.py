@@ -20,7 +20,7 @@ def test_one_update_matches_the_official_train_and_is_timed(mods):
     assert "error" not in row, row
     check = row["check"]
     assert check["loss_rel"] <= official.LOSS_RTOL, check
-    assert check["update_diff_over_lr"] <= official.UPDATE_TOL, check
+    assert check["grad_rel"] <= official.GRAD_RTOL and check["update_diff_over_lr"] <= 0.01, check
     assert check["largest_update_over_lr"] > 0.5 and check["passed"], check
     assert row["ours_ms"] > 0 and row["official_ms"] > 0
     # the official DQN MoE agent's default statistics flags crash its train (MoEType has no DROPLESSMOE): recorded
@@ -31,7 +31,8 @@ def test_one_update_matches_the_official_train_and_is_timed(mods):
 
 
 def test_a_different_batch_gives_a_different_loss(mods):
-    """The check can fail: the two sides fed different batches disagree."""
+    """The check can fail: the two sides fed different batches disagree (in the loss and in the gradients)."""
     pair = official.Pair(mods, "dqn_softmoe SoftMoE-8", batch_size=2)
     pair.batch["returns"] += 1.0  # the script's copy only
-    assert official.check(pair)["loss_rel"] > official.LOSS_RTOL
+    check = official.check(pair)
+    assert check["loss_rel"] > official.LOSS_RTOL and check["grad_rel"] > official.GRAD_RTOL and not check["passed"]
