@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 14): one command, at most 5 minutes on an H100/H200, results in one folder.
+# The prepared GPU check (issue 14): one command, at most 6.5 minutes on an H100/H200, results in one folder.
 #
 #     bash benchmark/gpu_wheels.sh                  # here, once: the wheels a bare GPU machine lacks, into .whl/
 #     bash benchmark/gpu_check.sh --prepare         # here, before each device run: the commit, into GPU_CHECK_COMMIT
@@ -11,11 +11,16 @@
 # 3. benchmark/gpu_real_runs.py: per script a tiny real run with --cuda-graphs, statistics and a periodic checkpoint,
 #    SIGTERM in training, --resume to the end and an evaluation episode; dqn_redo at --replay-ratio 1 against eager;
 # 4. per script, its default network with the replay memory on the GPU, eager and --cuda-graphs one after the other
-#    (benchmark.sh perf: learning SPS, warm-up SPS, peak GPU memory, peak host RSS), about 10 s a run.
-# Every step runs under `timeout -k`; the limits add up to under 5 minutes (tests/test_gpu_check.py), so that a
-# 15-minute device lease leaves room for a rerun. Each step's results reach OUT when it ends and OUT/summary.md is
-# rebuilt after each step: a step that times out loses only its own results. At most 8 files come back from a device
-# run: OUT holds 7 (machine.txt, test_cuda.txt, env_speed.txt, real_runs.txt, steps.md, summary.md, runs.tar.gz).
+#    (benchmark.sh perf: learning SPS, warm-up SPS, peak GPU memory, peak host RSS), about 10 s a run;
+# 5. benchmark.sh perf --official (issue 28): each script's update next to the official Dopamine `train` on the GPU
+#    (JAX's CUDA build is on the image; gin-config and dopamine-rl come as wheels), same loss and gradients, wall ms
+#    per update of each; GPU_CHECK_OFFICIAL=0 skips it.
+# Every step runs under `timeout -k`; the limits add up to under 6.5 minutes, 5 without step 5
+# (tests/test_gpu_check.py), so that a 15-minute device lease (about 1.5 minutes of start) leaves room for a rerun.
+# Each step's results reach OUT when it ends and OUT/summary.md is rebuilt after each step: a step that times out
+# loses only its own results. At most 8 files come back from a device run: OUT holds 7 (machine.txt, test_cuda.txt,
+# env_speed.txt, real_runs.txt, steps.md, summary.md, runs.tar.gz; perf --official's table is in summary.md, its
+# JSON in runs.tar.gz).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,6 +57,7 @@ summarize() {  # OUT/summary.md from whatever the steps have written so far; the
       echo "## 3. Real runs"; echo; echo '```'; cat "$OUT/real_runs.txt" 2>/dev/null; echo '```'; echo
       echo "## 4. Eager and --cuda-graphs"; echo
       n=1; for perf in "$WORK"/perf_*/perf.md; do [ -f "$perf" ] && grep '^|' "$perf" | tail -n +$n && n=3; done
+      echo; echo "## 5. perf --official"; echo; cat "$WORK/perf_official/perf-official.md" 2>/dev/null
       echo; echo "## Learning SPS as a fraction of the env-bound limit 1/t_env"; echo
       python3 - "$WORK" <<'EOF'
 import json, pathlib, sys
@@ -79,7 +85,7 @@ ran() {  # STEP EXIT_CODE: a row of OUT/steps.md (with the seconds since the las
 
 # 0. the wheels that a bare GPU machine lacks, and the machine
 SECONDS=0
-if [ -d .whl ] && ! timeout -k 2 $((5 * X)) python3 -c "import gymnasium, ale_py, tyro" 2>/dev/null; then
+if [ -d .whl ] && ! timeout -k 2 $((5 * X)) python3 -c "import gymnasium, ale_py, tyro, gin, dopamine" 2>/dev/null; then
     timeout -k 2 $((15 * X)) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || { echo "gpu_check: the wheels in .whl/ did not install"; exit 1; }
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -152,6 +158,16 @@ for script in dqn_softmoe dqn_redo rainbow_tokenized der_single_expert; do  # on
         $(budget "$script") --out "$WORK/perf_${script}_graphs" > "$WORK/perf_${script}_graphs.txt" 2>&1
     ran "4. $script --cuda-graphs" $?
 done
+
+# 5. the update next to the official one (a GPU is used where torch and JAX both see one); the table is rewritten
+#    after each configuration, so that a timeout keeps the ones done
+if [ "${GPU_CHECK_OFFICIAL:-1}" = 1 ]; then
+    official=(--rounds 5 --updates 5)
+    [ "$DRY" = 1 ] && official=(--official-configs "dqn_softmoe SoftMoE-8" --rounds 1 --updates 1 --batch-size 2)
+    timeout -k 5 $((85 * X)) ./benchmark.sh perf --official "${official[@]}" --out "$WORK/perf_official" \
+        > "$WORK/perf_official.txt" 2>&1
+    ran "5. perf --official" $?
+fi
 
 cat "$OUT/summary.md"
 echo "gpu_check: results in $OUT (summary.md, steps.md, machine.txt, test_cuda.txt, env_speed.txt, real_runs.txt," \

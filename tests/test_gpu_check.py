@@ -1,6 +1,6 @@
 """The prepared GPU check (benchmark/gpu_check.sh, issue 14) can only run on a lent GPU machine, for a few minutes, on
 a bare image: these static checks keep it from rotting between GPU sessions. Its time limits (`timeout -k`, every
-step) fit its 5 minutes, it records the commit where .git does not travel, each step's results reach OUT as the step
+step) fit its 6.5 minutes (5 without step 5, perf --official), it records the commit where .git does not travel, each step's results reach OUT as the step
 ends, OUT holds at most 8 files, it measures and runs every script (with flags that each script accepts),
 tests/test_cuda.py compares every script, and every package that the check's code imports is either on the GPU image
 or shipped by benchmark/gpu_wheels.sh, at a version that pyproject.toml allows.
@@ -29,23 +29,31 @@ SCRIPT_NAMES = sorted(path.stem for path in (ROOT / "cleanrl_moe").glob("*.py"))
 sys.path.insert(0, str(ROOT / "benchmark"))
 import gpu_real_runs  # noqa: E402
 
-BUDGET_S = 5 * 60  # a 15-minute device lease leaves room for a rerun
-OVERHEAD_S = 10  # beyond the limited steps: mktemp, summary.md and the tarball after each step (12 times)
+BUDGET_S = 6.5 * 60  # a 15-minute device lease (about 1.5 minutes of start) leaves room for a rerun
+BUDGET_WITHOUT_OFFICIAL_S = 5 * 60  # GPU_CHECK_OFFICIAL=0: the check without step 5
+OVERHEAD_S = 10  # beyond the limited steps: mktemp, summary.md and the tarball after each step (13 times)
 # What the GPU machines' image holds, of what the check needs (/work/.library/device/KINDS.md, image 'cuda', as read
 # on 2026-11-17: PyTorch, numpy, OpenCV, TensorBoard, rich, pytest, pytest-xdist and the packages below).
 DEVICE_IMAGE = {"torch", "numpy", "opencv-python-headless", "tensorboard", "rich", "pytest", "pytest-xdist",
-                "cloudpickle", "typing-extensions"}
+                "cloudpickle", "typing-extensions", "jax", "jaxlib", "flax", "optax", "chex", "absl-py", "ml-dtypes",
+                "opt-einsum", "msgpack", "pyyaml", "tensorstore", "orbax-checkpoint", "treescope", "etils", "toolz",
+                "packaging"}
+# Installed without its dependencies (they include TensorFlow, which tests/official/conftest.py stands in for), as the
+# README's test command installs it; what its compared modules import is on the image or a wheel (tests/official).
+NO_DEPS_WHEELS = {"dopamine-rl"}
 # Imported by code that the check never runs: wandb (--track), moviepy (--capture-video), rliable, matplotlib, pandas
 # (benchmark.sh report).
 NOT_ON_THE_CHECK_PATH = {"wandb", "moviepy", "rliable", "matplotlib", "pandas"}
 # The code that the check runs: the scripts, benchmark.sh perf (the bench package; report.py is imported by its CLI
 # but needs rliable only inside `report`), and the CUDA tests with their harness.
-# (not bench/official.py: `perf --official` needs the official extra and dopamine-rl, and the check never runs it)
-CHECK_CODE = [*sorted((ROOT / "cleanrl_moe").glob("*.py")),
-              *sorted(p for p in (ROOT / "benchmark" / "bench").glob("*.py") if p.name != "official.py"),
+# and step 5, `perf --official` (bench/official.py), with the tests/official modules that it imports
+CHECK_CODE = [*sorted((ROOT / "cleanrl_moe").glob("*.py")), *sorted((ROOT / "benchmark" / "bench").glob("*.py")),
               ROOT / "benchmark" / "gpu_real_runs.py", ROOT / "tests" / "test_cuda.py", ROOT / "tests" / "harness.py",
-              ROOT / "tests" / "conftest.py"]
-LOCAL_MODULES = {"bench", "harness", "official_config"}
+              ROOT / "tests" / "conftest.py", ROOT / "tests" / "official" / "conftest.py",
+              ROOT / "tests" / "official" / "official_mapping.py",
+              ROOT / "tests" / "official" / "test_official_dqn_softmoe.py",
+              ROOT / "tests" / "official" / "test_official_rainbow_der.py"]
+LOCAL_MODULES = {"bench", "harness", "official_config", "official_mapping"}
 # `timeout -k K N` or `timeout -k K $((N * X))` (X: 1 on the GPU, 5 on the dry run); the worst case is N + K seconds
 TIMEOUT = re.compile(r"\btimeout (?:-k (\d+) )?(?:\$\(\()?(\d+)\b")
 
@@ -75,10 +83,22 @@ def limited_seconds(script):
     return total
 
 
-def test_the_gpu_check_fits_in_five_minutes():
+def test_the_gpu_check_fits_in_its_minutes():
     total = limited_seconds(CHECK)
     assert total > 0
     assert total + OVERHEAD_S <= BUDGET_S, f"the check's time limits add up to {total} s, over {BUDGET_S - OVERHEAD_S} s"
+    step5 = CHECK.split("# 5. the update next to the official one", 1)[1]
+    assert 'if [ "${GPU_CHECK_OFFICIAL:-1}" = 1 ]; then' in step5 and limited_seconds(step5) > 0
+    without = total - limited_seconds(step5)
+    assert without + OVERHEAD_S <= BUDGET_WITHOUT_OFFICIAL_S, f"without step 5: {without} s"
+
+
+def test_the_gpu_check_runs_perf_official_on_what_it_builds():
+    # step 5 runs every configuration (the dry run one), and its table reaches summary.md
+    step5 = CHECK.split("# 5. the update next to the official one", 1)[1]
+    assert "./benchmark.sh perf --official" in step5 and "--official-configs" in step5.split("DRY", 1)[1]
+    assert 'cat "$WORK/perf_official/perf-official.md"' in CHECK
+    assert re.search(r'import gymnasium, ale_py, tyro, gin, dopamine"', CHECK), "the wheels' install must see them"
 
 
 def test_the_time_limit_count_sees_every_limit():
@@ -181,6 +201,8 @@ def test_each_wheel_brings_what_it_needs(name):
     environment = {**default_environment(), "python_version": "3.12", "python_full_version": "3.12.3",
                    "sys_platform": "linux", "platform_system": "Linux", "extra": ""}
     shipped = DEVICE_IMAGE | set(wheels())
+    if name in NO_DEPS_WHEELS:
+        return
     for line in requires(name) or []:
         requirement = Requirement(line)
         if requirement.marker is None or requirement.marker.evaluate(environment):
@@ -194,3 +216,5 @@ def test_the_wheels_are_versions_that_the_project_allows():
     for name in ("gymnasium", "ale-py", "tyro"):  # what the image lacks, of the project's own dependencies
         assert name in pins, f"gpu_wheels.sh must ship {name}"
         assert pins[name] in allowed[name], f"gpu_wheels.sh pins {name}=={pins[name]}, outside pyproject's {allowed[name]}"
+    tested = re.search(r'^DOPAMINE_VERSION = "(.+?)"', (ROOT / "tests" / "official" / "conftest.py").read_text(), re.M)
+    assert pins["dopamine-rl"] == Version(tested.group(1)), "gpu_wheels.sh must ship the dopamine-rl that tests use"

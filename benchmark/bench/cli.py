@@ -102,7 +102,8 @@ def parser():
     off = pf.add_argument_group("--official (benchmark/bench/official.py; needs the official extra and dopamine-rl)")
     off.add_argument("--official", action="store_true", help="instead: one update of each script next to the "
                      "official Dopamine train function on the same weights and batch (same loss and gradients?), and "
-                     "the CPU time per update of both, one thread, interleaved over --rounds; writes "
+                     "the CPU time per update of both, one thread, interleaved over --rounds (on a GPU, where torch "
+                     "and JAX both see one and --cpu is not given: the wall time per update); writes "
                      "perf-official.md/json to --out")
     off.add_argument("--official-configs", nargs="+", metavar="NAME", help="only these configurations (default: all)")
     off.add_argument("--updates", type=int, default=2, help="updates per side and round")

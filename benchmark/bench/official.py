@@ -15,9 +15,16 @@ weights and the same replay batch. For each configuration:
 - timing: the CPU time (time.process_time) per update of each side, interleaved, on one thread (torch one thread,
   XLA with `--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`), noise on, the official `train` as
   its agent calls it (its statistics flags at the agent's defaults, or the closest that run where those crash).
+- on a GPU (where torch and JAX both see one, unless --cpu): the script's network, batch and update on cuda:0 and
+  the official `train` on JAX's GPU; the wall time per update, each update waited for (the loss read back, as
+  `update`'s caller does at a log step; `block_until_ready` on the official side). The check runs with TF32 off on
+  both sides (torch's cuDNN and JAX's default matmul precision at "highest"), as float32 on the CPU; the timing at
+  each side's default precision, what a user of each gets (torch: TF32 in cuDNN convolutions, not in matmuls; JAX:
+  TF32 in both). benchmark/gpu_check.sh runs it.
 
 Needs the `official` extra and dopamine-rl (see tests/official/conftest.py) and pytest (the stand-ins of that conftest
 are reused)."""
+import contextlib
 import copy
 import datetime
 import importlib.util
@@ -95,13 +102,14 @@ def setup():
                 rainbow_100k_moe_agent=rainbow_100k_moe_agent)
 
 
+OPTIMIZERS = {}
+
+
 class StandInMemory:
     """Stands in for a script's replay memory: `update` gathers this batch whatever the indices."""
 
-    device = "cpu"
-
-    def __init__(self, batch):
-        self.batch = batch
+    def __init__(self, batch, device):
+        self.batch, self.device = batch, device
 
     def get(self, index):
         return self.batch
@@ -111,7 +119,7 @@ class Pair:
     """A configuration's two sides: the script's network, target, optimizer and update; the official module, params,
     optimizer and the arguments of its `train`."""
 
-    def __init__(self, mods, name, batch_size=32, seed=0):
+    def __init__(self, mods, name, batch_size=32, seed=0, device="cpu"):
         import jax
         import torch
         from harness import build_network, load_script
@@ -142,13 +150,16 @@ class Pair:
                       "next_obs": next_obs}
         probabilities = rng.uniform(0.1, 1.0, batch_size)
         self.weights = (probabilities / probabilities.min()) ** -0.5  # Dopamine's 1/sqrt(p) / max
-        self.memory, self.index = StandInMemory(self.batch), torch.arange(batch_size)
-        self.noise = torch.Generator().manual_seed(seed + 4)
         hooks = m.research_knobs(args)
         self.extra_losses = getattr(hooks, "extra_losses", None)
 
         # the official side
-        self.optax = mods["dqn_agent"].create_optimizer("adam", learning_rate=args.learning_rate, eps=args.adam_eps)
+        # one optax optimizer per setting: it is a static argument of the jitted `train`, hashed by identity, so that
+        # a new one would compile `train` again
+        key = (args.learning_rate, args.adam_eps)
+        if key not in OPTIMIZERS:
+            OPTIMIZERS[key] = mods["dqn_agent"].create_optimizer("adam", learning_rate=key[0], eps=key[1])
+        self.optax = OPTIMIZERS[key]
         self.error = None
         x = np.zeros((84, 84, 4), np.uint8)
         if test is None:
@@ -182,6 +193,17 @@ class Pair:
         self.flags = AGENT_FLAGS[agent]
         self.key = jax.random.PRNGKey(seed)
 
+        # the script's side on its device (the official weights above were read off the CPU copy)
+        self.device = torch.device(device)
+        if self.device.type != "cpu":
+            self.net, self.target = self.net.to(self.device), self.target.to(self.device)
+            self.optimizer = m.make_optimizer(args, self.net)
+            self.batch = {k: v.to(self.device) for k, v in self.batch.items()}
+        self.weights_t = torch.from_numpy(self.weights).float().to(self.device)
+        self.memory = StandInMemory(self.batch, self.device)
+        self.index = torch.arange(batch_size, device=self.device)
+        self.noise = torch.Generator(self.device).manual_seed(seed + 4)
+
     def closest_der_module(self, x, args):
         """The official Rainbow MoE network without an MoE (what --encoder der has none of) crashes; the closest that
         runs is Dopamine's non-MoE FullRainbowNetwork."""
@@ -206,8 +228,8 @@ class Pair:
             if check:
                 m.set_noise(self.net, False)
                 m.set_noise(self.target, False)
-            out = m.update(self.net, self.target, self.optimizer, self.memory, self.index,
-                           __import__("torch").from_numpy(self.weights).float(), self.noise, self.args.max_grad_norm,
+            out = m.update(self.net, self.target, self.optimizer, self.memory, self.index, self.weights_t,
+                           self.noise, self.args.max_grad_norm,
                            **({"extra_losses": self.extra_losses} if self.extra_losses else {}))
         else:
             out = m.update(self.net, self.target, self.optimizer, self.memory, self.index,
@@ -234,8 +256,6 @@ class Pair:
 
 def zero_noise():
     """The official NoisyNetwork drawing zeros (so no noise), for the check."""
-    import contextlib
-
     import jax.numpy as jnp
     from official_mapping import base_networks
 
@@ -254,6 +274,26 @@ def zero_noise():
 CHECK_TRAIN = {}
 
 
+def _cpu(net):
+    return copy.deepcopy(net).cpu()
+
+
+@contextlib.contextmanager
+def full_float32():
+    """TF32 off on both sides (on a GPU; a no-op on the CPU): torch's cuDNN convolutions and JAX's matmuls and
+    convolutions in full float32."""
+    import jax
+    import torch
+
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with jax.default_matmul_precision("highest"):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
 def check(pair):
     """One update on each side from the same weights and batch: the losses, the gradients (the script's `.grad`; the
     official ones read off Adam's first moment after its first step, mu = (1 - b1) g) and the parameter updates. A
@@ -267,16 +307,17 @@ def check(pair):
     if agent not in CHECK_TRAIN:  # one per agent, so that its compilations are cached across checks
         CHECK_TRAIN[agent] = jax.jit(pair.agent.train.__wrapped__, static_argnames=STATIC[agent])
     train = CHECK_TRAIN[agent]
-    with zero_noise():
-        loss_official = pair.official(train, flags=tuple(False for _ in pair.flags))  # no statistics
-    loss_ours = pair.ours(check=True)
+    with full_float32():
+        with zero_noise():
+            loss_official = pair.official(train, flags=tuple(False for _ in pair.flags))  # no statistics
+        loss_ours = pair.ours(check=True)
     lr = pair.args.learning_rate
-    ours, official = _flat(pair.map(pair.net)), _flat(pair.params)
+    ours, official = _flat(pair.map(_cpu(pair.net))), _flat(pair.params)
     grads = copy.deepcopy(pair.net)
     with torch.no_grad():
         for p, q in zip(pair.net.parameters(), grads.parameters()):
             q.copy_(p.grad if p.grad is not None else torch.zeros_like(p))  # no gradient: sigma with the noise off
-    ours_grad = _flat(pair.map(grads))
+    ours_grad = _flat(pair.map(_cpu(grads)))
     official_grad = _flat({"params": pair.opt_state[0].mu["params"]})
     grad_rel, grad_where, update, update_where = 0.0, "", 0.0, ""
     for path, value in official.items():
@@ -298,7 +339,8 @@ def check(pair):
               "largest_update_over_lr": float(moved)}
     grads_agree = grad_rel <= GRAD_RTOL
     if not grads_agree:  # which side's float32 is off: the official update again, in float64, as the reference
-        official64 = official_float64_gradients(pair, initial, train)
+        with full_float32():
+            official64 = official_float64_gradients(pair, initial, train)
         result["grad_rel_to_official_float64"] = max(_rel(ours_grad[k], g) for k, g in official64.items())
         result["official_float32_vs_float64"] = max(_rel(np.asarray(official_grad[k]) / (1 - 0.9), g)
                                                     for k, g in official64.items())
@@ -340,19 +382,21 @@ def _flat(params):
 
 
 def time_pair(pair, rounds, updates):
-    """CPU ms per update of each side, interleaved (ours, official, ours, ...), after one warm-up round."""
+    """ms per update of each side, interleaved (ours, official, ours, ...), after one warm-up round: CPU time on the
+    CPU, wall time on a GPU (each update waited for: `ours` and `official` read their loss back)."""
+    clock = time.process_time if pair.device.type == "cpu" else time.perf_counter
     times = {"ours": [], "official": []}
     for r in range(rounds + 1):
         for side, step in (("ours", pair.ours), ("official", pair.official)):
-            start = time.process_time()
+            start = clock()
             for _ in range(updates):
                 step()
             if r:
-                times[side].append((time.process_time() - start) / updates * 1000)
+                times[side].append((clock() - start) / updates * 1000)
     return {side: statistics.median(values) for side, values in times.items()}
 
 
-def machine():
+def machine(device="cpu"):
     model = "unknown"
     try:
         for line in open("/proc/cpuinfo"):
@@ -362,19 +406,41 @@ def machine():
     except OSError:
         pass
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"cpu": model, "cpus": os.cpu_count(), "python": platform.python_version(), "commit": commit}
+    info = {"cpu": model, "cpus": os.cpu_count(), "python": platform.python_version(), "commit": commit,
+            "device": device}
+    if device != "cpu":
+        import jax
+        import torch
+
+        info.update(gpu=torch.cuda.get_device_name(), torch=torch.__version__, jax=jax.__version__,
+                    jax_device=str(jax.devices()[0]))
+    return info
 
 
-def run_config(mods, name, rounds, updates, batch_size=32):
+def pick_device(cpu_only):
+    """"cuda" where torch and JAX both see a GPU (and --cpu is not given), else "cpu"; a GPU that torch sees and JAX
+    does not is an error (the two sides would run on different hardware)."""
+    import jax
+    import torch
+
+    if cpu_only or not torch.cuda.is_available():
+        return "cpu"
+    if jax.default_backend() != "gpu":
+        raise SystemExit(f"perf --official: torch sees a GPU and JAX does not (its backend: {jax.default_backend()}): "
+                         "install JAX's CUDA build (pip install 'jax[cuda12]'), or pass --cpu")
+    return "cuda"
+
+
+def run_config(mods, name, rounds, updates, batch_size=32, device="cpu"):
     """A configuration's row: the check (where the official network exists) and the timing."""
     row = {"config": name}
     try:
-        pair = Pair(mods, name, batch_size)
+        pair = Pair(mods, name, batch_size, device=device)
         row["official_network"] = pair.note
         if pair.error:
             row["official_errors"] = [pair.error]
         if hasattr(pair, "map"):
-            row["check"] = check(Pair(mods, name, batch_size))
+            row["check"] = check(Pair(mods, name, batch_size, device=device))
         # the agent's default statistics flags, else the first flag (log_moe_statistics) off, else all off
         defaults = pair.flags
         for flags in dict.fromkeys([defaults, (False, *defaults[1:]), tuple(False for _ in defaults)]):
@@ -398,7 +464,11 @@ def run_config(mods, name, rounds, updates, batch_size=32):
 
 
 def markdown(rows, info, rounds, updates, batch_size):
-    lines = [f"CPU ms per update, one thread (median of {rounds} interleaved rounds of {updates} updates; batch "
+    on_gpu = info.get("device", "cpu") != "cpu"
+    what = (f"GPU wall ms per update, each update waited for ({info.get('gpu')}; torch {info.get('torch')} on cuda, "
+            f"JAX {info.get('jax')} on {info.get('jax_device')}; each side at its default float32 precision)"
+            if on_gpu else "CPU ms per update, one thread")
+    lines = [f"{what} (median of {rounds} interleaved rounds of {updates} updates; batch "
              f"{batch_size}, {NUM_ACTIONS} actions, float32); CPU: {info['cpu']}; commit {info['commit'][:12]}; "
              f"`{info['command']}`" + (f"; load average {info['load_average_start'][0]:.1f} at the start, "
                                        f"{info['load_average_end'][0]:.1f} at the end" if "load_average_end" in info
@@ -422,8 +492,9 @@ def markdown(rows, info, rounds, updates, batch_size):
     errors = [f"- {row['config']}: {error}" for row in rows for error in row.get("official_errors", [])]
     if errors:
         lines += ["", "Official code that crashed (caught; the closest configuration that runs was timed):", *errors]
-    lines += ["", f"Check (float32): one update from the same weights and batch, noise off on both sides; the loss "
-              f"within {LOSS_RTOL:g} relative, every gradient within {GRAD_RTOL:g} x its parameter tensor's largest "
+    lines += ["", f"Check (float32{', TF32 off on both sides' if on_gpu else ''}): one update from the same weights "
+              f"and batch, noise off on both sides; the loss within {LOSS_RTOL:g} relative, every gradient within "
+              f"{GRAD_RTOL:g} x its parameter tensor's largest "
               f"official gradient (where not, the official update is rerun in float64 as the reference); the "
               f"updates' largest difference (in learning rates) is shown (Adam's first step is about "
               f"lr x sign(gradient), so a gradient near Adam's epsilon moves it most)."]
@@ -437,22 +508,24 @@ def official(opts):
     if unknown:
         raise SystemExit(f"unknown configurations {sorted(unknown)}; known: {list(CONFIGS)}")
     mods = setup()
-    info = machine()
+    device = pick_device(opts.cpu)
+    info = machine(device)
     info["command"] = shlex.join(["./benchmark.sh", *sys.argv[1:]])
     info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     info["load_average_start"] = os.getloadavg()
-    rows = []
-    for name in names:
-        print(f"{name} ...", flush=True)
-        rows.append(run_config(mods, name, opts.rounds, opts.updates, opts.batch_size))
-    info["load_average_end"] = os.getloadavg()
-    table = markdown(rows, info, opts.rounds, opts.updates, opts.batch_size)
-    print(table)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "perf-official.md").write_text(table + "\n")
-    (out / "perf-official.json").write_text(json.dumps({"machine": info, "rounds": opts.rounds, "updates": opts.updates,
-                                                        "batch_size": opts.batch_size, "rows": rows}, indent=2) + "\n")
+    rows = []
+    for name in names:  # the table is rewritten after each configuration: a run cut short keeps the ones done
+        print(f"{name} ...", flush=True)
+        rows.append(run_config(mods, name, opts.rounds, opts.updates, opts.batch_size, device))
+        info["load_average_end"] = os.getloadavg()
+        table = markdown(rows, info, opts.rounds, opts.updates, opts.batch_size)
+        (out / "perf-official.md").write_text(table + "\n")
+        (out / "perf-official.json").write_text(json.dumps({"machine": info, "rounds": opts.rounds,
+                                                            "updates": opts.updates, "batch_size": opts.batch_size,
+                                                            "rows": rows}, indent=2) + "\n")
+    print(table)
     print(f"written: {out / 'perf-official.md'}, {out / 'perf-official.json'}")
     failed = [row["config"] for row in rows if "error" in row or (row.get("check") and not row["check"]["passed"])]
     return 1 if failed else 0

@@ -36,3 +36,28 @@ def test_a_different_batch_gives_a_different_loss(mods):
     pair.batch["returns"] += 1.0  # the script's copy only
     check = official.check(pair)
     assert check["loss_rel"] > official.LOSS_RTOL and check["grad_rel"] > official.GRAD_RTOL and not check["passed"]
+
+
+def test_the_device_is_the_gpu_only_where_both_sides_see_one(mods, monkeypatch):
+    import jax
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert official.pick_device(cpu_only=False) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert official.pick_device(cpu_only=True) == "cpu"  # --cpu
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    with pytest.raises(SystemExit, match=r"JAX does not .*or pass --cpu"):  # never torch on the GPU, JAX on the CPU
+        official.pick_device(cpu_only=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert official.pick_device(cpu_only=False) == "cuda"
+
+
+def test_the_gpu_table_says_what_it_timed():
+    row = {"config": "dqn_softmoe SoftMoE-8", "official_network": "MoE", "ours_ms": 2.0, "official_ms": 3.0,
+           "ratio": 1.5}
+    info = {"cpu": "x", "commit": "0" * 40, "command": "c", "device": "cuda", "gpu": "NVIDIA H100", "torch": "2",
+            "jax": "0.11", "jax_device": "cuda:0"}
+    table = official.markdown([row], info, 5, 5, 32)
+    assert table.startswith("GPU wall ms per update, each update waited for (NVIDIA H100") and "TF32 off" in table
+    assert official.markdown([row], dict(info, device="cpu"), 5, 5, 32).startswith("CPU ms per update, one thread")
