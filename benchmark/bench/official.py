@@ -47,6 +47,11 @@ ONE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_thread
 NUM_ACTIONS = 18
 LOSS_RTOL = 1e-5  # |loss ours - loss official| / |loss official|
 GRAD_RTOL = 1e-4  # per parameter tensor: max |gradient ours - official| / max |gradient official|
+# the same two measures with both sides in float64, where float32 rounding decides a max-pool pick or a ReLU mask
+# differently on the two sides (a flip moves a conv gradient by up to ~4e-3): DQN agrees to ~1e-14 in float64; Rainbow
+# to ~6e-7 (a residual in the C51 target whose source is not traced), both far below what a wrong loss, target or
+# mapping gives (O(1))
+FLOAT64_RTOL = 1e-5
 
 # name: (script, test module, its configuration, the official agent module)
 CONFIGS = {
@@ -136,6 +141,7 @@ class Pair:
         torch.manual_seed(seed)
         self.net = perturb_(build_network(m, args, NUM_ACTIONS), seed=seed + 1).float()
         self.target = copy.deepcopy(self.net)
+        self.initial = copy.deepcopy(self.net)  # the float32 weights both sides start from (for the float64 check)
         self.optimizer = m.make_optimizer(args, self.net)
         n = args.n_step if self.rainbow else 1
         rng = np.random.default_rng(seed)
@@ -180,8 +186,8 @@ class Pair:
                 self.module = cls_or_flags(num_actions=NUM_ACTIONS, inputs_preprocessed=False, **attributes)
                 shapes = jax.eval_shape(lambda: self.module.init(jax.random.PRNGKey(0), x, key=jax.random.PRNGKey(0)))
                 self.params = T.official_params(self.net, flags, shapes, np.float32)
-            self.map = lambda net: (T.official_params(net, attributes, shapes, np.float32) if self.rainbow
-                                    else T.official_params(net, flags, shapes, np.float32))
+            self.map = lambda net, dtype=np.float32: (T.official_params(net, attributes, shapes, dtype)
+                                                      if self.rainbow else T.official_params(net, flags, shapes, dtype))
             self.note = f"{type(self.module).__name__}, {self.agent.__name__.rsplit('.', 1)[-1]}.train"
         if self.rainbow and test is None:
             self.support = self.net.support.numpy()
@@ -221,19 +227,21 @@ class Pair:
         params = module.init(jax.random.PRNGKey(0), x, self.net.support.numpy(), key=jax.random.PRNGKey(0))
         return module, params, error
 
-    def ours(self, check=False):
-        """One update of the script; returns its loss (a float)."""
+    def ours(self, check=False, net=None, target=None, optimizer=None, memory=None, weights=None, noise=None):
+        """One update of the script (of its own network, or of those given); returns its loss (a float)."""
         m = self.m
+        net, target = net or self.net, target or self.target
+        optimizer, memory = optimizer or self.optimizer, memory or self.memory
+        extra = {"extra_losses": self.extra_losses} if self.extra_losses else {}
         if self.rainbow:
             if check:
-                m.set_noise(self.net, False)
-                m.set_noise(self.target, False)
-            out = m.update(self.net, self.target, self.optimizer, self.memory, self.index, self.weights_t,
-                           self.noise, self.args.max_grad_norm,
-                           **({"extra_losses": self.extra_losses} if self.extra_losses else {}))
+                m.set_noise(net, False)
+                m.set_noise(target, False)
+            out = m.update(net, target, optimizer, memory, self.index.to(memory.device),
+                           self.weights_t if weights is None else weights, noise or self.noise, self.args.max_grad_norm,
+                           **extra)
         else:
-            out = m.update(self.net, self.target, self.optimizer, self.memory, self.index,
-                           **({"extra_losses": self.extra_losses} if self.extra_losses else {}))
+            out = m.update(net, target, optimizer, memory, self.index.to(memory.device), **extra)
         return float(out["td_loss"])
 
     def train_args(self, flags):
@@ -274,6 +282,16 @@ def zero_noise():
 CHECK_TRAIN = {}
 
 
+def check_train(pair):
+    """A separate jit of the official `train` for the checks (one per agent, so that its compilations are cached)."""
+    import jax
+
+    agent = pair.agent.__name__.rsplit(".", 1)[-1]
+    if agent not in CHECK_TRAIN:
+        CHECK_TRAIN[agent] = jax.jit(pair.agent.train.__wrapped__, static_argnames=STATIC[agent])
+    return CHECK_TRAIN[agent]
+
+
 def _cpu(net):
     return copy.deepcopy(net).cpu()
 
@@ -298,15 +316,11 @@ def check(pair):
     """One update on each side from the same weights and batch: the losses, the gradients (the script's `.grad`; the
     official ones read off Adam's first moment after its first step, mu = (1 - b1) g) and the parameter updates. A
     separate jit of the official `train` (noise drawn as zeros) keeps the timed one untouched."""
-    import jax
     import torch
 
     initial = pair.params
     before = {k: np.asarray(v) for k, v in _flat(pair.params).items()}
-    agent = pair.agent.__name__.rsplit(".", 1)[-1]
-    if agent not in CHECK_TRAIN:  # one per agent, so that its compilations are cached across checks
-        CHECK_TRAIN[agent] = jax.jit(pair.agent.train.__wrapped__, static_argnames=STATIC[agent])
-    train = CHECK_TRAIN[agent]
+    train = check_train(pair)
     with full_float32():
         with zero_noise():
             loss_official = pair.official(train, flags=tuple(False for _ in pair.flags))  # no statistics
@@ -338,13 +352,19 @@ def check(pair):
               "worst_grad": grad_where, "update_diff_over_lr": update, "worst_update": update_where,
               "largest_update_over_lr": float(moved)}
     grads_agree = grad_rel <= GRAD_RTOL
-    if not grads_agree:  # which side's float32 is off: the official update again, in float64, as the reference
+    if not grads_agree:
+        # float32 rounding can decide a max-pool's pick or a ReLU's mask differently on the two sides (ties a few ulps
+        # apart), which moves a conv gradient by up to ~1e-3 of its largest: the same update with both sides in
+        # float64 settles whether the two compute the same function
         with full_float32():
-            official64 = official_float64_gradients(pair, initial, train)
+            loss64_official, official64 = official_float64_gradients(pair, initial, train)
+        loss64_ours, ours64 = ours_float64_gradients(pair)
         result["grad_rel_to_official_float64"] = max(_rel(ours_grad[k], g) for k, g in official64.items())
         result["official_float32_vs_float64"] = max(_rel(np.asarray(official_grad[k]) / (1 - 0.9), g)
                                                     for k, g in official64.items())
-        grads_agree = result["grad_rel_to_official_float64"] <= GRAD_RTOL
+        result["float64_loss_rel"] = abs(loss64_ours - loss64_official) / abs(loss64_official)
+        result["float64_grad_rel"] = max(_rel(ours64[k], g) for k, g in official64.items())
+        grads_agree = result["float64_loss_rel"] <= FLOAT64_RTOL and result["float64_grad_rel"] <= FLOAT64_RTOL
     result["passed"] = bool(rel <= LOSS_RTOL and grads_agree and moved > 0.5)
     return result
 
@@ -355,8 +375,8 @@ def _rel(ours, reference):
 
 
 def official_float64_gradients(pair, initial, train):
-    """The official gradients of the same update in float64 (JAX's x64 mode; the same weights, batch and zero noise):
-    {path: gradient}, without SoftMoE's unused scalar."""
+    """The official loss and gradients of the same update in float64 (JAX's x64 mode; the same weights, batch and zero
+    noise): (loss, {path: gradient}), without SoftMoE's unused scalar."""
     import jax
     import jax.numpy as jnp
     from official_mapping import x64
@@ -370,9 +390,52 @@ def official_float64_gradients(pair, initial, train):
         if pair.rainbow:
             pair.support = pair.support.astype(np.float64)
         with zero_noise():
-            pair.official(train, flags=tuple(False for _ in pair.flags))
+            loss = pair.official(train, flags=tuple(False for _ in pair.flags))
         mu = _flat({"params": pair.opt_state[0].mu["params"]})
-        return {k: np.asarray(v, np.float64) / (1 - 0.9) for k, v in mu.items() if k != "SoftMoE_0/scalar"}
+        return loss, {k: np.asarray(v, np.float64) / (1 - 0.9) for k, v in mu.items() if k != "SoftMoE_0/scalar"}
+
+
+def ours_float64_gradients(pair):
+    """The script's loss and gradients of the same update in float64, on the CPU: its `update` on a float64 copy of the
+    initial weights, float64 returns, noise off. Three values stay the float32 ones that the official Rainbow `train`
+    has under x64 too: the importance weights (as `train_args` hands them over), gamma^n (`cumulative_gamma * (1 -
+    terminals.astype(float32))`); and in every `train`, the
+    frames / 255 (`preprocess_atari_inputs` divides in float32, where XLA's quotient is 1 ulp off torch's for some
+    pixel values; a hook on the encoder's input puts in XLA's value of each pixel, read off a 256-entry table).
+    Returns (loss, {official path: gradient})."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from official_mapping import x64
+
+    table = torch.from_numpy(np.asarray(jax.jit(lambda k: k.astype(jnp.float32) / 255.0)(
+        jnp.arange(256, dtype=jnp.uint8)), np.float64))
+
+    net = copy.deepcopy(pair.initial).double()
+    target = copy.deepcopy(net)
+    as_xla = lambda module, args: (table[torch.round(args[0].double() * 255.0).long()], *args[1:])  # noqa: E731
+    hooks = [n.encoder.register_forward_pre_hook(as_xla) for n in (net, target)]
+    batch = {k: v.cpu() for k, v in pair.batch.items()}
+    batch["returns"] = torch.as_tensor(pair.rewards, dtype=torch.float64)
+    weights = pair.weights.astype(np.float32)  # the values that `train_args` hands the official `train`
+    if pair.rainbow:  # float32 gamma^n, as the official Rainbow `train` rounds it
+        batch["discounts"] = batch["discounts"].double()
+    else:  # the DQN `train`'s rewards + cumulative_gamma * max_q * (1 - terminals) stays in float64
+        batch["discounts"] = torch.as_tensor(np.where(pair.terminals > 0, 0.0, pair.discount), dtype=torch.float64)
+    try:
+        loss = pair.ours(check=True, net=net, target=target, optimizer=pair.m.make_optimizer(pair.args, net),
+                         memory=StandInMemory(batch, "cpu"), weights=torch.as_tensor(weights, dtype=torch.float64),
+                         noise=torch.Generator().manual_seed(0))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    grads = copy.deepcopy(net)
+    with torch.no_grad():
+        for p, q in zip(net.parameters(), grads.parameters()):
+            q.copy_(p.grad if p.grad is not None else torch.zeros_like(p))
+    with x64(True):  # the mapping makes JAX arrays: float32 outside x64 mode
+        flat = _flat(pair.map(grads, np.float64))
+    return loss, {k: np.asarray(v, np.float64) for k, v in flat.items() if k != "SoftMoE_0/scalar"}
 
 
 def _flat(params):
@@ -481,7 +544,8 @@ def markdown(rows, info, rounds, updates, batch_size):
                    f"{'yes' if c['passed'] else 'NO'}: loss {c['loss_ours']:.6g} vs {c['loss_official']:.6g} "
                    f"(rel {c['loss_rel']:.1e}); gradients rel {c['grad_rel']:.1e}"
                    + (f" to the official float32 ones, {c['grad_rel_to_official_float64']:.1e} to its float64 ones "
-                      f"(official float32 vs float64: {c['official_float32_vs_float64']:.1e})"
+                      f"(official float32 vs float64: {c['official_float32_vs_float64']:.1e}); both sides in float64: "
+                      f"loss rel {c['float64_loss_rel']:.1e}, gradients rel {c['float64_grad_rel']:.1e}"
                       if "grad_rel_to_official_float64" in c else "")
                    + f"; updates within {c['update_diff_over_lr']:.1e} lr")
         if "error" in row:
@@ -495,7 +559,7 @@ def markdown(rows, info, rounds, updates, batch_size):
     lines += ["", f"Check (float32{', TF32 off on both sides' if on_gpu else ''}): one update from the same weights "
               f"and batch, noise off on both sides; the loss within {LOSS_RTOL:g} relative, every gradient within "
               f"{GRAD_RTOL:g} x its parameter tensor's largest "
-              f"official gradient (where not, the official update is rerun in float64 as the reference); the "
+              f"official gradient (where not, both updates are rerun in float64 and held to {FLOAT64_RTOL:g}); the "
               f"updates' largest difference (in learning rates) is shown (Adam's first step is about "
               f"lr x sign(gradient), so a gradient near Adam's epsilon moves it most)."]
     return "\n".join(lines)

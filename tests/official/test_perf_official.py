@@ -4,6 +4,7 @@ both sides are timed; also the markdown table it writes."""
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmark"))
@@ -61,3 +62,15 @@ def test_the_gpu_table_says_what_it_timed():
     table = official.markdown([row], info, 5, 5, 32)
     assert table.startswith("GPU wall ms per update, each update waited for (NVIDIA H100") and "TF32 off" in table
     assert official.markdown([row], dict(info, device="cpu"), 5, 5, 32).startswith("CPU ms per update, one thread")
+
+
+def test_both_sides_in_float64_compute_the_same_update(mods):
+    """The float64 check (where float32 rounding flips a max-pool pick or a ReLU mask) is exact: the DQN update of both
+    sides in float64 agrees to rounding, in the loss and in every gradient, once the same float32 inputs go in."""
+    pair = official.Pair(mods, "dqn_softmoe SoftMoE-8", batch_size=2)
+    loss_official, official64 = official.official_float64_gradients(pair, pair.params, official.check_train(pair))
+    loss_ours, ours64 = official.ours_float64_gradients(pair)
+    assert abs(loss_ours - loss_official) <= 1e-12 * abs(loss_official)
+    assert set(ours64) == set(official64)
+    assert max(official._rel(ours64[k], g) for k, g in official64.items()) <= 1e-12
+    assert all(g.dtype == np.float64 for g in ours64.values())
