@@ -230,16 +230,19 @@ class Pair:
     def ours(self, check=False, net=None, target=None, optimizer=None, memory=None, weights=None, noise=None):
         """One update of the script (of its own network, or of those given); returns its loss (a float)."""
         m = self.m
-        net, target = net or self.net, target or self.target
-        optimizer, memory = optimizer or self.optimizer, memory or self.memory
+        net = self.net if net is None else net  # (not `or`: a module that defines __len__ can be falsy)
+        target = self.target if target is None else target
+        optimizer = self.optimizer if optimizer is None else optimizer
+        memory = self.memory if memory is None else memory
         extra = {"extra_losses": self.extra_losses} if self.extra_losses else {}
         if self.rainbow:
             if check:
                 m.set_noise(net, False)
                 m.set_noise(target, False)
-            out = m.update(net, target, optimizer, memory, self.index.to(memory.device),
-                           self.weights_t if weights is None else weights, noise or self.noise, self.args.max_grad_norm,
-                           **extra)
+            weights = self.weights_t if weights is None else weights
+            noise = self.noise if noise is None else noise
+            out = m.update(net, target, optimizer, memory, self.index.to(memory.device), weights, noise,
+                           self.args.max_grad_norm, **extra)
         else:
             out = m.update(net, target, optimizer, memory, self.index.to(memory.device), **extra)
         return float(out["td_loss"])
