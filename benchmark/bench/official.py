@@ -295,6 +295,18 @@ def check_train(pair):
     return CHECK_TRAIN[agent]
 
 
+def gradients_as_network(net):
+    """A copy of `net` whose parameters are its gradients (zeros where it has none: sigma with the noise off), so that
+    the weight mapping turns them into official paths."""
+    import torch
+
+    grads = copy.deepcopy(net)
+    with torch.no_grad():
+        for p, q in zip(net.parameters(), grads.parameters()):
+            q.copy_(p.grad if p.grad is not None else torch.zeros_like(p))
+    return grads
+
+
 def _cpu(net):
     return copy.deepcopy(net).cpu()
 
@@ -330,11 +342,7 @@ def check(pair):
         loss_ours = pair.ours(check=True)
     lr = pair.args.learning_rate
     ours, official = _flat(pair.map(_cpu(pair.net))), _flat(pair.params)
-    grads = copy.deepcopy(pair.net)
-    with torch.no_grad():
-        for p, q in zip(pair.net.parameters(), grads.parameters()):
-            q.copy_(p.grad if p.grad is not None else torch.zeros_like(p))  # no gradient: sigma with the noise off
-    ours_grad = _flat(pair.map(_cpu(grads)))
+    ours_grad = _flat(pair.map(_cpu(gradients_as_network(pair.net))))
     official_grad = _flat({"params": pair.opt_state[0].mu["params"]})
     grad_rel, grad_where, update, update_where = 0.0, "", 0.0, ""
     for path, value in official.items():
@@ -432,12 +440,8 @@ def ours_float64_gradients(pair):
     finally:
         for hook in hooks:
             hook.remove()
-    grads = copy.deepcopy(net)
-    with torch.no_grad():
-        for p, q in zip(net.parameters(), grads.parameters()):
-            q.copy_(p.grad if p.grad is not None else torch.zeros_like(p))
     with x64(True):  # the mapping makes JAX arrays: float32 outside x64 mode
-        flat = _flat(pair.map(grads, np.float64))
+        flat = _flat(pair.map(gradients_as_network(net), np.float64))
     return loss, {k: np.asarray(v, np.float64) for k, v in flat.items() if k != "SoftMoE_0/scalar"}
 
 
