@@ -82,7 +82,7 @@ def play(m, policy, args, episodes, seed, noise):
     return scores
 
 
-def probe(m, model_path, policies, episodes):
+def probe(m, model_path, policies, episodes, noop_max=None):
     saved = torch.load(model_path, weights_only=True)
     args = SimpleNamespace(**saved["args"])
     env = m.make_env(args.env_id, args.seed)
@@ -96,6 +96,8 @@ def probe(m, model_path, policies, episodes):
     for name in policies:
         start = time.time()
         run_args = SimpleNamespace(**vars(args))
+        if noop_max is not None:
+            run_args.eval_noop_max = noop_max
         noise = {"noisy": "step", "noisy_fixed": "episode"}.get(name)
         if name in EPSILON_POLICIES:
             run_args.eval_epsilon = EPSILON_POLICIES[name]
@@ -111,6 +113,7 @@ def probe(m, model_path, policies, episodes):
             "max": float(returns.max()), "mean_length": float(policy.counts.sum() / episodes),
             "greedy_action_share": (policy.counts / policy.counts.sum()).round(4).tolist(),
             "seconds": round(time.time() - start, 1)}
+        results[name]["noop_max"] = run_args.eval_noop_max
         print(f"{name:12s} mean {returns.mean():8.1f} | median {np.median(returns):7.1f} | min {returns.min():7.1f} | "
               f"max {returns.max():7.1f} | steps/episode {results[name]['mean_length']:7.1f} | greedy actions "
               f"{' '.join(f'{s:.2f}' for s in results[name]['greedy_action_share'])}", flush=True)
@@ -122,12 +125,14 @@ def main():
     parser.add_argument("model", help="a `--save-model` file of der_single_expert.py")
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=POLICIES)
+    parser.add_argument("--eval-noop-max", type=int, help="no-op starts of every policy (default: the run's; 0: none, as "
+                        "in training)")
     parser.add_argument("--out", help="write the results as JSON here")
     opts = parser.parse_args()
     torch.set_num_threads(1)
-    args, results = probe(load_script(), opts.model, opts.policies, opts.episodes)
+    args, results = probe(load_script(), opts.model, opts.policies, opts.episodes, opts.eval_noop_max)
     result_json = Path(opts.model).with_name("result.json")
-    if "protocol" in results and result_json.exists():
+    if "protocol" in results and result_json.exists() and opts.eval_noop_max in (None, args.eval_noop_max):
         logged = json.loads(result_json.read_text())["eval_returns"][:opts.episodes]
         same = results["protocol"]["returns"] == logged
         print(f"protocol against the run's result.json: {'identical' if same else 'DIFFERENT'}")

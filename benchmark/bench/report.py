@@ -242,7 +242,7 @@ def plot_curves(rows, out_dir, bins=50, published=None):
                 mean, low, high = np.nanmean(curves, 0), np.nanmin(curves, 0), np.nanmax(curves, 0)
             centers = (edges[1:] + edges[:-1]) / 2
             line, = ax.plot(centers, mean, marker="." if len(data[0][0]) < 20 else None,
-                            label=f"{variant} ({len(data)} seeds)")
+                            label=f"{variant} ({len(data)} seed{'s' if len(data) > 1 else ''})")
             ax.fill_between(centers, low, high, color=line.get_color(), alpha=0.2)
             for curve in curves:
                 ax.plot(centers, curve, color=line.get_color(), linewidth=0.6, alpha=0.5)
