@@ -27,7 +27,7 @@ SMALL = {
     "dqn_redo": ["--redo-period", 10, "--batch-size", 8, "--save-model", "--replay-ratio", 1],
     "rainbow_tokenized": ["--encoder", "nature", "--num-experts", 2, "--expert-hidden-units", 16, "--batch-size", 8,
                           "--save-model"],
-    "der_single_expert": ["--encoder", "der", "--batch-size", 8, "--eval-noop-max", 5],
+    "der_single_expert": ["--encoder", "der", "--batch-size", 8, "--noop-max", 5],
 }
 STEPS = 1000  # the signal comes at the first checkpoint, at step 150: a GPU run has 850 steps left to be stopped in
 

@@ -83,8 +83,12 @@ def play(m, policy, args, episodes, seed, noise):
 
 
 def probe(m, model_path, policies, episodes, noop_max=None):
+    """{policy: its scores and action shares} for the saved model; `noop_max` replaces the run's --noop-max."""
     saved = torch.load(model_path, weights_only=True)
     args = SimpleNamespace(**saved["args"])
+    if "noop_max" not in saved["args"]:  # saved before --noop-max: training had no no-ops, evaluation 1-30 frames
+        raise SystemExit(f"{model_path}: saved by a der_single_expert.py older than --noop-max; probe it with "
+                         f"benchmark/probe_eval.py of commit c62ff5f")
     env = m.make_env(args.env_id, args.seed)
     num_actions = env.action_space.n
     env.close()
@@ -97,7 +101,7 @@ def probe(m, model_path, policies, episodes, noop_max=None):
         start = time.time()
         run_args = SimpleNamespace(**vars(args))
         if noop_max is not None:
-            run_args.eval_noop_max = noop_max
+            run_args.noop_max = noop_max
         noise = {"noisy": "step", "noisy_fixed": "episode"}.get(name)
         if name in EPSILON_POLICIES:
             run_args.eval_epsilon = EPSILON_POLICIES[name]
@@ -113,7 +117,7 @@ def probe(m, model_path, policies, episodes, noop_max=None):
             "max": float(returns.max()), "mean_length": float(policy.counts.sum() / episodes),
             "greedy_action_share": (policy.counts / policy.counts.sum()).round(4).tolist(),
             "seconds": round(time.time() - start, 1)}
-        results[name]["noop_max"] = run_args.eval_noop_max
+        results[name]["noop_max"] = run_args.noop_max
         print(f"{name:12s} mean {returns.mean():8.1f} | median {np.median(returns):7.1f} | min {returns.min():7.1f} | "
               f"max {returns.max():7.1f} | steps/episode {results[name]['mean_length']:7.1f} | greedy actions "
               f"{' '.join(f'{s:.2f}' for s in results[name]['greedy_action_share'])}", flush=True)
@@ -125,14 +129,14 @@ def main():
     parser.add_argument("model", help="a `--save-model` file of der_single_expert.py")
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=POLICIES)
-    parser.add_argument("--eval-noop-max", type=int, help="no-op starts of every policy (default: the run's; 0: none, as "
-                        "in training)")
+    parser.add_argument("--noop-max", type=int, help="no-op starts of every policy (default: the run's --noop-max; 0: "
+                        "none)")
     parser.add_argument("--out", help="write the results as JSON here")
     opts = parser.parse_args()
     torch.set_num_threads(1)
-    args, results = probe(load_script(), opts.model, opts.policies, opts.episodes, opts.eval_noop_max)
+    args, results = probe(load_script(), opts.model, opts.policies, opts.episodes, opts.noop_max)
     result_json = Path(opts.model).with_name("result.json")
-    if "protocol" in results and result_json.exists() and opts.eval_noop_max in (None, args.eval_noop_max):
+    if "protocol" in results and result_json.exists() and opts.noop_max in (None, args.noop_max):
         logged = json.loads(result_json.read_text())["eval_returns"][:opts.episodes]
         same = results["protocol"]["returns"] == logged
         print(f"protocol against the run's result.json: {'identical' if same else 'DIFFERENT'}")

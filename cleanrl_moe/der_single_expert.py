@@ -69,6 +69,9 @@ class Args:
     terminal_on_life_loss: bool = True
     """a lost life ends the n-step return and the frame stack, for learning only: episodes and returns still end at
     game over (Dopamine's DER.gin, van Hasselt et al. 2019)"""
+    noop_max: int = 30
+    """every episode, in training and in evaluation, starts with 0 to noop-max - 1 random no-op agent steps, neither
+    stored nor counted (Dopamine's DataEfficientAtariRunner, max_noops = 30); 0: none"""
 
     # Algorithm (Dopamine's DER.gin)
     total_timesteps: int = 100_000
@@ -116,8 +119,6 @@ class Args:
     """evaluation episodes of the final agent (Atari 100k protocol: 100, as Dopamine); 0 skips the evaluation"""
     eval_epsilon: float = 0.001
     """epsilon of the evaluation policy, which acts with the noise off"""
-    eval_noop_max: int = 30
-    """every evaluation episode starts with 1 to this many random no-op actions (Atari 100k protocol)"""
 
     # Network
     encoder: Literal["nature", "impala", "der"] = "nature"
@@ -278,10 +279,25 @@ def clip_reward(reward):
 
 def make_training_env(args, run_name):
     """The training environment of DER.gin: no sticky actions (--repeat-action-probability 0; `sticky_actions = False`),
-    frame skip 4, no no-op starts, episodes cut at --max-episode-steps agent steps; the training loop makes a lost life
-    terminal for learning (--terminal-on-life-loss)."""
+    frame skip 4, episodes cut at --max-episode-steps agent steps; `start_episode` adds the no-op starts and the
+    training loop makes a lost life terminal for learning (--terminal-on-life-loss)."""
     return make_env(args.env_id, args.seed, args.repeat_action_probability, args.max_episode_steps,
                     capture_video=args.capture_video, video_dir=f"videos/{run_name}")
+
+
+def start_episode(env, noop_max, rng, seed=None):
+    """Reset, then a random number in [0, noop_max) of no-op agent steps (action 0, frame-skipped like any step), as
+    Dopamine's Atari 100k runner starts every episode, in training and in evaluation (DataEfficientAtariRunner.
+    _initialize_episode). Without them a deterministic game (no sticky actions) always starts the same way and the agent
+    may learn one trajectory by heart. The no-ops are not stored and not counted as agent steps; a game lost or a life
+    lost during them starts over (Dopamine's reset on `terminal`). Returns the frame and info to act on."""
+    frame, info = env.reset(seed=seed)
+    for _ in range(int(rng.integers(noop_max)) if noop_max > 0 else 0):
+        lives = info["lives"]
+        frame, _, terminated, truncated, info = env.step(0)
+        if terminated or truncated or info["lives"] < lives:
+            frame, info = env.reset()
+    return frame, info
 
 
 # >>> shared block: nature
@@ -2258,6 +2274,10 @@ def parse_args(args_class, resumable_fields, replay_fields, argv=None):
     if args.resume is None:
         return args, None
     checkpoint = read_checkpoint(args.resume, os.path.basename(__file__), replay_fields)
+    unknown = sorted(set(checkpoint["args"]) - {field.name for field in dataclasses.fields(args_class)})
+    if unknown:  # a flag renamed or removed since: its meaning may have changed too
+        fail(f"--resume {args.resume}: the checkpoint has flags this script does not know ({', '.join(unknown)}); it "
+             f"was written by another version of the script: resume it with that version, or start a new run")
     args = tyro.cli(args_class, args=argv, default=args_class(**{**checkpoint["args"], "resume": args.resume}))
     for field, value in checkpoint["args"].items():
         if field not in resumable_fields and field != "resume" and getattr(args, field) != value:
@@ -2589,7 +2609,7 @@ def check_args(args):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("learning_starts", "checkpoint_every", "noisy_sigma0", "priority_exponent", "eval_episodes",
-                 "eval_noop_max", "max_grad_norm"):
+                 "noop_max", "max_grad_norm"):
         if not getattr(args, name) >= 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("learning_rate", "adam_eps"):
@@ -2679,7 +2699,7 @@ def evaluate(q_network, args, num_episodes, device, seed, scores=None, stop=None
     """The Atari 100k protocol: {episode: raw score} of `num_episodes` episodes of the network's noise-free greedy
     policy, epsilon-greedy with --eval-epsilon. Up to `parallel` episodes run side by side (batched forward passes of
     --batch-size states per step); episode i runs in its own environment seeded seed + i, draws its random actions
-    from its own generator and starts with 1 to --eval-noop-max random no-ops, so its score does not depend on what
+    from its own generator and starts with 0 to --noop-max - 1 random no-ops, so its score does not depend on what
     runs beside it. A lost life restarts the frame stack, as in training; an episode ends at game over or at the cap.
     Stopped by a signal (`stop`), it returns the episodes finished so far; given them back (`scores`), it runs only the
     others. With `video_dir`, the first `videos` episodes are recorded."""
@@ -2689,12 +2709,12 @@ def evaluate(q_network, args, num_episodes, device, seed, scores=None, stop=None
     todo = [i for i in range(num_episodes) if i not in scores]
     for first in range(0, len(todo), parallel):
         envs = {i: make_env(args.env_id, seed + i, args.repeat_action_probability, args.max_episode_steps,
-                            noop_max=args.eval_noop_max, capture_video=video_dir is not None and i < videos,
+                            capture_video=video_dir is not None and i < videos,
                             video_dir=video_dir, video_prefix=f"eval-episode-{i}") for i in todo[first:first + parallel]}
         rngs = {i: np.random.default_rng([seed, i]) for i in envs}
         stacks, lives, returns = {}, {}, {i: 0.0 for i in envs}
         for i, env in envs.items():
-            frame, info = env.reset(seed=seed + i)
+            frame, info = start_episode(env, args.noop_max, rngs[i], seed=seed + i)
             stacks[i], lives[i] = np.repeat(frame[None], 4, axis=0), info["lives"]
         while envs and not stop:
             active = list(envs)
@@ -2851,7 +2871,7 @@ class Atari100kRun(RainbowRun):
 
 # flags that may change when resuming; everything else must match the checkpoint
 RESUMABLE_FIELDS = ("total_timesteps", "checkpoint_every", "cuda", "cuda_graphs", "track", "wandb_project_name",
-                    "wandb_entity", "save_model", "eval_episodes", "eval_epsilon", "eval_noop_max", "log_frequency",
+                    "wandb_entity", "save_model", "eval_episodes", "eval_epsilon", "log_frequency",
                     "stats_frequency", "capture_video", "learning_rate")
 
 
@@ -2886,7 +2906,7 @@ if __name__ == "__main__":
     rb = make_replay(args, replay_device)
     print(f"{run.name}: {sum(p.numel() for p in q_network.parameters()):,} parameters on {device}, replay memory on "
           f"{replay_device} ({bytes_per_transition} bytes per transition with priorities)", flush=True)
-    frame, info = env.reset(seed=args.seed)
+    frame, info = start_episode(env, args.noop_max, rng, seed=args.seed)
     stack = np.repeat(frame[None], 4, axis=0)
     stack, replay_loaded = resume(checkpoint, run, q_network, target_network, optimizer, rb, env, rng, noise, device,
                                   stack)
@@ -2917,7 +2937,7 @@ if __name__ == "__main__":
         rb.add(stack[-1], action, clip_reward(reward), terminated or life_lost, truncated, next_frame)
         if terminated or truncated:
             run.end_episode(global_step)
-            next_frame, info = env.reset()
+            next_frame, info = start_episode(env, args.noop_max, rng)
             stack, lives = np.repeat(next_frame[None], 4, axis=0), info["lives"]
         elif life_lost:  # the replay memory starts a new stack here, so the agent does too (Dopamine)
             stack = np.repeat(next_frame[None], 4, axis=0)

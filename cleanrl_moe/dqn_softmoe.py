@@ -1597,6 +1597,10 @@ def parse_args(args_class, resumable_fields, replay_fields, argv=None):
     if args.resume is None:
         return args, None
     checkpoint = read_checkpoint(args.resume, os.path.basename(__file__), replay_fields)
+    unknown = sorted(set(checkpoint["args"]) - {field.name for field in dataclasses.fields(args_class)})
+    if unknown:  # a flag renamed or removed since: its meaning may have changed too
+        fail(f"--resume {args.resume}: the checkpoint has flags this script does not know ({', '.join(unknown)}); it "
+             f"was written by another version of the script: resume it with that version, or start a new run")
     args = tyro.cli(args_class, args=argv, default=args_class(**{**checkpoint["args"], "resume": args.resume}))
     for field, value in checkpoint["args"].items():
         if field not in resumable_fields and field != "resume" and getattr(args, field) != value:

@@ -205,38 +205,78 @@ def test_evaluation_runs_the_network_noise_free_and_restores_training_mode(recor
     assert net.modes and not any(net.modes), "evaluation must run the network in eval mode (noise off)"
     assert net.training, "evaluation must give the network back in training mode"
     for _, kwargs, env in recorded_envs:
-        # the 108k-frame cap (here 4 x 30) counts the no-op frames too
-        assert kwargs["noop_max"] == 30 and env.actions == [2] * len(env.actions) and 20 < len(env.actions) <= 30
+        assert "noop_max" not in kwargs  # the wrapper takes no no-ops of its own: start_episode takes them
+        noops = env.actions.index(2)
+        # 0-29 no-op steps, then the network's actions; the 108k-frame cap (here 4 x 30) counts the no-op steps too
+        assert env.actions == [0] * noops + [2] * (30 - noops)
     assert [inp.shape[0] for inp in net.inputs[:3]] == [3, 3, 3]  # the episodes run side by side in one batch
 
 
 def test_evaluation_epsilon_takes_uniform_random_actions(recorded_envs):
     net = PreferredAction(7, 2)
-    m.evaluate(net, m.Args(env_id="ALE/Assault-v5", max_episode_steps=700, eval_epsilon=1.0), 1, "cpu", seed=0)
+    m.evaluate(net, m.Args(env_id="ALE/Assault-v5", max_episode_steps=700, eval_epsilon=1.0, noop_max=0), 1, "cpu", seed=0)
     actions = np.array(recorded_envs[0][2].actions)
     counts = np.bincount(actions, minlength=7)
     assert len(actions) > 300 and counts.min() > 0.6 * len(actions) / 7  # uniform over all 7 actions
     recorded_envs.clear()
-    m.evaluate(net, m.Args(env_id="ALE/Assault-v5", max_episode_steps=700), 1, "cpu", seed=0)  # default 0.001
+    m.evaluate(net, m.Args(env_id="ALE/Assault-v5", max_episode_steps=700, noop_max=0), 1, "cpu", seed=0)  # epsilon 0.001
     actions = np.array(recorded_envs[0][2].actions)
     assert (actions != 2).sum() <= 5 and len(actions) > 300
 
 
-def test_evaluation_starts_episodes_with_random_noops(recorded_envs):
-    net = PreferredAction(7, 0)
+def test_evaluation_starts_episodes_with_random_noop_steps(recorded_envs):
     first = {}
     for noop_max in (0, 30):
         recorded_envs.clear()
-        m.evaluate(net, m.Args(env_id="ALE/Assault-v5", max_episode_steps=5, eval_noop_max=noop_max), 8, "cpu", seed=0)
-        first[noop_max] = [env.first_frame for _, _, env in recorded_envs]
+        net = PreferredAction(7, 2)
+        args = m.Args(env_id="ALE/Assault-v5", max_episode_steps=40, noop_max=noop_max, eval_epsilon=0.0)
+        m.evaluate(net, args, 8, "cpu", seed=3)
+        # episode i draws its no-op count from its own generator, before any epsilon draw (Dopamine: randint(0, 30))
+        expected = [int(np.random.default_rng([3, i]).integers(noop_max)) if noop_max else 0 for i in range(8)]
+        assert [env.actions.index(2) for _, _, env in recorded_envs] == expected
+        first[noop_max] = [state[-1].tobytes() for state in net.inputs[0]]  # the frame each episode first acts on
     # the ALE without sticky actions is deterministic: without no-ops every episode starts on the same frame
-    assert all(np.array_equal(f, first[0][0]) for f in first[0])
-    assert len({f.tobytes() for f in first[30]}) >= 4
+    assert len(set(first[0])) == 1 and len(set(first[30])) >= 4
+
+
+class LosesALifeAt:
+    """A stand-in environment: in its first game, lives 3 until the `at`-th step, then 2; counts resets and actions."""
+
+    def __init__(self, at):
+        self.at, self.resets, self.actions = at, 0, []
+
+    def reset(self, seed=None):
+        self.resets, self.t = self.resets + 1, 0
+        return np.full((84, 84), self.resets, np.uint8), {"lives": 3}
+
+    def step(self, action):
+        self.t += 1
+        self.actions.append(action)
+        return np.full((84, 84), 100 + self.t, np.uint8), 0.0, False, False, {"lives": 2 if self.resets == 1 and self.t >= self.at else 3}
+
+
+def test_start_episode_takes_noop_steps_and_starts_again_when_a_life_is_lost_in_them():
+    rng, counts = np.random.default_rng(0), []
+    for _ in range(300):
+        env = LosesALifeAt(at=1000)
+        frame, info = m.start_episode(env, 30, rng)
+        counts.append(len(env.actions))
+        assert set(env.actions) <= {0} and env.resets == 1
+        assert frame[0, 0] == (100 + len(env.actions) if env.actions else 1)  # the frame after the last no-op
+    assert sorted(set(counts)) == list(range(30))  # randint(0, 30): 0 to 29, each about as often
+    assert max(np.bincount(counts)) < 3 * 300 / 30
+    assert m.start_episode(env := LosesALifeAt(at=1), 0, rng)[0][0, 0] == 1 and env.actions == []
+    env = LosesALifeAt(at=3)
+    twin = np.random.default_rng(7)
+    frame, info = m.start_episode(env, 30, np.random.default_rng(7))
+    n = int(twin.integers(30))
+    assert n >= 3 and env.resets == 2 and len(env.actions) == n  # the lost life at step 3 restarts the game
+    assert frame[0, 0] == 100 + n - 3 and info["lives"] == 3
 
 
 def test_evaluation_restarts_the_frame_stack_at_a_lost_life_and_ends_at_game_over(recorded_envs):
     net = PreferredAction(7, 0)  # NOOP in Assault: the lives go one by one, the score stays 0
-    scores = m.evaluate(net, m.Args(env_id="ALE/Assault-v5", eval_noop_max=0), 1, "cpu", seed=0)
+    scores = m.evaluate(net, m.Args(env_id="ALE/Assault-v5", noop_max=0), 1, "cpu", seed=0)
     env = recorded_envs[0][2]
     lives = np.array(env.lives)
     assert lives[0] > 1 and lives[-1] == 0 and scores == {0: 0.0}  # one episode = the whole game
@@ -248,7 +288,7 @@ def test_evaluation_restarts_the_frame_stack_at_a_lost_life_and_ends_at_game_ove
         assert all(np.array_equal(inputs[t][k], inputs[t][3]) for k in range(3))
         assert not all(np.array_equal(inputs[t - 1][k], inputs[t - 1][3]) for k in range(3))
     eval_without = PreferredAction(7, 0)
-    m.evaluate(eval_without, m.Args(env_id="ALE/Assault-v5", eval_noop_max=0, terminal_on_life_loss=False), 1, "cpu",
+    m.evaluate(eval_without, m.Args(env_id="ALE/Assault-v5", noop_max=0, terminal_on_life_loss=False), 1, "cpu",
                seed=0)
     assert not all(np.array_equal(eval_without.inputs[lost[0]][0][k], eval_without.inputs[lost[0]][0][3])
                    for k in range(3))

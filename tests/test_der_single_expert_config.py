@@ -47,8 +47,9 @@ OFFICIAL = {
     "epsilon (train)": (0.0, f"{GIN}: JaxFullRainbowAgent.noisy = True replaces the epsilon_fn by zero_epsilon"),
     "epsilon (evaluation)": (0.001, f"{GIN}: JaxDQNAgent.epsilon_eval = 0.001"),
     "evaluation episodes": (100, "labs/atari_100k/README.md: 100 evaluation episodes after training"),
-    # deviation 8 in docs/der_single_expert.md: evaluation starts with 1 to 30 no-ops (Dopamine's has none)
-    "evaluation no-op starts (at most)": (30, "Atari 100k protocol (spec rainbow_der.md section 6); Dopamine: 0"),
+    "no-op starts (agent steps, training and evaluation)": (
+        30, "labs/moes/atari_100k_train.py runs DataEfficientAtariRunner (max_noops = 30, DER.gin sets none): "
+            "_initialize_episode takes randint(0, 30) no-op steps at every episode start, training and evaluation"),
     "noisy sigma0": (0.1, "jax/networks.NoisyNetwork: sigma initialised to 0.1 / sqrt(fan_in)"),
     "support": ((-10.0, 10.0, 51), f"{GIN}: JaxFullRainbowAgent.vmax = 10., num_atoms = 51; vmin = -vmax"),
     "dueling noisy heads": (True, f"{GIN}: JaxFullRainbowAgent.dueling = True, noisy = True"),
@@ -58,7 +59,7 @@ OFFICIAL = {
     "frame skip": (4, "atari_lib.AtariPreprocessing: frame_skip = 4, max-pool over the last two frames"),
     # deviation 7 in docs/der_single_expert.md: the cap is the ALE's 108,000-frame cap
     "max agent steps per episode": (27_000, f"{GIN}: Runner.max_steps_per_episode = 27000"),
-    "no-op starts (training)": (0, "run_experiment.Runner: none"),
+    "no-op starts in the environment wrapper": (0, "none: the no-op steps above are the runner's, not the wrapper's"),
     "minimal action set": (True, "atari_lib: gym's <Game>NoFrameskip-v0 minimal action set"),
     "observation": (((84, 84), True), "atari_lib.AtariPreprocessing: 84x84 greyscale"),
     # the life loss is handled by the training loop (terminal for learning, the game goes on), not by the wrapper
@@ -97,6 +98,12 @@ def redo_defaults(args, monkeypatch):
             "ReDo probe batch": redo["probe batch"], "ReDo probe sampling": redo["probe sampling"]}
 
 
+def wrapper_noops(settings):
+    """env_settings with its training no-op entry named for what it reads here: the wrapper's frame no-ops."""
+    settings["no-op starts in the environment wrapper"] = settings.pop("no-op starts (training)")
+    return settings
+
+
 @pytest.fixture(scope="module")
 def default_schedule():
     """train_step with the default Args over the first 6,000 agent steps (the update stood in for)."""
@@ -116,12 +123,12 @@ def test_defaults_match_the_official_der_gin_with_one_scaled_expert(default_sche
         "updates per training step": max(np.bincount(updates)),
         "target update period (agent steps)": int(np.diff(copies)[0]), "training length (agent steps)": args.total_timesteps,
         "epsilon (train)": args.epsilon_train, "epsilon (evaluation)": args.eval_epsilon,
-        "evaluation episodes": args.eval_episodes, "evaluation no-op starts (at most)": args.eval_noop_max,
+        "evaluation episodes": args.eval_episodes, "no-op starts (agent steps, training and evaluation)": args.noop_max,
         "noisy sigma0": round(net.head.value.weight_sigma[0, 0].item() * math.sqrt(net.head.value.weight_mu.shape[1]),
                               6),
         "support": (net.support[0].item(), net.support[-1].item(), len(net.support)),
         "dueling noisy heads": isinstance(net.head.value, m.NoisyLinear) and isinstance(net.head.advantage, m.NoisyLinear),
-        **categorical_settings(m), **env_settings(m, args),
+        **categorical_settings(m), **wrapper_noops(env_settings(m, args)),
         "life loss terminal for learning": args.terminal_on_life_loss, "reward clipping": clip_settings(m),
         "encoder": type(net.encoder).__name__, "MoE layer": type(net.moe).__name__,
         "experts": net.moe.experts.w1_mu.shape[0], "expert hidden units": net.moe.experts.w1_mu.shape[2],
@@ -153,12 +160,12 @@ def test_the_loss_is_the_cross_entropy_to_the_double_q_target():
 
 
 def test_rewards_are_clipped_for_learning_and_raw_in_the_logged_return_and_a_lost_life_is_terminal(tmp_path):
-    # Assault scores 21 an enemy; without sticky actions, with frame skip 4 and no no-ops, the actions the memory
-    # recorded replay the same run (the cheap van Hasselt et al. network; random actions, since an untrained noisy
+    # Assault scores 21 an enemy; without sticky actions, with frame skip 4 and no no-ops (--noop-max 0), the actions
+    # the memory recorded replay the same run (the cheap van Hasselt et al. network; random actions, since an untrained noisy
     # network tends to repeat one action and score nothing)
     flags = ["--env-id", "ALE/Assault-v5", "--encoder", "der", "--total-timesteps", 400, "--learning-starts", 100,
              "--buffer-size", 1000, "--max-episode-steps", 150, "--checkpoint-every", 400, "--batch-size", 8,
-             "--epsilon-train", 1.0, "--eval-episodes", 0]
+             "--epsilon-train", 1.0, "--eval-episodes", 0, "--noop-max", 0]
     _, tags, played, stored, returns = run_and_replay("der_single_expert", flags, tmp_path, sticky=0.0,
                                                       life_loss_terminal=True)
     assert_rewards_clipped_for_learning_and_raw_in_the_return(played, stored, returns, tags)

@@ -1,12 +1,13 @@
 """der_single_expert.py end to end on the real ALE with tiny budgets: the JSON result of the Atari 100k protocol,
 life loss terminal for learning only, a resumed run, bad flags."""
 import signal
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from harness import (assert_same_scalars, check_flags, load_script, only_run_dir, read_checkpoint, result, run_script,
-                     scalars, start_script, wait_for_checkpoint)
+from harness import (assert_same_scalars, check_flags, fake_checkpoint, load_script, only_run_dir, parse, read_checkpoint,
+                     result, run_script, scalars, start_script, wait_for_checkpoint)
 
 m = load_script("der_single_expert")
 SCRIPT = "der_single_expert"
@@ -27,6 +28,14 @@ def episode_ends(run_dir):
     terminated = replay["terminated"][:n].numpy() & transition
     ends = replay["episode_end"][:n].numpy() & transition
     return int(terminated.sum()), int(ends.sum()), checkpoint["run"]["episode"][2]
+
+
+def game_first_frames(run_dir):
+    """The frame each learning episode starts on, from the checkpoint's replay memory (slot 0 and every slot after an
+    episode's final frame): with --no-terminal-on-life-loss, the frame each game starts on."""
+    replay = read_checkpoint(run_dir)["replay"]
+    final = ~replay["is_transition"][:replay["cursor"]].numpy()
+    return [replay["frames"][slot].numpy().tobytes() for slot in [0, *(np.flatnonzero(final[:-1]) + 1)]]
 
 
 # the lost-life test needs episodes, not learning: 200 updates (from step 600) instead of 700
@@ -61,6 +70,8 @@ def test_end_to_end_writes_the_atari_100k_result_and_ends_learning_episodes_at_a
     # a lost life ends the n-step return in the replay memory, but the episode (and its return) goes on to game over
     terminations, ends, episodes = episode_ends(run_dir)
     assert episodes == len(tags["charts/episodic_return"]) == info["episodes"] >= 3
+    # every agent step is one transition: the no-op steps that start an episode are neither stored nor counted
+    assert read_checkpoint(run_dir)["replay"]["is_transition"].numpy().sum() == 800
     assert ends > episodes and terminations >= ends - episodes  # every extra end is a lost life, and terminal
     assert max(v for _, v in tags["charts/episodic_length"]) > 100  # longer than one life
     # the agent's own frame stack restarts at a lost life, as the replay memory's does: stop the same run right
@@ -81,6 +92,12 @@ def test_end_to_end_writes_the_atari_100k_result_and_ends_learning_episodes_at_a
                cwd=tmp_path / "no_life_loss")
     terminations, ends, episodes = episode_ends(only_run_dir(tmp_path / "no_life_loss"))
     assert ends == episodes >= 3  # only game overs and the time limit end a learning episode
+    # the games start after 0-29 random no-op steps (Dopamine's Atari 100k runner), not always on the same frame as
+    # the deterministic ALE (no sticky actions) would have them; the first game's count is the run generator's first draw
+    starts = game_first_frames(only_run_dir(tmp_path / "no_life_loss"))
+    assert len(starts) == episodes + 1 and len(set(starts[1:])) > 1
+    first, _ = m.start_episode(m.make_env("ALE/Assault-v5", 1, 0.0, 250), 30, np.random.default_rng(1), seed=1)
+    assert starts[0] == first.tobytes()
     assert result(only_run_dir(tmp_path / "no_life_loss"))["score"] is None
 
 
@@ -126,7 +143,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
 
 @pytest.mark.parametrize("kwargs,flag", [
     (dict(eval_episodes=-1), "--eval-episodes"),
-    (dict(eval_noop_max=-1), "--eval-noop-max"),
+    (dict(noop_max=-1), "--noop-max"),
     (dict(max_grad_norm=-1.0), "--max-grad-norm"),
     (dict(eval_epsilon=1.5), "--eval-epsilon"),
     (dict(n_step=0), "--n-step"),
@@ -162,3 +179,13 @@ def test_cli_bad_flag_exits_fast_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: --num-experts does not apply to --encoder der")
     assert not (tmp_path / "runs").exists()
+
+
+def test_resume_refuses_a_checkpoint_with_flags_the_script_no_longer_has(tmp_path, capsys):
+    # a run of the script before --noop-max: it trained without no-op starts and evaluated with --eval-noop-max
+    old = {**{k: v for k, v in vars(m.Args()).items() if k != "noop_max"}, "eval_noop_max": 30}
+    folder = fake_checkpoint(tmp_path / "checkpoint", SCRIPT, SimpleNamespace(**old))
+    with pytest.raises(SystemExit):
+        parse(m, ["--resume", str(folder)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(eval_noop_max)" in err[0] and "start a new run" in err[0], err

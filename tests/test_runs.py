@@ -61,7 +61,7 @@ def test_ctrl_c_in_evaluation_resumes_only_the_rest_with_tracking_and_videos(nam
     m = load_script(name)
     env = dict(harness.test_env(), WANDB_MODE="offline", WANDB_SILENT="true")
     eval_flags = ["--save-model", "--eval-episodes", 4, "--eval-epsilon", 0.5] if name != "der_single_expert" else \
-        ["--save-model", "--eval-episodes", 4, "--eval-epsilon", 0.5, "--eval-noop-max", 5]
+        ["--save-model", "--eval-episodes", 4, "--eval-epsilon", 0.5, "--noop-max", 5]
     proc = subprocess.Popen(script_command(name, *flags(name, "--track", "--capture-video", *eval_flags)), cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     model = wait_for_file(f"runs/*/{name}.cleanrl_model", tmp_path, proc)  # saved just before the evaluation
