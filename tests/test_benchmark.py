@@ -614,6 +614,22 @@ def wait_for(predicate, proc, timeout=120):
         time.sleep(0.1)
 
 
+def test_a_runs_log_names_the_commit_of_its_code_and_a_modified_script(tmp_path):
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,  # noqa
+                                    check=True, capture_output=True, text=True).stdout.strip()
+    assert local.code_version(tmp_path / "s.py").startswith("commit unknown")  # not a git checkout
+    git("init", "-q")
+    (tmp_path / "s.py").write_text("a = 1\n")
+    (tmp_path / "other.py").write_text("b = 1\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "m")
+    assert local.code_version(tmp_path / "s.py") == f"commit {git('rev-parse', 'HEAD')}"
+    (tmp_path / "other.py").write_text("b = 2\n")  # another file's change is not this run's code
+    assert local.code_version(tmp_path / "s.py") == f"commit {git('rev-parse', 'HEAD')}"
+    (tmp_path / "s.py").write_text("a = 2\n")
+    assert local.code_version(tmp_path / "s.py") == f"commit {git('rev-parse', 'HEAD')}, s.py modified since"
+
+
 def test_smoke_suite_end_to_end_interrupted_resumed_and_reported(tmp_path):
     """Every script of the smoke suite on one game and seed (CI's subset), at 300 steps: stopped with a checkpoint,
     resumed, reported."""
@@ -637,6 +653,8 @@ def test_smoke_suite_end_to_end_interrupted_resumed_and_reported(tmp_path):
         run_dir = Path(run.dir)
         log = (run_dir / "log.txt").read_text()
         assert (f"resumed ALE-{run.game}-v5" in log) == (run_dir in interrupted), log
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        assert log.count(f"# code: commit {commit}") == log.count("==== attempt") >= 1, log  # each attempt's code
         assert list(run_dir.glob("runs/*/events.out.tfevents.*")) and not list(run_dir.glob("runs/*/checkpoint"))
         result = json.loads(next(run_dir.glob("runs/*/result.json")).read_text())
         assert result["steps"] == 300 and result["env_id"] == f"ALE/{run.game}-v5" and result["seed"] == run.seed

@@ -31,6 +31,14 @@ def run_env(threads, gpu=None):
     return env
 
 
+def code_version(script):
+    """The commit the scripts run from, and whether `script` differs from it: each run's log names the code it ran."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=script.parent, capture_output=True, text=True)  # noqa: E731
+    commit = git("rev-parse", "HEAD").stdout.strip() or "unknown (not a git checkout)"
+    modified = git("diff", "--quiet", "HEAD", "--", script.name).returncode == 1
+    return f"commit {commit}" + (f", {script.name} modified since" if modified else "")
+
+
 def start_run(run, env, slurm_job=None):
     run_dir = Path(run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -46,6 +54,7 @@ def start_run(run, env, slurm_job=None):
         log.write(f"==== attempt {attempt} on {socket.gethostname()} at {datetime.datetime.now():%Y-%m-%d %H:%M:%S}"
                   f"{' (Slurm job ' + slurm_job + ')' if slurm_job else ''}: "
                   f"{'resumed from ' + str(checkpoint.relative_to(run_dir)) if checkpoint else 'fresh start'}\n"
+                  f"# code: {code_version(SCRIPTS / f'{run.script}.py')}; OMP_NUM_THREADS={env.get('OMP_NUM_THREADS')}\n"
                   f"$ cd {run_dir} && {shlex.join(argv)}\n")
         log.flush()
         # own session: a Ctrl-C in the terminal reaches only benchmark.sh, which then stops the runs with SIGTERM
