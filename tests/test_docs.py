@@ -1,14 +1,18 @@
 """The docs stay true to the code: every docs/<script>.md has the same sections in the same order, its method table is
-what tools/method_table.py makes of the script now (so its line numbers cannot go stale), every relative link of the
+what tools/method_table.py makes of the script now (so its line numbers cannot go stale), the Atari-100k results table
+is what tools/results_table.py makes of the committed results, every relative link of the
 README and the docs points at a file that exists, and the README stays a front page."""
+import json
 import re
 import sys
 
+import numpy as np
 import pytest
 from harness import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
 import method_table  # noqa: E402
+import results_table  # noqa: E402
 
 SECTIONS = ["Usage", "The method, top to bottom", "Public surface", "Logged metrics", "Deviations from the official code",
             "Host syncs on CUDA", "Tests", "Results"]
@@ -27,6 +31,34 @@ def test_the_method_table_is_current(name):
     text = (ROOT / "docs" / f"{name}.md").read_text()
     table = text.split(method_table.START, 1)[1].split(method_table.END, 1)[0].strip()
     assert table == method_table.table(name), f"docs/{name}.md: run python tools/method_table.py --write"
+
+
+def test_the_atari100k_results_table_is_current():
+    text = results_table.DOC.read_text()
+    table = text.split(results_table.START, 1)[1].split(results_table.END, 1)[0].strip()
+    assert table == results_table.table(), "docs/der_single_expert.md: run python tools/results_table.py --write"
+
+
+def test_the_results_table_shows_every_committed_run(tmp_path):
+    """Two seeds of one game and one of another, made up: per-seed cells, the seed mean and std, the pooled episodes,
+    the gain over random against the paper (Pong: random -20.7, paper -19.3) and its flag."""
+    def result(game, seed, scores, train):
+        path = tmp_path / game / f"seed{seed}" / "result.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"eval_returns": scores, "eval_return_mean": float(np.mean(scores)),
+                                    "train_return_last100": train}))
+
+    result("Pong", 1, [-21.0, -19.0], -20.0)
+    result("Pong", 3, [-18.0, -16.0], -17.5)
+    result("Boxing", 3, [1.0, 2.0, 3.0], 0.5)
+    (tmp_path / "Pong" / "seed1_probe").mkdir()  # an investigation's folder is no run
+    text = results_table.table(tmp_path)
+    assert "**2 of 26 games have a committed run, 3 runs in all** (seeds 1, 3;" in text
+    assert f"| [Pong](results/{results_table.RESULTS.name}/curves/Pong.png) | -20.0 / -17.0 | -18.5 ± 2.1 | -21 / -18 / -16 " \
+           "| -20.0 / -17.5 | -19.3 | 1.57 |" in text, text  # (-18.5 + 20.7) / (-19.3 + 20.7)
+    assert "| [Boxing](" in text and "| - / 2.0 | 2.0 | 1 / 2 / 3 | - / 0.5 | 0.2 | " in text, text
+    assert text.index("[Boxing]") < text.index("[Pong]")  # the suite's order
+    assert "Not run yet (24): Alien, Amidar," in text and "Pong" not in text.split("Not run yet")[1]
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
