@@ -58,7 +58,7 @@ def test_the_results_table_shows_every_committed_run(tmp_path):
            "| -20.0 / -17.5 | -19.3 | 1.57 |" in text, text  # (-18.5 + 20.7) / (-19.3 + 20.7)
     assert "| [Boxing](" in text and "| - / 2.0 | 2.0 | 1 / 2 / 3 | - / 0.5 | 0.2 | " in text, text
     assert text.index("[Boxing]") < text.index("[Pong]")  # the suite's order
-    assert "Not run yet (24): Alien, Amidar," in text and "Pong" not in text.split("Not run yet")[1]
+    assert "No committed run yet (24): Alien, Amidar," in text and "Pong" not in text.split("run yet")[1]
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))

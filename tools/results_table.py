@@ -46,7 +46,7 @@ def table(results=RESULTS):
     per_seed = " / ".join(f"seed {seed}" for seed in seeds) or "per seed"
     runs = sum(map(len, found.values()))
     lines = [textwrap.fill(f"**{len(found)} of {len(games)} games have a committed run, {runs} run{'s' * (runs != 1)} in "
-                           f"all** (seeds {', '.join(map(str, seeds)) or 'none'}; the target is seeds 1-3 for every "
+                           f"all** (seed{'s' * (len(seeds) != 1)} {', '.join(map(str, seeds)) or 'none'}; the target is seeds 1-3 for every "
                            "game). Evaluation: the mean of 100 episodes of the final agent; the seed mean is over the "
                            "seeds that ran.", 120), "",
              f"| game (curves) | evaluation score ({per_seed}) | seed mean ± std | episodes of all seeds: min / median / "
@@ -68,7 +68,7 @@ def table(results=RESULTS):
                      f"{gain:.2f}{flag} |")
     missing = [game for game in games if game not in found]
     if missing:
-        lines += ["", textwrap.fill(f"Not run yet ({len(missing)}): {', '.join(missing)}.", 120)]
+        lines += ["", textwrap.fill(f"No committed run yet ({len(missing)}): {', '.join(missing)}.", 120)]
     return "\n".join(lines)
 
 
