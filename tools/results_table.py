@@ -58,7 +58,9 @@ def table(results=RESULTS):
         runs = found[game]
         scores = np.array([runs[s]["eval_return_mean"] for s in sorted(runs)])
         episodes = np.concatenate([runs[s]["eval_returns"] for s in sorted(runs)])
-        cell = lambda key: " / ".join(f"{runs[s][key]:,.1f}" if s in runs else "-" for s in seeds)  # noqa: E731
+        def cell(key):  # one value per seed of the table, "-" for a seed this game has not run
+            return " / ".join(f"{runs[seed][key]:,.1f}" if seed in runs else "-" for seed in seeds)
+
         spread = f" ± {scores.std(ddof=1):,.1f}" if len(scores) > 1 else ""
         gain = (scores.mean() - random_scores[game]) / (published[game] - random_scores[game])
         flag = " **below half**" if gain < 0.5 else ""
