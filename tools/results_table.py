@@ -36,6 +36,11 @@ def committed_results(results=RESULTS):
     return found
 
 
+def per_seed_cell(runs, seeds, key):
+    """One value per seed of the table, "-" for a seed this game has not run."""
+    return " / ".join(f"{runs[seed][key]:,.1f}" if seed in runs else "-" for seed in seeds)
+
+
 def table(results=RESULTS):
     games = load_suite(SUITE)["games"]
     published = {ref["game"]: float(ref["reference"]) for ref in references(SUITE)
@@ -44,11 +49,12 @@ def table(results=RESULTS):
     found = committed_results(results)
     seeds = sorted({seed for runs in found.values() for seed in runs})
     per_seed = " / ".join(f"seed {seed}" for seed in seeds) or "per seed"
-    runs = sum(map(len, found.values()))
-    lines = [textwrap.fill(f"**{len(found)} of {len(games)} games have a committed run, {runs} run{'s' * (runs != 1)} in "
-                           f"all** (seed{'s' * (len(seeds) != 1)} {', '.join(map(str, seeds)) or 'none'}; the target is seeds 1-3 for every "
-                           "game). Evaluation: the mean of 100 episodes of the final agent; the seed mean is over the "
-                           "seeds that ran.", 120), "",
+    run_count = sum(map(len, found.values()))
+    lines = [textwrap.fill(f"**{len(found)} of {len(games)} games have a committed run, {run_count} "
+                           f"run{'s' * (run_count != 1)} in all** (seed{'s' * (len(seeds) != 1)} "
+                           f"{', '.join(map(str, seeds)) or 'none'}; the target is seeds 1-3 for every game). "
+                           "Evaluation: the mean of 100 episodes of the final agent; the seed mean is over the seeds "
+                           "that ran.", 120), "",
              f"| game (curves) | evaluation score ({per_seed}) | seed mean ± std | episodes of all seeds: min / median / "
              f"max | training return, last 100 episodes ({per_seed}) | van Hasselt et al. 2019 (DER) | "
              "(mean - random) / (paper - random) |", "|---|---|---|---|---|---|---|"]
@@ -58,16 +64,14 @@ def table(results=RESULTS):
         runs = found[game]
         scores = np.array([runs[s]["eval_return_mean"] for s in sorted(runs)])
         episodes = np.concatenate([runs[s]["eval_returns"] for s in sorted(runs)])
-        def cell(key):  # one value per seed of the table, "-" for a seed this game has not run
-            return " / ".join(f"{runs[seed][key]:,.1f}" if seed in runs else "-" for seed in seeds)
-
         spread = f" ± {scores.std(ddof=1):,.1f}" if len(scores) > 1 else ""
         gain = (scores.mean() - random_scores[game]) / (published[game] - random_scores[game])
         flag = " **below half**" if gain < 0.5 else ""
-        lines.append(f"| [{game}](results/{RESULTS.name}/curves/{game}.png) | {cell('eval_return_mean')} | "
-                     f"{scores.mean():,.1f}{spread} | {episodes.min():,.0f} / {np.median(episodes):,.0f} / "
-                     f"{episodes.max():,.0f} | {cell('train_return_last100')} | {published[game]:,.1f} | "
-                     f"{gain:.2f}{flag} |")
+        cells = [f"[{game}](results/{RESULTS.name}/curves/{game}.png)", per_seed_cell(runs, seeds, "eval_return_mean"),
+                 f"{scores.mean():,.1f}{spread}",
+                 f"{episodes.min():,.0f} / {np.median(episodes):,.0f} / {episodes.max():,.0f}",
+                 per_seed_cell(runs, seeds, "train_return_last100"), f"{published[game]:,.1f}", f"{gain:.2f}{flag}"]
+        lines.append(f"| {' | '.join(cells)} |")
     missing = [game for game in games if game not in found]
     if missing:
         lines += ["", textwrap.fill(f"No committed run yet ({len(missing)}): {', '.join(missing)}.", 120)]
