@@ -1,8 +1,8 @@
 """A fork server for the tests' script runs.
 
-Most of a tiny end-to-end test is the start of a fresh Python that imports torch, gymnasium, ALE, tyro and
-TensorBoard: about 3 CPU-seconds a run, on a 2-core machine a third of the suite. Here one server process per pytest
-worker imports them once (one thread, no CUDA), and forks a child per run that becomes `python script.py flags`:
+Most of a tiny end-to-end test is the start of a fresh Python that imports torch, gymnasium, ALE, tyro, TensorBoard
+and torch._dynamo (which a torch optimizer imports when it is built): about 4-5 CPU-seconds a run, on a 2-core machine a
+third of the suite. Here one server process per pytest worker imports them once (one thread, no CUDA), and forks a child per run that becomes `python script.py flags`:
 the same argv, working directory, environment, stdin/stdout/stderr (passed over a Unix socket), signals and exit
 status. The command that `harness.script_command` returns starts a small client (no torch) that stands for the run:
 a signal sent to it is passed on to the script, its exit code is the script's, and killing it (SIGKILL) kills the
@@ -155,6 +155,7 @@ def serve(address):
     import gymnasium  # noqa: F401
     import numpy  # noqa: F401
     import torch  # noqa: F401
+    import torch._dynamo  # noqa: F401  (imported by every optimizer's constructor: ~2 CPU-seconds a run)
     import torch.nn.functional  # noqa: F401
     import tyro  # noqa: F401
     from torch.utils.tensorboard import SummaryWriter  # noqa: F401
