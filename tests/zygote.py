@@ -1,13 +1,14 @@
 """A fork server for the tests' script runs.
 
 Most of a tiny end-to-end test is the start of a fresh Python that imports torch, gymnasium, ALE, tyro, TensorBoard
-and torch._dynamo (which a torch optimizer imports when it is built): about 4-5 CPU-seconds a run, on a 2-core machine a
-third of the suite. Here one server process per pytest worker imports them once (one thread, no CUDA), and forks a child per run that becomes `python script.py flags`:
-the same argv, working directory, environment, stdin/stdout/stderr (passed over a Unix socket), signals and exit
-status. The command that `harness.script_command` returns starts a small client (no torch) that stands for the run:
-a signal sent to it is passed on to the script, its exit code is the script's, and killing it (SIGKILL) kills the
-script. A run whose environment asks for something the server did not import under (threads, a GPU) execs a fresh
-interpreter instead. CLEANRL_MOE_TEST_FORK=0 turns the server off.
+and torch._dynamo (which a torch optimizer imports when it is built): about 4-5 CPU-seconds a run, on a 2-core machine
+a third of the suite. Here one server process per pytest worker imports them once (one thread, no CUDA), and forks a
+child per run that becomes `python script.py flags`: the same argv, working directory, environment,
+stdin/stdout/stderr (passed over a Unix socket), signals and exit status. The command that `harness.script_command`
+returns starts a small client (no torch) that stands for the run: a signal sent to it is passed on to the script, its
+exit code is the script's, and killing it (SIGKILL) kills the script. A run whose environment asks for something the
+server did not import under (threads, a GPU) execs a fresh interpreter instead. CLEANRL_MOE_TEST_FORK=0 turns the
+server off.
 
     python -u tests/zygote.py serve SOCKET            # prints "ready" once it listens
     python -S tests/zygote.py run SOCKET SCRIPT FLAGS...
