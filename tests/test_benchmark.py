@@ -492,6 +492,50 @@ def test_report_from_committed_results_alone_flags_games_below_half_the_publishe
     assert "Assault (seeds 3, 4, 5)" in text and (out / "aggregate.png").stat().st_size > 1000
 
 
+def test_aggregates_over_part_of_the_suite_are_set_beside_the_published_scores_of_the_same_games(tmp_path, capsys):
+    # seed 1 of 11 of the 26 games: a median and mean over them are not the published ones over 26 games, so the
+    # ci and info checks skip, and the report computes the published per-game scores' median and mean over the same
+    # 11 games. With two seeds of Alien and one of every other game, it says that 10 games add no spread to the CIs.
+    results, absent = tmp_path / "results", tmp_path / "absent"
+    suite = suites.load_suite("atari100k_26")
+    table = report.human_random_table()
+    published = {row["game"]: float(row["reference"]) for row in report.references("atari100k_26")
+                 if row["statistic"] == "mean_score"}
+    runs = suites.plan(suite, absent, variants=["der_vh2019"], results=results)
+    games = list(dict.fromkeys(run.game for run in runs))[:11]
+    for run in runs:  # each at random + 2 x the published gain over random: HNS twice the published
+        if run.game in games and (run.seed == 1 or (run.game, run.seed) == ("Alien", 2)):
+            random_score = table[run.game][0]
+            fake_committed(run, random_score + 2 * (published[run.game] - random_score))
+    bench_here("report", "atari100k_26", "--variants", "der_vh2019", "--out", absent, "--results", results,
+               "--reps", 200, capsys=capsys)
+    text = (results / "atari100k_26_der_vh2019" / "report.md").read_text()
+    paper = [report.hns(published[game], game, table) for game in games]
+    ours = [2 * value for value in paper]
+    assert "| der_vh2019 | 11 | 12 |" in text and f"| {np.median(ours):.3f} [" in text
+    line = next(line for line in text.splitlines() if line.startswith("- der_vh2019: aggregates over 11 of"))
+    assert "aggregates over 11 of the suite's 26 games, so the published aggregates" in line
+    assert f"over the same 11 games give median {np.median(paper):.3f} (outside our 95% CI)" in line
+    assert f"and mean {np.mean(paper):.3f} (outside our 95% CI)." in line
+    assert "- der_vh2019: 10 of its 11 games have one run." in text
+    skips = [line for line in text.splitlines() if line.startswith("| skip | der_vh2019 | * |")]
+    assert len(skips) == 5 and all("over 11 of the suite's 26 games: checked when all of them have run" in line
+                                   for line in skips)
+    assert not any(line.startswith(("| pass | der_vh2019 | * |", "| FAIL | der_vh2019 | * |", "| inside |",
+                                    "| outside |")) for line in text.splitlines())
+    # published at our own scores: the same games' median and mean are our point estimates
+    for run in runs:
+        if run.game in games and run.seed == 1:
+            fake_committed(run, published[run.game])
+    for run in runs:
+        if (run.game, run.seed) == ("Alien", 2):
+            fake_committed(run, published["Alien"])
+    bench_here("report", "atari100k_26", "--variants", "der_vh2019", "--out", absent, "--results", results,
+               "--reps", 200, capsys=capsys)
+    text = (results / "atari100k_26_der_vh2019" / "report.md").read_text()
+    assert f"give median {np.median(paper):.3f} (inside our 95% CI) and mean {np.mean(paper):.3f} (inside" in text
+
+
 def test_committed_results_follow_their_layout():
     """docs/results/<suite>_<variant>/<game>/seed<N>/: a suite's variant, game and seed, the run's small files only."""
     names = {f"{s['name']}_{v['name']}": s for s in map(suites.load_suite, ["atari100k", "atari100k_26"])

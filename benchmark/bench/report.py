@@ -113,12 +113,16 @@ def summarize(rows, reps=20_000):
                       if v == variant and group[0]["hns"] is not None}
         without = sorted({row["run"].game for row in rows if row["run"].variant == variant and
                           row["run"].game not in human_random_table()})
-        entry = {"games": len(normalized), "runs": sum(map(len, normalized.values())), "without_human": without}
+        suite_games = {row["run"].game for row in rows if row["run"].variant == variant} - set(without)
+        entry = {"games": len(normalized), "runs": sum(map(len, normalized.values())), "without_human": without,
+                 "aggregate_games": sorted(normalized), "one_run_games": sum(len(v) == 1 for v in normalized.values())}
         if len(normalized) < MIN_GAMES_FOR_AGGREGATE:
             entry["skipped"] = (f"{len(normalized)} games with human-normalized scores; aggregates need at least "
                                 f"{MIN_GAMES_FOR_AGGREGATE} (rainbow_der.md section 10)")
         else:
             entry["point"], entry["ci"] = aggregate_with_ci(normalized, reps=reps)
+            if len(normalized) < len(suite_games):  # a published aggregate over all of them is another statistic
+                entry["partial"] = f"{len(normalized)} of the suite's {len(suite_games)} games"
         per_variant[variant] = entry
     return games, per_variant
 
@@ -170,6 +174,10 @@ def compare(reference_rows, rows, games, per_variant):
                     continue
                 i = stat_index[ref["statistic"]]
                 value, ci_low, ci_high = entry["point"][i], entry["ci"][0][i], entry["ci"][1][i]
+                if entry.get("partial"):
+                    checks.append((ref, variant, "skip", f"{value:.3f} [{ci_low:.3f}, {ci_high:.3f}] over "
+                                   f"{entry['partial']}: checked when all of them have run"))
+                    continue
                 ok = (ci_low - slack <= published <= ci_high + slack) if ref["check"] in ("ci", "info") else within(
                     value, low, high)
                 verdict = ("inside" if ok else "outside") if ref["check"] == "info" else ("pass" if ok else "FAIL")
@@ -177,6 +185,18 @@ def compare(reference_rows, rows, games, per_variant):
             else:
                 fail(f"references.csv: unknown statistic {ref['statistic']!r}")
     return checks
+
+
+def published_over_same_games(entry, variant, published, table):
+    """The median and mean HNS of the published per-game scores ({(variant, game): mean_score reference row}) over
+    the games of a partial aggregate, its like-for-like comparison while the suite is unfinished; None when one of
+    those games has no published score."""
+    games = entry["aggregate_games"]
+    if not all((variant, game) in published for game in games):
+        return None
+    scores = [hns(float(published[variant, game]["reference"]), game, table) for game in games]
+    sources = sorted({short_source(published[variant, game]) for game in games})
+    return {"median": float(np.median(scores)), "mean": float(np.mean(scores)), "source": ", ".join(sources)}
 
 
 def tolerance_text(ref):
@@ -291,6 +311,14 @@ def plot_aggregates(per_variant, path, refs=()):
             point, low, high = entry["point"][i], entry["ci"][0][i], entry["ci"][1][i]
             ax.errorbar(point, y, xerr=[[point - low], [high - point]], fmt="o", capsize=4, color="C0")
             stat = ("iqm_hns", "median_hns", "mean_hns")[i]
+            if entry.get("partial"):  # the published aggregates are over other games: the same games' instead
+                same = entry.get("same_games")
+                if same and name != "IQM":
+                    label = f"{same['source']}, same {entry['games']} games"
+                    ax.plot(same[name.lower()], y, marker="D", color="C2", linestyle="none", markersize=7, zorder=3,
+                            label=label if label not in labelled else None)
+                    labelled.add(label)
+                continue
             for ref in refs:
                 if ref["statistic"] == stat and ref["variant"] in (variant, "*") and ref["check"] in ("ci", "info"):
                     source = short_source(ref)
@@ -300,8 +328,8 @@ def plot_aggregates(per_variant, path, refs=()):
                     labelled.add(source)
         ax.set(title=name, xlabel="human-normalized score", yticks=range(len(variants)), yticklabels=variants)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("95% stratified-bootstrap CIs" + (" (dots and bars); published numbers (crosses)" if labelled else ""),
-                 fontsize=9)
+    published = " (dots and bars); published numbers (other markers)" if labelled else ""
+    fig.suptitle("95% stratified-bootstrap CIs" + published, fontsize=9)
     if labelled:  # below the plots, in half an inch added to the figure
         fig.set_figheight(fig.get_figheight() + 0.5)
         fig.legend(loc="lower center", ncol=len(labelled), fontsize=8)
@@ -342,6 +370,10 @@ def report(suite, runs, out, reps=20_000, runs_dir=None):
     variants = list(dict.fromkeys(row["run"].variant for row in rows))
     published = {(variant, ref["game"]): ref for ref in refs if ref["statistic"] == "mean_score" and ref["reference"]
                  for variant in (variants if ref["variant"] == "*" else [ref["variant"]])}
+    table = human_random_table()
+    for variant, entry in per_variant.items():
+        if entry.get("partial"):
+            entry["same_games"] = published_over_same_games(entry, variant, published, table)
     out = Path(out)
     curves = plot_curves(rows, out / "curves", published=published)
     aggregate_png = plot_aggregates(per_variant, out / "aggregate.png", refs)
@@ -350,7 +382,6 @@ def report(suite, runs, out, reps=20_000, runs_dir=None):
     committed = [row["run"] for row in rows if row["state"] == "done" and not find_one(row["run"].dir, "result.json")]
     failures = [row for row in rows if row["state"] != "done"]
     failed_checks = [c for c in checks if c[2] == "FAIL"]
-    table = human_random_table()
 
     read_from = f"runs directory {shown(runs_dir or out)}{'' if Path(runs_dir or out).is_dir() else ' (absent)'}"
     if committed:
@@ -406,6 +437,22 @@ def report(suite, runs, out, reps=20_000, runs_dir=None):
     for variant, entry in per_variant.items():
         if "skipped" in entry:
             md.append(f"- {variant}: no aggregates: {entry['skipped']}.")
+        if "point" in entry and entry["one_run_games"]:
+            md.append(f"- {variant}: {entry['one_run_games']} of its {entry['games']} games have one run. The "
+                      "stratified bootstrap resamples runs within each game, so those games add no spread: the CIs are "
+                      "too narrow, of zero width when every game has one run.")
+        if entry.get("partial"):
+            line = (f"- {variant}: aggregates over {entry['partial']}, so the published aggregates over all of them "
+                    "are not checked yet (skip below).")
+            same = entry.get("same_games")
+            if same:
+                sides = []
+                for i, stat in ((1, "median"), (2, "mean")):
+                    inside = entry["ci"][0][i] <= same[stat] <= entry["ci"][1][i]
+                    sides.append(f"{stat} {same[stat]:.3f} ({'inside' if inside else 'outside'} our 95% CI)")
+                line += (f" Like for like, {same['source']}'s per-game scores over the same {entry['games']} games "
+                         f"give {' and '.join(sides)}.")
+            md.append(line)
         if entry["without_human"]:
             md.append(f"- {variant}: reported raw, left out of the aggregates (no human score in "
                       f"benchmark/human_random.csv): {', '.join(entry['without_human'])}.")
