@@ -59,6 +59,34 @@ def test_the_results_table_shows_every_committed_run(tmp_path):
     assert "| [Boxing](" in text and "| - / 2.0 | 2.0 | 1 / 2 / 3 | - / 0.5 | 0.2 | " in text, text
     assert text.index("[Boxing]") < text.index("[Pong]")  # the suite's order
     assert "No committed run yet (24): Alien, Amidar," in text and "Pong" not in text.split("run yet")[1]
+    assert "Human-normalized" not in text  # 2 games: no aggregates (the report's minimum is 10)
+
+
+def test_the_results_table_gives_the_aggregates_from_ten_games_on(tmp_path):
+    """Ten games with made-up human-normalized scores 0.0, 0.1, ..., 0.9 (seed 1), the first with a second seed at 3.0:
+    IQM over the 11 runs pooled (floor(11/4) = 2 cut at each end: 0.2 ... 0.8), median and mean over the game means
+    (1.5, 0.1, ..., 0.9), set beside the paper's per-game scores over the same ten games and over all 26."""
+    human_random = results_table.human_random_table()
+    published = {ref["game"]: float(ref["reference"]) for ref in results_table.references(results_table.SUITE)
+                 if ref["statistic"] == "mean_score"}
+    games = results_table.load_suite(results_table.SUITE)["games"][:10]
+
+    def result(game, seed, normalized):
+        random_score, human_score = human_random[game]
+        score = random_score + normalized * (human_score - random_score)
+        path = tmp_path / game / f"seed{seed}" / "result.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"eval_returns": [score], "eval_return_mean": score, "train_return_last100": 0.0}))
+
+    for i, game in enumerate(games):
+        result(game, 1, 0.1 * i)
+    result(games[0], 2, 3.0)
+    text = " ".join(results_table.table(tmp_path).split())
+    paper = [(published[g] - human_random[g][0]) / (human_random[g][1] - human_random[g][0]) for g in games]
+    assert ("Human-normalized over these 10 games (11 runs): IQM 0.500 over all runs, median 0.550 and mean 0.600 of "
+            "the game means.") in text, text
+    assert (f"per-game scores give median {np.median(paper):.3f} and mean {np.mean(paper):.3f} over the same 10 games "
+            "(median 0.161 and mean 0.285 over all 26).") in text, text
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))

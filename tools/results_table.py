@@ -17,7 +17,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmark"))
-from bench.report import human_random_table, references  # noqa: E402
+from bench.report import MIN_GAMES_FOR_AGGREGATE, aggregates_of_games, hns, human_random_table, references  # noqa: E402
 from bench.suites import load_suite  # noqa: E402
 
 DOC = ROOT / "docs" / "der_single_expert.md"
@@ -39,6 +39,28 @@ def committed_results(results=RESULTS):
 def per_seed_cell(runs, seeds, key):
     """One value per seed of the table, "-" for a seed this game has not run."""
     return " / ".join(f"{runs[seed][key]:,.1f}" if seed in runs else "-" for seed in seeds)
+
+
+def aggregates(found, published):
+    """The human-normalized IQM, median and mean (rliable's point estimates, as the report's) of the committed runs,
+    set beside the median and mean of van Hasselt et al.'s per-game scores over the same games and over all 26; empty
+    below the report's minimum of games. The CIs take a bootstrap: they are in the report, not here."""
+    human_random = human_random_table()
+    normalized = {game: np.array([hns(result["eval_return_mean"], game, human_random) for result in runs.values()])
+                  for game, runs in found.items() if game in human_random}
+    if len(normalized) < MIN_GAMES_FOR_AGGREGATE:
+        return []
+    iqm, median, mean = aggregates_of_games(*normalized.values())
+    same = [hns(published[game], game, human_random) for game in normalized]
+    every = [hns(score, game, human_random) for game, score in published.items()]
+    runs = sum(map(len, normalized.values()))
+    return ["", textwrap.fill(
+        f"Human-normalized over these {len(normalized)} games ({runs} runs): IQM {iqm:.3f} over all runs, median "
+        f"{median:.3f} and mean {mean:.3f} of the game means. Van Hasselt et al.'s per-game scores give median "
+        f"{np.median(same):.3f} and mean {np.mean(same):.3f} over the same {len(normalized)} games (median "
+        f"{np.median(every):.3f} and mean {np.mean(every):.3f} over all {len(every)}). Point estimates: the 95% "
+        f"CIs are in the [report](results/{RESULTS.name}/report.md#aggregates-human-normalized), with the "
+        f"[picture](results/{RESULTS.name}/aggregate.png).", 120)]
 
 
 def table(results=RESULTS):
@@ -75,7 +97,7 @@ def table(results=RESULTS):
     missing = [game for game in games if game not in found]
     if missing:
         lines += ["", textwrap.fill(f"No committed run yet ({len(missing)}): {', '.join(missing)}.", 120)]
-    return "\n".join(lines)
+    return "\n".join(lines + aggregates(found, published))
 
 
 def write(doc=DOC):
