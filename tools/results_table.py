@@ -60,7 +60,9 @@ def aggregates(found, published):
         f"{np.median(same):.3f} and mean {np.mean(same):.3f} over the same {len(normalized)} games (median "
         f"{np.median(every):.3f} and mean {np.mean(every):.3f} over all {len(every)}). Point estimates: the 95% "
         f"CIs are in the [report](results/{RESULTS.name}/report.md#aggregates-human-normalized), with the "
-        f"[picture](results/{RESULTS.name}/aggregate.png).", 120)]
+        f"[picture](results/{RESULTS.name}/aggregate.png)" + (
+            "; they have zero width while every game has one run (the bootstrap resamples runs within a game)."
+            if runs == len(normalized) else "."), 120)]
 
 
 def table(results=RESULTS):
