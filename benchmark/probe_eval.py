@@ -1,6 +1,8 @@
-"""Evaluate one saved `der_single_expert.py` model (`--save-model`) under several evaluation policies, side by side.
+"""Evaluate one saved `der_single_expert.py` network under several evaluation policies, side by side: a `--save-model`
+file, or a checkpoint's state.pt (`benchmark.sh` keeps a finished run's as `runs/<run>/final_state.pt`).
 
     python benchmark/probe_eval.py runs/<run>/der_single_expert.cleanrl_model
+    python benchmark/probe_eval.py runs/benchmark/<suite>/<variant>/<game>/seed1/runs/<run>/final_state.pt
     python benchmark/probe_eval.py MODEL --episodes 30 --policies protocol noisy --out probe.json
 
 Made for issue 28's question: when a run's evaluation score (noise off, epsilon 0.001, the Atari 100k protocol) is far
@@ -83,8 +85,11 @@ def play(m, policy, args, episodes, seed, noise):
 
 
 def probe(m, model_path, policies, episodes, noop_max=None):
-    """{policy: its scores and action shares} for the saved model; `noop_max` replaces the run's --noop-max."""
+    """{policy: its scores and action shares} for the saved model (a `--save-model` file or a checkpoint's state.pt,
+    whose online network it takes); `noop_max` replaces the run's --noop-max."""
     saved = torch.load(model_path, weights_only=True)
+    if "q_network" in saved:  # a checkpoint
+        saved = {"model": saved["q_network"], "args": saved["args"]}
     args = SimpleNamespace(**saved["args"])
     if "noop_max" not in saved["args"]:  # saved before --noop-max: training had no no-ops, evaluation 1-30 frames
         raise SystemExit(f"{model_path}: saved by a der_single_expert.py older than --noop-max; probe it with "
@@ -126,7 +131,7 @@ def probe(m, model_path, policies, episodes, noop_max=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a `--save-model` file of der_single_expert.py")
+    parser.add_argument("model", help="a `--save-model` file of der_single_expert.py, or a checkpoint's state.pt")
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=POLICIES)
     parser.add_argument("--noop-max", type=int, help="no-op starts of every policy (default: the run's --noop-max; 0: "

@@ -700,6 +700,10 @@ def test_smoke_suite_end_to_end_interrupted_resumed_and_reported(tmp_path):
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         assert log.count(f"# code: commit {commit}") == log.count("==== attempt") >= 1, log  # each attempt's code
         assert list(run_dir.glob("runs/*/events.out.tfevents.*")) and not list(run_dir.glob("runs/*/checkpoint"))
+        import torch
+
+        final = torch.load(next(run_dir.glob("runs/*/final_state.pt")), weights_only=True)  # kept for probes
+        assert final["global_step"] == 300 and final["q_network"] and final["args"]["total_timesteps"] == 300
         result = json.loads(next(run_dir.glob("runs/*/result.json")).read_text())
         assert result["steps"] == 300 and result["env_id"] == f"ALE/{run.game}-v5" and result["seed"] == run.seed
         assert len(result["eval_returns"]) == 1

@@ -31,6 +31,21 @@ def test_protocol_is_the_runs_own_evaluation(tmp_path):
     assert abs(sum(results["protocol"]["greedy_action_share"]) - 1) < 1e-3
 
 
+def test_a_checkpoint_is_probed_through_its_online_network(tmp_path):
+    # benchmark.sh keeps a finished run's state.pt as final_state.pt: its q_network, not its target network
+    m = load_script("der_single_expert")
+    path, net, args = saved_model(tmp_path, m)
+    target = m.make_network(4, **m.network_flags(args))  # other weights: probing it would give other returns
+    state = tmp_path / "final_state.pt"
+    torch.save({"q_network": net.state_dict(), "target_network": target.state_dict(), "args": vars(args)}, state)
+    from_model = probe_eval.probe(m, path, ["protocol"], episodes=2)[1]["protocol"]["returns"]
+    from_checkpoint = probe_eval.probe(m, state, ["protocol"], episodes=2)[1]["protocol"]
+    assert from_checkpoint["returns"] == from_model
+    torch.save({"q_network": target.state_dict(), "args": vars(args)}, state)
+    assert probe_eval.probe(m, state, ["protocol"], episodes=2)[1]["protocol"]["greedy_action_share"] != \
+        from_checkpoint["greedy_action_share"]
+
+
 def test_noisy_policies_draw_noise_and_the_protocol_does_not(tmp_path):
     m = load_script("der_single_expert")
     _, net, _ = saved_model(tmp_path, m)

@@ -70,7 +70,8 @@ def finish_run(run, exit_code, keep_checkpoints=False):
     if exit_code == 0 and find_one(run.dir, "result.json"):
         state = "done"
         checkpoint = find_one(run.dir, "checkpoint/state.pt")
-        if checkpoint and not keep_checkpoints:  # up to 7 GB each with a 1M replay memory
+        if checkpoint and not keep_checkpoints:  # up to 7 GB each with a 1M replay memory; its state.pt, the final
+            checkpoint.replace(checkpoint.parents[1] / "final_state.pt")  # networks, stays for benchmark/probe_eval.py
             shutil.rmtree(checkpoint.parent)
     elif exit_code in (143, -signal.SIGTERM, 130, -signal.SIGINT):
         state = "interrupted"
