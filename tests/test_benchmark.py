@@ -738,6 +738,26 @@ def test_bad_flags_stop_before_any_run_starts(tmp_path):
     assert not (tmp_path / "out").exists()
     proc = bench("smoke", "--games", "Pongg", cwd=tmp_path, check=2)
     assert "--games Pongg: not in suite smoke" in proc.stderr
+    proc = bench("smoke", "--threads", "0", cwd=tmp_path, check=2)
+    assert "argument --threads: '0' is not a whole number of at least 1; e.g. 1" in proc.stderr
+
+
+def test_threads_set_each_runs_torch_threads(tmp_path, monkeypatch, capsys):
+    # --threads N: every run gets OMP_NUM_THREADS=N whatever the workers; without it, the CPUs shared out
+    started = []
+
+    class Done:
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(local, "start_run", lambda run, env: started.append(env["OMP_NUM_THREADS"]) or Done())
+    monkeypatch.setattr(local, "finish_run", lambda run, code, keep: "done")
+    monkeypatch.setattr(local, "cpu_count", lambda: 4)
+    runs = suites.plan(suites.load_suite(str(write_suite(tmp_path, ["Pong"], seeds=[1, 2]))), tmp_path / "out")
+    monkeypatch.setattr(local, "run_summary", lambda run: "")
+    local.run_local("t", runs, [None], threads=1)
+    local.run_local("t", runs, [None, None])
+    assert started == ["1", "1", "2", "2"]
 
 
 def test_benchmark_sh_lists_the_suites(tmp_path):

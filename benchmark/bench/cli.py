@@ -53,6 +53,8 @@ def parser():
     run.add_argument("--workers", type=int, help="parallel runs here (default: what CPUs, RAM and GPU memory hold)")
     run.add_argument("--dry-run", action="store_true", help="print the plan (or the sbatch script) and start nothing")
     run.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' checkpoint folders")
+    run.add_argument("--threads", type=positive_int, help="OMP_NUM_THREADS of each run here (default: CPUs / workers); 1 "
+                     "leaves CPUs free for other work beside the suite")
     slurm = run.add_argument_group("Slurm (one array job, a task per unfinished run)")
     slurm.add_argument("--slurm", action="store_true", help="submit to Slurm instead of running here")
     slurm.add_argument("--partition", help="sbatch --partition")
@@ -122,6 +124,13 @@ def parser():
     return p
 
 
+def positive_int(text):
+    """An argparse type: an integer of at least 1 (argparse names the flag in its error line)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1; e.g. 1")
+    return int(text)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-") and argv[0] not in ("run", "status", "report", "collect", "perf",
@@ -174,4 +183,4 @@ def main(argv=None):
         for run in runs:
             print(f"{run.id}: cd {run.dir} && {shlex.join(['python', str(SCRIPTS / (run.script + '.py')), *run.flags])}")
         return 0
-    return run_local(suite["name"], runs, slots, opts.keep_checkpoints)
+    return run_local(suite["name"], runs, slots, opts.keep_checkpoints, opts.threads)

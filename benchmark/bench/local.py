@@ -112,8 +112,9 @@ def worker_slots(runs, uses_cuda, workers=None):
     return slots, (f"{count} workers (--workers)" if workers else f"{count} workers ({why})")
 
 
-def run_local(name, runs, slots, keep_checkpoints=False):
-    """Run the unfinished runs, len(slots) at a time; Ctrl-C or SIGTERM stops them with a checkpoint."""
+def run_local(name, runs, slots, keep_checkpoints=False, threads=None):
+    """Run the unfinished runs, len(slots) at a time, each with `threads` torch threads (default: the CPUs shared
+    out); Ctrl-C or SIGTERM stops them with a checkpoint."""
     states = states_of(runs)
     todo = [run for run in runs if states[run] not in ("done", "running", "queued")]
     for run in runs:
@@ -125,7 +126,7 @@ def run_local(name, runs, slots, keep_checkpoints=False):
         committed = sum(states[run] == "done" and not find_one(run.dir, "result.json") for run in runs)
         print(f"{sum(s == 'done' for s in states.values())} of {len(runs)} runs already done: skipped" +
               (f" ({committed} of them committed under {Path(runs[0].committed).parents[2]})" if committed else ""))
-    threads = max(1, cpu_count() // max(1, len(slots)))
+    threads = threads or max(1, cpu_count() // max(1, len(slots)))
     stop = []
     previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
     progress = Progress(name, runs)
