@@ -462,13 +462,18 @@ def test_collect_copies_finished_runs_evidence_once(tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in target.iterdir()} == stamps
 
 
-def test_report_from_committed_results_alone_flags_games_below_half_the_published_gain(tmp_path, capsys):
+def der_vh2019_runs(tmp_path):
+    """(results folder, absent runs folder, human/random table, published per-game scores, planned runs) of the
+    atari100k_26 suite's der_vh2019 variant, for reports made from committed results alone."""
     results, absent = tmp_path / "results", tmp_path / "absent"
-    suite = suites.load_suite("atari100k_26")
-    table = report.human_random_table()
     published = {row["game"]: float(row["reference"]) for row in report.references("atari100k_26")
                  if row["statistic"] == "mean_score"}
-    runs = suites.plan(suite, absent, variants=["der_vh2019"], results=results)
+    runs = suites.plan(suites.load_suite("atari100k_26"), absent, variants=["der_vh2019"], results=results)
+    return results, absent, report.human_random_table(), published, runs
+
+
+def test_report_from_committed_results_alone_flags_games_below_half_the_published_gain(tmp_path, capsys):
+    results, absent, table, published, runs = der_vh2019_runs(tmp_path)
     for run in runs:  # seed 1 of every game, and Assault's seed 2, at the published score; Alien at 0.4 of its gain
         if run.seed == 1 or (run.game, run.seed) == ("Assault", 2):
             random_score = table[run.game][0]
@@ -496,12 +501,7 @@ def test_aggregates_over_part_of_the_suite_are_set_beside_the_published_scores_o
     # seed 1 of 11 of the 26 games: a median and mean over them are not the published ones over 26 games, so the
     # ci and info checks skip, and the report computes the published per-game scores' median and mean over the same
     # 11 games. With two seeds of Alien and one of every other game, it says that 10 games add no spread to the CIs.
-    results, absent = tmp_path / "results", tmp_path / "absent"
-    suite = suites.load_suite("atari100k_26")
-    table = report.human_random_table()
-    published = {row["game"]: float(row["reference"]) for row in report.references("atari100k_26")
-                 if row["statistic"] == "mean_score"}
-    runs = suites.plan(suite, absent, variants=["der_vh2019"], results=results)
+    results, absent, table, published, runs = der_vh2019_runs(tmp_path)
     games = list(dict.fromkeys(run.game for run in runs))[:11]
     for run in runs:  # each at random + 2 x the published gain over random: HNS twice the published
         if run.game in games and (run.seed == 1 or (run.game, run.seed) == ("Alien", 2)):
